@@ -1,0 +1,994 @@
+"""Sans-I/O SDP: parse offers and answers, build the relay's answers and offers.
+
+The relay is ICE-lite, requires BUNDLE and rtcp-mux, and speaks DTLS-SRTP. Two flows:
+
+- publisher connection: the client offers what it sends, :func:`build_answer` answers it;
+- subscriber connection: :func:`build_offer` makes an offer with one ``sendonly`` m-line per
+  forwarded track, the client answers, :func:`check_answer` validates that answer.
+
+Everything here is pure: strings in, dataclasses and strings out. :func:`parse_sdp` raises only
+:class:`SdpError` whatever string it is given. m-line numbers in error messages are 0-based (the
+JSEP ``sdpMLineIndex``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_SDP_LENGTH",
+    "SUPPORTED_AUDIO",
+    "SUPPORTED_EXTENSIONS",
+    "SUPPORTED_RTCP_FB",
+    "SUPPORTED_VIDEO",
+    "AnsweredMedia",
+    "Codec",
+    "Extmap",
+    "LocalTransport",
+    "MediaDescription",
+    "OfferedMedia",
+    "RemoteTransport",
+    "SdpError",
+    "SessionDescription",
+    "build_answer",
+    "build_offer",
+    "check_answer",
+    "parse_sdp",
+    "remote_transport",
+]
+
+#: Longest SDP text :func:`parse_sdp` accepts (bounded input, see DESIGN.md).
+MAX_SDP_LENGTH = 1 << 20
+
+SUPPORTED_AUDIO = ["opus"]
+SUPPORTED_VIDEO = ["VP8", "H264", "VP9", "AV1"]
+SUPPORTED_EXTENSIONS: list[str] = [
+    "urn:ietf:params:rtp-hdrext:sdes:mid",
+    "urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+    "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",
+    "urn:ietf:params:rtp-hdrext:toffset",
+    "urn:3gpp:video-orientation",
+    "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay",
+    "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+    "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+]
+#: Congestion-control feedback (transport-cc, goog-remb) is not accepted until the relay sends it:
+#: a client told to expect it would otherwise hold its bitrate waiting for feedback.
+SUPPORTED_RTCP_FB = {"nack", "nack pli", "ccm fir"}
+
+#: RTP profiles answered (DTLS-SRTP with feedback); the answer echoes the offered one.
+RTP_PROTOCOLS = {"UDP/TLS/RTP/SAVPF", "TCP/DTLS/RTP/SAVPF", "TCP/TLS/RTP/SAVPF", "RTP/SAVPF"}
+
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+SETUP_ROLES = ("actpass", "active", "passive")
+
+# RFC 3551 static payload types that may appear without an a=rtpmap line.
+_STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {
+    0: ("PCMU", 8000),
+    3: ("GSM", 8000),
+    4: ("G723", 8000),
+    8: ("PCMA", 8000),
+    9: ("G722", 8000),
+    13: ("CN", 8000),
+    18: ("G729", 8000),
+    26: ("JPEG", 90000),
+    31: ("H261", 90000),
+    34: ("H263", 90000),
+}
+
+_LINE_RE = re.compile(r"([a-z])=(.*)")
+_DIGITS_RE = re.compile(r"[0-9]{1,10}")
+_LONG_DIGITS_RE = re.compile(r"[0-9]{1,40}")
+
+
+class SdpError(ValueError):
+    """An SDP that cannot be parsed or that the relay cannot accept; says what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data model
+
+
+@dataclass
+class Codec:
+    """One RTP payload format of an m-line."""
+
+    payload_type: int
+    name: str
+    clock_rate: int
+    channels: int | None = None
+    fmtp: dict[str, str] = field(default_factory=dict)
+    rtcp_fb: list[str] = field(default_factory=list)
+    rtx_payload_type: int | None = None
+    kind: str = ""
+
+    @property
+    def mime_type(self) -> str:
+        """``"audio/opus"``, ``"video/VP8"``: the m-line kind and the name as written."""
+        return f"{self.kind}/{self.name}"
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        """The fmtp parameter ``key``, compared case-insensitively."""
+        wanted = key.lower()
+        for k, v in self.fmtp.items():
+            if k.lower() == wanted:
+                return v
+        return default
+
+    def has_feedback(self, fb: str) -> bool:
+        """Whether ``a=rtcp-fb`` lists ``fb`` (case-insensitive, e.g. ``"nack pli"``)."""
+        wanted = fb.lower()
+        return any(f.lower() == wanted for f in self.rtcp_fb)
+
+
+@dataclass
+class Extmap:
+    """An ``a=extmap`` RTP header extension."""
+
+    id: int
+    uri: str
+    direction: str | None = None
+
+
+@dataclass
+class MediaDescription:
+    """One m= section of a session description."""
+
+    kind: str
+    port: int
+    protocol: str
+    formats: list[str]
+    mid: str | None = None
+    direction: str = "sendrecv"
+    codecs: list[Codec] = field(default_factory=list)
+    extmaps: list[Extmap] = field(default_factory=list)
+    ssrcs: list[int] = field(default_factory=list)
+    ssrc_cnames: dict[int, str] = field(default_factory=dict)
+    ssrc_groups: list[tuple[str, list[int]]] = field(default_factory=list)
+    msid: tuple[str, str] | None = None
+    rids: list[tuple[str, str]] = field(default_factory=list)
+    simulcast: str | None = None
+    ice_ufrag: str | None = None
+    ice_pwd: str | None = None
+    fingerprints: list[tuple[str, str]] = field(default_factory=list)
+    setup: str | None = None
+    rtcp_mux: bool = False
+    rtcp_rsize: bool = False
+    candidates: list[str] = field(default_factory=list)
+    bundle_only: bool = False
+    # Extras.
+    index: int = 0
+    connection_address: str | None = None
+    ssrc_msids: dict[int, tuple[str, str]] = field(default_factory=dict)
+    end_of_candidates: bool = False
+    ice_options: list[str] = field(default_factory=list)
+    sctp_port: int | None = None
+    max_message_size: int | None = None
+
+    @property
+    def is_rtp(self) -> bool:
+        """Whether the protocol is an RTP profile (formats are payload types)."""
+        return "RTP/" in self.protocol.upper()
+
+    @property
+    def disabled(self) -> bool:
+        """Port 0 without ``a=bundle-only``: the sender rejected or stopped this m-line."""
+        return self.port == 0 and not self.bundle_only
+
+    def codec(self, payload_type: int) -> Codec | None:
+        """The media codec with this payload type (rtx payload types are not codecs)."""
+        for c in self.codecs:
+            if c.payload_type == payload_type:
+                return c
+        return None
+
+    def rtx_ssrc(self, media_ssrc: int) -> int | None:
+        """The retransmission SSRC paired with ``media_ssrc`` by ``a=ssrc-group:FID``."""
+        for semantics, ssrcs in self.ssrc_groups:
+            if semantics.upper() == "FID" and len(ssrcs) >= 2 and ssrcs[0] == media_ssrc:
+                return ssrcs[1]
+        return None
+
+
+@dataclass
+class SessionDescription:
+    """A parsed SDP."""
+
+    media: list[MediaDescription]
+    bundle_mids: list[str] = field(default_factory=list)
+    ice_lite: bool = False
+    origin: str = ""
+    session_id: int | None = None
+    session_version: int | None = None
+    session_name: str = ""
+    groups: list[tuple[str, list[str]]] = field(default_factory=list)
+    msid_semantic: str | None = None
+    extmap_allow_mixed: bool = False
+    ice_ufrag: str | None = None
+    ice_pwd: str | None = None
+    fingerprints: list[tuple[str, str]] = field(default_factory=list)
+    setup: str | None = None
+    ice_options: list[str] = field(default_factory=list)
+
+    def media_by_mid(self, mid: str) -> MediaDescription | None:
+        """The m-line with this mid, or None."""
+        for m in self.media:
+            if m.mid == mid:
+                return m
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _int(text: str, what: str, *, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
+    """A plain ASCII decimal integer within [lo, hi], or SdpError naming ``what``."""
+    if not _DIGITS_RE.fullmatch(text):
+        raise SdpError(f"{what}: not a number: {text[:40]!r}")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise SdpError(f"{what}: {value} out of range {lo}..{hi}")
+    return value
+
+
+def _split_attr(value: str) -> tuple[str, str | None]:
+    """``"rtpmap:96 VP8/90000"`` -> ``("rtpmap", "96 VP8/90000")``; flags give None."""
+    name, sep, rest = value.partition(":")
+    return name.strip().lower(), (rest.strip() if sep else None)
+
+
+def _parse_fmtp_params(text: str) -> dict[str, str]:
+    """``"a=1;b=2"`` -> ``{"a": "1", "b": "2"}``; a bare item (``"0-15"``) maps to ``""``."""
+    params: dict[str, str] = {}
+    for item in text.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        params[key.strip()] = value.strip() if sep else ""
+    return params
+
+
+def _format_fmtp_params(params: dict[str, str]) -> str:
+    return ";".join(f"{k}={v}" if v != "" else k for k, v in params.items())
+
+
+@dataclass
+class _MediaBuilder:
+    """Per-m-line state while parsing."""
+
+    desc: MediaDescription
+    rtpmap: dict[int, tuple[str, int, int | None]] = field(default_factory=dict)
+    fmtp: dict[int, dict[str, str]] = field(default_factory=dict)
+    rtcp_fb: dict[int, list[str]] = field(default_factory=dict)
+    rtcp_fb_all: list[str] = field(default_factory=list)
+    direction: str | None = None
+    msid_attr: tuple[str, str] | None = None
+
+
+def parse_sdp(text: str) -> SessionDescription:
+    """Parse an SDP offer or answer.
+
+    Accepts ``\\r\\n`` or ``\\n`` line ends and ignores unknown attributes. Media-level ICE
+    credentials, fingerprints, setup and direction fall back to the session level. Raises
+    :class:`SdpError` (and nothing else) for anything structurally wrong.
+    """
+    try:
+        return _parse(text)
+    except SdpError:
+        raise
+    except Exception as exc:  # the contract is "only SdpError": a safety net
+        raise SdpError(f"malformed SDP ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(text: str) -> SessionDescription:
+    if not isinstance(text, str):
+        raise SdpError(f"SDP must be a string, not {type(text).__name__}")
+    if len(text) > MAX_SDP_LENGTH:
+        raise SdpError(f"SDP too large ({len(text)} characters, limit {MAX_SDP_LENGTH})")
+
+    session = SessionDescription(media=[])
+    session_direction: str | None = None
+    session_extmaps: list[Extmap] = []
+    builders: list[_MediaBuilder] = []
+    current: _MediaBuilder | None = None
+    seen_version = False
+
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        m = _LINE_RE.fullmatch(line)
+        if m is None:
+            raise SdpError(f"line {lineno}: not of the form <type>=<value>: {line[:60]!r}")
+        kind, value = m.group(1), m.group(2)
+
+        if not seen_version:
+            if kind != "v":
+                raise SdpError("SDP must start with a v= line")
+            if value.strip() != "0":
+                raise SdpError(f"unsupported SDP version v={value[:20]}")
+            seen_version = True
+            continue
+
+        if kind == "m":
+            current = _MediaBuilder(desc=_parse_m_line(value, len(builders)))
+            builders.append(current)
+            continue
+
+        if current is None:
+            # Session level.
+            if kind == "o":
+                session.origin = value
+                parts = value.split()
+                if len(parts) >= 3:
+                    if _LONG_DIGITS_RE.fullmatch(parts[1]):
+                        session.session_id = int(parts[1])
+                    if _LONG_DIGITS_RE.fullmatch(parts[2]):
+                        session.session_version = int(parts[2])
+            elif kind == "s":
+                session.session_name = value
+            elif kind == "a":
+                session_direction = _session_attr(
+                    session, value, session_direction, session_extmaps
+                )
+            continue
+
+        desc = current.desc
+        where = f"m-line {desc.index}"
+        if kind == "c":
+            parts = value.split()
+            if len(parts) >= 3:
+                desc.connection_address = parts[2].split("/")[0]
+        elif kind == "a":
+            _media_attr(current, value, where)
+
+    if not seen_version:
+        raise SdpError("SDP must start with a v= line")
+
+    mids: set[str] = set()
+    for b in builders:
+        desc = b.desc
+        _finish_media(b)
+        desc.direction = b.direction or session_direction or "sendrecv"
+        if not desc.extmaps and session_extmaps:
+            desc.extmaps = [Extmap(e.id, e.uri, e.direction) for e in session_extmaps]
+        if desc.ice_ufrag is None:
+            desc.ice_ufrag = session.ice_ufrag
+        if desc.ice_pwd is None:
+            desc.ice_pwd = session.ice_pwd
+        if not desc.fingerprints:
+            desc.fingerprints = list(session.fingerprints)
+        if desc.setup is None:
+            desc.setup = session.setup
+        if not desc.ice_options:
+            desc.ice_options = list(session.ice_options)
+        if desc.mid is not None:
+            if desc.mid in mids:
+                raise SdpError(f"m-line {desc.index}: duplicate mid {desc.mid!r}")
+            mids.add(desc.mid)
+        session.media.append(desc)
+    return session
+
+
+def _parse_m_line(value: str, index: int) -> MediaDescription:
+    parts = value.split()
+    if len(parts) < 4:
+        raise SdpError(f"m-line {index}: malformed m= line {value[:60]!r}")
+    kind, port_text, protocol, formats = parts[0], parts[1], parts[2], parts[3:]
+    port = _int(port_text.split("/")[0], f"m-line {index}: port", hi=65535)
+    desc = MediaDescription(
+        kind=kind.lower(), port=port, protocol=protocol, formats=formats, mid=None, index=index
+    )
+    if desc.is_rtp:
+        for f in formats:
+            _int(f, f"m-line {index}: payload type", hi=127)
+    return desc
+
+
+def _parse_fingerprint(rest: str | None, where: str) -> tuple[str, str]:
+    parts = (rest or "").split()
+    if len(parts) != 2:
+        raise SdpError(f"{where}: malformed a=fingerprint")
+    return parts[0].lower(), parts[1]
+
+
+def _parse_extmap(rest: str | None, where: str) -> Extmap:
+    parts = (rest or "").split()
+    if len(parts) < 2:
+        raise SdpError(f"{where}: malformed a=extmap")
+    id_text, _, direction = parts[0].partition("/")
+    ext_id = _int(id_text, f"{where}: extmap id", hi=65535)
+    return Extmap(id=ext_id, uri=parts[1], direction=direction.lower() or None)
+
+
+def _session_attr(
+    session: SessionDescription,
+    value: str,
+    direction: str | None,
+    extmaps: list[Extmap],
+) -> str | None:
+    name, rest = _split_attr(value)
+    where = "session"
+    if name == "group":
+        parts = (rest or "").split()
+        if parts:
+            session.groups.append((parts[0], parts[1:]))
+            if parts[0].upper() == "BUNDLE" and not session.bundle_mids:
+                session.bundle_mids = parts[1:]
+    elif name == "ice-lite":
+        session.ice_lite = True
+    elif name == "ice-ufrag":
+        session.ice_ufrag = rest
+    elif name == "ice-pwd":
+        session.ice_pwd = rest
+    elif name == "ice-options":
+        session.ice_options = (rest or "").split()
+    elif name == "fingerprint":
+        session.fingerprints.append(_parse_fingerprint(rest, where))
+    elif name == "setup":
+        session.setup = (rest or "").lower() or None
+    elif name == "msid-semantic":
+        session.msid_semantic = rest
+    elif name == "extmap-allow-mixed":
+        session.extmap_allow_mixed = True
+    elif name == "extmap":
+        extmaps.append(_parse_extmap(rest, where))
+    elif name in DIRECTIONS and rest is None:
+        return name
+    return direction
+
+
+def _media_attr(b: _MediaBuilder, value: str, where: str) -> None:
+    desc = b.desc
+    name, rest = _split_attr(value)
+    if name == "mid":
+        desc.mid = rest
+    elif name in DIRECTIONS and rest is None:
+        b.direction = name
+    elif name == "rtpmap":
+        pt_text, _, encoding = (rest or "").partition(" ")
+        pt = _int(pt_text, f"{where}: rtpmap payload type", hi=127)
+        enc = encoding.strip().split("/")
+        if len(enc) < 2 or not enc[0]:
+            raise SdpError(f"{where}: malformed a=rtpmap for payload type {pt}")
+        clock = _int(enc[1], f"{where}: rtpmap clock rate for payload type {pt}")
+        channels = _int(enc[2], f"{where}: rtpmap channels", hi=255) if len(enc) > 2 else None
+        if pt in b.rtpmap:
+            raise SdpError(f"{where}: duplicate a=rtpmap for payload type {pt}")
+        b.rtpmap[pt] = (enc[0], clock, channels)
+    elif name == "fmtp":
+        pt_text, _, params = (rest or "").partition(" ")
+        pt = _int(pt_text, f"{where}: fmtp payload type", hi=127)
+        b.fmtp.setdefault(pt, {}).update(_parse_fmtp_params(params))
+    elif name == "rtcp-fb":
+        pt_text, _, fb = (rest or "").partition(" ")
+        fb = " ".join(fb.split())
+        if not fb:
+            return
+        if pt_text == "*":
+            b.rtcp_fb_all.append(fb)
+        else:
+            pt = _int(pt_text, f"{where}: rtcp-fb payload type", hi=127)
+            b.rtcp_fb.setdefault(pt, []).append(fb)
+    elif name == "extmap":
+        desc.extmaps.append(_parse_extmap(rest, where))
+    elif name == "ssrc":
+        ssrc_text, _, attr = (rest or "").partition(" ")
+        ssrc = _int(ssrc_text, f"{where}: ssrc")
+        if ssrc not in desc.ssrcs:
+            desc.ssrcs.append(ssrc)
+        attr_name, sep, attr_value = attr.strip().partition(":")
+        if sep and attr_name == "cname":
+            desc.ssrc_cnames.setdefault(ssrc, attr_value)
+        elif sep and attr_name == "msid":
+            ids = attr_value.split()
+            if ids:
+                desc.ssrc_msids.setdefault(ssrc, (ids[0], ids[1] if len(ids) > 1 else ""))
+    elif name == "ssrc-group":
+        parts = (rest or "").split()
+        if not parts:
+            raise SdpError(f"{where}: malformed a=ssrc-group")
+        ssrcs = [_int(s, f"{where}: ssrc-group ssrc") for s in parts[1:]]
+        desc.ssrc_groups.append((parts[0], ssrcs))
+        for s in ssrcs:
+            if s not in desc.ssrcs:
+                desc.ssrcs.append(s)
+    elif name == "msid":
+        ids = (rest or "").split()
+        if ids and b.msid_attr is None:
+            b.msid_attr = (ids[0], ids[1] if len(ids) > 1 else "")
+    elif name == "rid":
+        parts = (rest or "").split()
+        if len(parts) >= 2:
+            desc.rids.append((parts[0], parts[1].lower()))
+    elif name == "simulcast":
+        desc.simulcast = rest
+    elif name == "ice-ufrag":
+        desc.ice_ufrag = rest
+    elif name == "ice-pwd":
+        desc.ice_pwd = rest
+    elif name == "ice-options":
+        desc.ice_options = (rest or "").split()
+    elif name == "fingerprint":
+        desc.fingerprints.append(_parse_fingerprint(rest, where))
+    elif name == "setup":
+        desc.setup = (rest or "").lower() or None
+    elif name == "rtcp-mux":
+        desc.rtcp_mux = True
+    elif name == "rtcp-rsize":
+        desc.rtcp_rsize = True
+    elif name == "candidate":
+        if rest:
+            desc.candidates.append(rest)
+    elif name == "end-of-candidates":
+        desc.end_of_candidates = True
+    elif name == "bundle-only":
+        desc.bundle_only = True
+    elif name == "sctp-port" and rest and _DIGITS_RE.fullmatch(rest):
+        desc.sctp_port = int(rest)
+    elif name == "max-message-size" and rest and _DIGITS_RE.fullmatch(rest):
+        desc.max_message_size = int(rest)
+
+
+def _finish_media(b: _MediaBuilder) -> None:
+    """Build the codec list (m-line order, rtx attached to its apt codec) and the msid."""
+    desc = b.desc
+    if b.msid_attr is not None:
+        desc.msid = b.msid_attr
+    else:
+        for ssrc in desc.ssrcs:
+            if ssrc in desc.ssrc_msids:
+                desc.msid = desc.ssrc_msids[ssrc]
+                break
+    if not desc.is_rtp:
+        return
+
+    codecs: list[Codec] = []
+    rtx: list[tuple[int, str | None]] = []
+    seen: set[int] = set()
+    for f in desc.formats:
+        pt = int(f)
+        if pt in seen:
+            continue
+        seen.add(pt)
+        if pt in b.rtpmap:
+            name, clock, channels = b.rtpmap[pt]
+        elif pt in _STATIC_PAYLOAD_TYPES:
+            name, clock = _STATIC_PAYLOAD_TYPES[pt]
+            channels = None
+        else:
+            continue
+        params = dict(b.fmtp.get(pt, {}))
+        if name.lower() == "rtx":
+            apt = next((v for k, v in params.items() if k.lower() == "apt"), None)
+            rtx.append((pt, apt))
+            continue
+        fb = list(b.rtcp_fb_all)
+        for item in b.rtcp_fb.get(pt, []):
+            if item not in fb:
+                fb.append(item)
+        codecs.append(
+            Codec(
+                payload_type=pt,
+                name=name,
+                clock_rate=clock,
+                channels=channels,
+                fmtp=params,
+                rtcp_fb=fb,
+                kind=desc.kind,
+            )
+        )
+    by_pt = {c.payload_type: c for c in codecs}
+    for pt, apt in rtx:
+        if apt is not None and _DIGITS_RE.fullmatch(apt):
+            target = by_pt.get(int(apt))
+            if target is not None and target.rtx_payload_type is None:
+                target.rtx_payload_type = pt
+    desc.codecs = codecs
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote transport
+
+
+@dataclass
+class RemoteTransport:
+    """The peer's ICE and DTLS parameters for the bundled transport."""
+
+    ice_ufrag: str
+    ice_pwd: str
+    fingerprints: list[tuple[str, str]]
+    setup: str | None
+    candidates: list[str]
+
+
+def _bundle_media(desc: SessionDescription) -> list[MediaDescription]:
+    """The enabled m-lines in the BUNDLE group, tagged one (first listed) first."""
+    order = {mid: i for i, mid in enumerate(desc.bundle_mids)}
+    media = [m for m in desc.media if m.mid in order and not m.disabled]
+    return sorted(media, key=lambda m: order[m.mid or ""])
+
+
+def remote_transport(desc: SessionDescription) -> RemoteTransport:
+    """ICE credentials, fingerprints, setup and candidates of the BUNDLE transport.
+
+    Taken from the first enabled m-line of the BUNDLE group (or the first enabled m-line when
+    there is no group). Raises SdpError when credentials or a fingerprint are missing.
+    """
+    media = _bundle_media(desc) or [m for m in desc.media if not m.disabled]
+    if not media:
+        raise SdpError("no enabled m-line to take the transport from")
+    first = media[0]
+    where = f"m-line {first.index}"
+    if not first.ice_ufrag or not first.ice_pwd:
+        raise SdpError(f"{where}: missing a=ice-ufrag or a=ice-pwd")
+    if not first.fingerprints:
+        raise SdpError(f"{where}: missing a=fingerprint")
+    candidates: list[str] = []
+    for m in media:
+        for c in m.candidates:
+            if c not in candidates:
+                candidates.append(c)
+    return RemoteTransport(
+        ice_ufrag=first.ice_ufrag,
+        ice_pwd=first.ice_pwd,
+        fingerprints=list(first.fingerprints),
+        setup=first.setup,
+        candidates=candidates,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class LocalTransport:
+    """The relay's side of the transport, written into every answer and offer."""
+
+    ice_ufrag: str
+    ice_pwd: str
+    fingerprint: tuple[str, str]
+    candidates: list[tuple[str, int]]
+    setup: str
+    session_id: int
+    session_version: int
+
+
+def _addr_type(ip: str) -> str:
+    return "IP6" if ":" in ip else "IP4"
+
+
+def _candidate_lines(local: LocalTransport) -> list[str]:
+    """Host candidates with distinct priorities (RFC 8445 5.1.2.1), then end-of-candidates."""
+    lines = []
+    for i, (ip, port) in enumerate(local.candidates):
+        priority = (126 << 24) | ((65535 - i) << 8) | (256 - 1)
+        lines.append(f"a=candidate:{i + 1} 1 udp {priority} {ip} {port} typ host")
+    lines.append("a=end-of-candidates")
+    return lines
+
+
+def _session_lines(local: LocalTransport, bundle: list[str]) -> list[str]:
+    lines = [
+        "v=0",
+        f"o=- {local.session_id} {local.session_version} IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+    ]
+    if bundle:
+        lines.append("a=group:BUNDLE " + " ".join(bundle))
+    lines += ["a=ice-lite", "a=msid-semantic:WMS *"]
+    return lines
+
+
+def _transport_lines(local: LocalTransport, setup: str) -> list[str]:
+    ip = local.candidates[0][0] if local.candidates else "0.0.0.0"
+    return [
+        f"c=IN {_addr_type(ip)} {ip}",
+        "a=rtcp:9 IN IP4 0.0.0.0",
+        f"a=ice-ufrag:{local.ice_ufrag}",
+        f"a=ice-pwd:{local.ice_pwd}",
+        f"a=fingerprint:{local.fingerprint[0]} {local.fingerprint[1]}",
+        f"a=setup:{setup}",
+    ]
+
+
+def _media_port(local: LocalTransport) -> int:
+    return local.candidates[0][1] if local.candidates else 9
+
+
+def _codec_pts(codecs: list[Codec]) -> list[int]:
+    pts: list[int] = []
+    for c in codecs:
+        pts.append(c.payload_type)
+        if c.rtx_payload_type is not None:
+            pts.append(c.rtx_payload_type)
+    return pts
+
+
+def _codec_lines(codecs: list[Codec]) -> list[str]:
+    lines: list[str] = []
+    for c in codecs:
+        encoding = f"{c.name}/{c.clock_rate}"
+        if c.channels is not None:
+            encoding += f"/{c.channels}"
+        lines.append(f"a=rtpmap:{c.payload_type} {encoding}")
+        if c.fmtp:
+            lines.append(f"a=fmtp:{c.payload_type} {_format_fmtp_params(c.fmtp)}")
+        lines.extend(f"a=rtcp-fb:{c.payload_type} {fb}" for fb in c.rtcp_fb)
+        if c.rtx_payload_type is not None:
+            lines.append(f"a=rtpmap:{c.rtx_payload_type} rtx/{c.clock_rate}")
+            lines.append(f"a=fmtp:{c.rtx_payload_type} apt={c.payload_type}")
+    return lines
+
+
+def _extmap_lines(extmaps: list[Extmap]) -> list[str]:
+    return [f"a=extmap:{e.id}{'/' + e.direction if e.direction else ''} {e.uri}" for e in extmaps]
+
+
+def _join(lines: list[str]) -> str:
+    return "\r\n".join(lines) + "\r\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering a publisher offer
+
+
+@dataclass
+class AnsweredMedia:
+    """What the relay answered for one offered m-line (same order as the offer)."""
+
+    mid: str | None
+    kind: str
+    rejected: bool
+    reason: str | None
+    direction: str
+    codecs: list[Codec]
+    extmaps: list[Extmap]
+    offer: MediaDescription
+
+
+def _copy_codec(c: Codec, *, keep_rtx: bool) -> Codec:
+    return Codec(
+        payload_type=c.payload_type,
+        name=c.name,
+        clock_rate=c.clock_rate,
+        channels=c.channels,
+        fmtp=dict(c.fmtp),
+        rtcp_fb=[fb for fb in c.rtcp_fb if fb.lower() in SUPPORTED_RTCP_FB],
+        rtx_payload_type=c.rtx_payload_type if keep_rtx else None,
+        kind=c.kind,
+    )
+
+
+def _codec_supported(c: Codec) -> bool:
+    name = c.name.lower()
+    if c.kind == "audio":
+        return (
+            name in {n.lower() for n in SUPPORTED_AUDIO}
+            and c.clock_rate == 48000
+            and c.channels in (None, 2)
+        )
+    if c.kind == "video":
+        if name not in {n.lower() for n in SUPPORTED_VIDEO} or c.clock_rate != 90000:
+            return False
+        if name == "h264":
+            return (c.param("packetization-mode") or "0").strip() == "1"
+        return True
+    return False
+
+
+def _accept_codecs(offered: MediaDescription) -> list[Codec]:
+    """The client's most preferred supported codec (with its RTX), and only that one.
+
+    One codec per published m-line means the client cannot switch payload formats mid-stream,
+    so every subscriber of the track is offered exactly the format that will arrive.
+    """
+    for c in offered.codecs:
+        if _codec_supported(c):
+            keep_rtx = c.rtx_payload_type is not None and c.has_feedback("nack")
+            return [_copy_codec(c, keep_rtx=keep_rtx)]
+    return []
+
+
+def _accept_extmaps(offered: MediaDescription) -> list[Extmap]:
+    """Supported extensions with the offer's ids, that the client can send to us."""
+    accepted: list[Extmap] = []
+    used: set[int] = set()
+    for e in offered.extmaps:
+        if e.uri not in SUPPORTED_EXTENSIONS or not (1 <= e.id <= 255) or e.id == 15:
+            continue
+        if e.id in used:
+            continue
+        if e.direction in ("recvonly", "inactive"):
+            continue  # the client would only receive it; nothing for the relay to read
+        used.add(e.id)
+        accepted.append(Extmap(e.id, e.uri, "recvonly" if e.direction == "sendonly" else None))
+    return accepted
+
+
+def _answer_setup(offered: str | None) -> str:
+    if offered in (None, "actpass", "active"):
+        return "passive"
+    if offered == "passive":
+        return "active"
+    raise SdpError(f"unsupported a=setup:{offered}")
+
+
+def build_answer(
+    offer: SessionDescription, local: LocalTransport
+) -> tuple[str, list[AnsweredMedia]]:
+    """Answer a publisher offer: receive what the client sends, over one bundled transport.
+
+    Returns the answer SDP and one :class:`AnsweredMedia` per offered m-line. Raises SdpError
+    when the offer has no BUNDLE group, an audio/video m-line lacks ``a=rtcp-mux`` or an m-line
+    lacks ``a=mid``, or ICE credentials or a fingerprint are missing.
+
+    The answer's ``a=setup`` follows the offer (``actpass``/``active`` -> ``passive``, so the
+    relay is the DTLS server; ``passive`` -> ``active``); ``local.setup`` is not used here.
+    """
+    if not offer.bundle_mids:
+        raise SdpError("offer has no a=group:BUNDLE (BUNDLE is required)")
+    for m in offer.media:
+        if m.mid is None:
+            raise SdpError(f"m-line {m.index}: missing a=mid")
+    bundle = set(offer.bundle_mids)
+
+    enabled = [m for m in offer.media if not m.disabled]
+    for m in enabled:
+        where = f"m-line {m.index}"
+        if m.kind in ("audio", "video") and not m.rtcp_mux:
+            raise SdpError(f"{where}: missing a=rtcp-mux (rtcp-mux is required)")
+        if not m.ice_ufrag or not m.ice_pwd:
+            raise SdpError(f"{where}: missing a=ice-ufrag or a=ice-pwd")
+        if not m.fingerprints:
+            raise SdpError(f"{where}: missing a=fingerprint")
+    tagged = _bundle_media(offer)
+    setup = _answer_setup(tagged[0].setup if tagged else (enabled[0].setup if enabled else None))
+
+    answered: list[AnsweredMedia] = []
+    for m in offer.media:
+        answered.append(_answer_media(m, bundle))
+
+    accepted_mids = {a.mid for a in answered if not a.rejected}
+    answer_bundle = [mid for mid in offer.bundle_mids if mid in accepted_mids]
+    lines = _session_lines(local, answer_bundle)
+    for a in answered:
+        m = a.offer
+        if a.rejected:
+            lines.append(f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}")
+            lines.append("c=IN IP4 0.0.0.0")
+            lines.append(f"a=mid:{m.mid}")
+            continue
+        pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
+        lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
+        lines += _transport_lines(local, setup)
+        lines.append(f"a=mid:{m.mid}")
+        lines += _extmap_lines(a.extmaps)
+        lines.append(f"a={a.direction}")
+        lines.append("a=rtcp-mux")
+        if m.rtcp_rsize:
+            lines.append("a=rtcp-rsize")
+        lines += _codec_lines(a.codecs)
+        lines += _candidate_lines(local)
+    return _join(lines), answered
+
+
+def _answer_media(m: MediaDescription, bundle: set[str]) -> AnsweredMedia:
+    def reject(reason: str) -> AnsweredMedia:
+        return AnsweredMedia(m.mid, m.kind, True, reason, "inactive", [], [], m)
+
+    if m.disabled:
+        return reject("m-line disabled in the offer (port 0)")
+    if m.kind not in ("audio", "video"):
+        if "SCTP" in m.protocol.upper():
+            return reject("data channels not supported")
+        return reject(f"unsupported media kind {m.kind!r}")
+    if m.protocol.upper() not in RTP_PROTOCOLS:
+        return reject(f"unsupported protocol {m.protocol!r}")
+    if m.mid not in bundle:
+        return reject("not in the BUNDLE group")
+    codecs = _accept_codecs(m)
+    if not codecs:
+        return reject("no supported codec")
+    direction = "recvonly" if m.direction in ("sendonly", "sendrecv") else "inactive"
+    return AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, _accept_extmaps(m), m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offering to a subscriber
+
+
+@dataclass
+class OfferedMedia:
+    """One m-line of a relay-made (subscriber) offer."""
+
+    mid: str
+    kind: str
+    direction: str
+    codecs: list[Codec]
+    extmaps: list[Extmap]
+    ssrc: int | None
+    rtx_ssrc: int | None = None
+    cname: str = ""
+    msid: tuple[str, str] | None = None
+
+
+def build_offer(local: LocalTransport, media: list[OfferedMedia]) -> str:
+    """Make a subscriber offer: BUNDLE of all mids, ICE-lite, rtcp-mux, ``a=setup`` from local.
+
+    An m-line with ``ssrc=None`` (e.g. an inactive placeholder) keeps its codecs and mid and has
+    no ssrc lines. The SSRC's cname is ``cname``, or the msid stream id, or ``"relay"``.
+    Raises ValueError (SdpError) for inconsistent input: duplicate mids, no codecs, bad
+    direction, ``rtx_ssrc`` without ``ssrc`` or without an rtx payload type.
+    """
+    mids: set[str] = set()
+    for m in media:
+        if not m.mid or any(ch.isspace() for ch in m.mid) or m.mid in mids:
+            raise SdpError(f"offered media: empty, blank-containing or duplicate mid {m.mid!r}")
+        mids.add(m.mid)
+        if m.direction not in DIRECTIONS:
+            raise SdpError(f"mid {m.mid}: bad direction {m.direction!r}")
+        if not m.codecs:
+            raise SdpError(f"mid {m.mid}: no codecs")
+        if m.rtx_ssrc is not None and m.ssrc is None:
+            raise SdpError(f"mid {m.mid}: rtx_ssrc without ssrc")
+        if m.rtx_ssrc is not None and not any(c.rtx_payload_type is not None for c in m.codecs):
+            raise SdpError(f"mid {m.mid}: rtx_ssrc but no codec has an rtx payload type")
+
+    lines = _session_lines(local, [m.mid for m in media])
+    for m in media:
+        pts = " ".join(str(pt) for pt in _codec_pts(m.codecs))
+        lines.append(f"m={m.kind} {_media_port(local)} UDP/TLS/RTP/SAVPF {pts}")
+        lines += _transport_lines(local, local.setup)
+        lines.append(f"a=mid:{m.mid}")
+        lines += _extmap_lines(m.extmaps)
+        lines.append(f"a={m.direction}")
+        msid = f"{m.msid[0]} {m.msid[1]}".rstrip() if m.msid else None
+        if msid:
+            lines.append(f"a=msid:{msid}")
+        lines += ["a=rtcp-mux", "a=rtcp-rsize"]
+        lines += _codec_lines(m.codecs)
+        if m.ssrc is not None:
+            cname = m.cname or (m.msid[0] if m.msid and m.msid[0] != "-" else "") or "relay"
+            ssrcs = [m.ssrc] + ([m.rtx_ssrc] if m.rtx_ssrc is not None else [])
+            if m.rtx_ssrc is not None:
+                lines.append(f"a=ssrc-group:FID {m.ssrc} {m.rtx_ssrc}")
+            for s in ssrcs:
+                lines.append(f"a=ssrc:{s} cname:{cname}")
+                if msid:
+                    lines.append(f"a=ssrc:{s} msid:{msid}")
+        lines += _candidate_lines(local)
+    return _join(lines)
+
+
+def check_answer(offered: list[OfferedMedia], answer: SessionDescription) -> RemoteTransport | None:
+    """Validate a subscriber's answer to :func:`build_offer` and return its transport.
+
+    The answer must have the same m-lines (mid and kind) in the same order, ``a=rtcp-mux`` on
+    every accepted m-line, a BUNDLE group when anything is accepted, and ``a=setup`` of
+    ``active`` or ``passive``. Returns None when the answer rejects every m-line (nothing to
+    connect). Raises SdpError otherwise.
+    """
+    if len(answer.media) != len(offered):
+        raise SdpError(f"answer has {len(answer.media)} m-lines, the offer had {len(offered)}")
+    for o, a in zip(offered, answer.media, strict=True):
+        where = f"m-line {a.index}"
+        if a.kind != o.kind:
+            raise SdpError(f"{where}: kind {a.kind!r} answers an offered {o.kind!r}")
+        if a.mid is not None and a.mid != o.mid:
+            raise SdpError(f"{where}: mid {a.mid!r} answers an offered {o.mid!r}")
+        if not a.disabled and not a.rtcp_mux:
+            raise SdpError(f"{where}: missing a=rtcp-mux (rtcp-mux is required)")
+    if all(a.disabled for a in answer.media):
+        return None
+    if not answer.bundle_mids:
+        raise SdpError("answer has no a=group:BUNDLE (BUNDLE is required)")
+    transport = remote_transport(answer)
+    if transport.setup not in ("active", "passive"):
+        raise SdpError(f"answer has a=setup:{transport.setup} (expected active or passive)")
+    return transport
