@@ -1,0 +1,550 @@
+"""The HTTP control API (API.md): rooms, participants, negotiation, events, health, metrics.
+
+Handlers are thin: they validate the request (schemas, size limits, credentials), call the
+synchronous SFU core on the event loop and shape its result. The core raises
+:class:`relay.sfu.errors.SfuError` for anything it refuses; :mod:`relay.api.errors` maps every
+failure to ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response, status
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay import __version__
+from relay.api.auth import (
+    ApiKeyAuthenticator,
+    Auth,
+    Authenticator,
+    Principal,
+    authenticate,
+    require_admin,
+    require_participant,
+    require_room,
+)
+from relay.api.errors import error_response, install_error_handlers
+from relay.api.events import EventBus, sse_stream
+from relay.api.schemas import (
+    ID_PATTERN,
+    CreateParticipant,
+    CreateRoom,
+    ErrorResponse,
+    Health,
+    Participant,
+    ParticipantIdParam,
+    PublisherAnswer,
+    PublisherOffer,
+    Readiness,
+    Room,
+    RoomIdParam,
+    RoomList,
+    SubscriberAnswer,
+    SubscriberOffer,
+    encoded_json_size,
+)
+from relay.config import Settings
+from relay.sfu.errors import Draining, Forbidden, TooLarge
+
+__all__ = ["BodyLimitMiddleware", "SfuCore", "create_app"]
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SfuCore(Protocol):
+    """What the API needs from the SFU core (:class:`relay.sfu.sfu.Sfu`)."""
+
+    draining: bool
+
+    def create_room(
+        self,
+        room_id: str | None,
+        max_participants: int | None,
+        e2ee_required: bool,
+        empty_timeout: float | None,
+    ) -> Any: ...
+    def list_rooms(self) -> Sequence[Any]: ...
+    def get_room(self, room_id: str) -> Any: ...
+    def delete_room(self, room_id: str) -> None: ...
+    def add_participant(
+        self,
+        room_id: str,
+        participant_id: str | None,
+        metadata: dict[str, Any] | None,
+        can_publish: bool,
+        can_subscribe: bool,
+        auto_subscribe: bool,
+    ) -> Any: ...
+    def get_participant(self, room_id: str, participant_id: str) -> Any: ...
+    def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None: ...
+    def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str: ...
+    def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]: ...
+    def subscriber_answer(
+        self, room_id: str, participant_id: str, sdp: str, revision: int
+    ) -> None: ...
+    def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]: ...
+
+
+class MetricsSource(Protocol):
+    def render(self) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Request body limit
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_body_bytes`` with 413, before any handler runs.
+
+    The declared ``Content-Length`` is checked first; the body is then read (bounded) and
+    counted as it streams in, so a chunked or mis-declared body cannot get past the limit.
+    The handler receives the body already read.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0:
+                    await self._refuse(
+                        scope, receive, send, 400, "bad_request", "invalid Content-Length header"
+                    )
+                    return
+                if declared > limit:
+                    await self._too_large(scope, receive, send)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        first: Message
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                first = message  # disconnected while sending the body
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending: list[Message] = [first]
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop()
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._refuse(
+            scope,
+            receive,
+            send,
+            413,
+            "too_large",
+            f"request body larger than {self.max_body_bytes} bytes",
+        )
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, status_code: int, code: str, message: str
+    ) -> None:
+        response = error_response(status_code, code, message, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------
+# Dependencies and parameters
+
+
+def _sfu(request: Request) -> SfuCore:
+    return request.app.state.sfu
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _events(request: Request) -> EventBus:
+    return request.app.state.events
+
+
+Core = Annotated[Any, Depends(_sfu)]
+Config = Annotated[Settings, Depends(_settings)]
+Bus = Annotated[EventBus, Depends(_events)]
+RoomId = RoomIdParam
+ParticipantId = ParticipantIdParam
+Admin = Annotated[Principal, Depends(require_admin)]
+RoomAccess = Annotated[Principal, Depends(require_room)]
+ParticipantAccess = Annotated[Principal, Depends(require_participant)]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error responses (401 and 422 apply to every /v1 route)."""
+    descriptions = {
+        400: "Invalid field or SDP.",
+        401: "Missing or invalid API key.",
+        403: "The credentials do not allow this call.",
+        404: "No such room or participant.",
+        409: "Already exists, or conflicts with the current state.",
+        413: "Body, metadata or SDP over its configured limit.",
+        422: "The body or a parameter does not match the schema.",
+        429: "A configured limit is reached.",
+        503: "The relay is draining.",
+    }
+    codes = sorted({401, 422, *statuses})
+    return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
+
+
+def _refuse_while_draining(sfu: SfuCore) -> None:
+    if sfu.draining:
+        raise Draining("the relay is draining and accepts no new sessions")
+
+
+def _check_sdp_size(sdp: str, settings: Settings) -> None:
+    limit = settings.limits.max_sdp_bytes
+    if len(sdp.encode("utf-8")) > limit:
+        raise TooLarge(f"sdp larger than {limit} bytes", code="too_large")
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    """200 while the process runs."""
+    return Health()
+
+
+@health.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness",
+    responses={503: {"model": Readiness, "description": "Draining: no new sessions."}},
+)
+async def readyz(sfu: Core) -> Any:
+    """200 while the relay accepts new sessions, 503 while it drains."""
+    if sfu.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return Readiness(status="ready")
+
+
+@health.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Counters, gauges and histograms in the Prometheus text format 0.0.4."""
+    source: MetricsSource = request.app.state.metrics
+    return PlainTextResponse(source.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+v1 = APIRouter(prefix="/v1")
+
+
+@v1.post(
+    "/rooms",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Room,
+    tags=["rooms"],
+    summary="Create a room",
+    responses=_errors(400, 409, 413, 429, 503),
+)
+async def create_room(
+    sfu: Core,
+    principal: Admin,
+    body: Annotated[CreateRoom | None, Body()] = None,
+) -> Any:
+    _refuse_while_draining(sfu)
+    body = body or CreateRoom()
+    room = sfu.create_room(
+        room_id=body.room_id,
+        max_participants=body.max_participants,
+        e2ee_required=body.e2ee_required,
+        empty_timeout=body.empty_timeout,
+    )
+    return room.to_dict()
+
+
+@v1.get(
+    "/rooms", response_model=RoomList, tags=["rooms"], summary="List rooms", responses=_errors()
+)
+async def list_rooms(sfu: Core, principal: Admin) -> Any:
+    return {"rooms": [room.to_dict() for room in sfu.list_rooms()]}
+
+
+@v1.get(
+    "/rooms/{room_id}",
+    response_model=Room,
+    tags=["rooms"],
+    summary="Get a room",
+    responses=_errors(403, 404),
+)
+async def get_room(room_id: RoomId, sfu: Core, principal: RoomAccess) -> Any:
+    return sfu.get_room(room_id).to_dict()
+
+
+@v1.delete(
+    "/rooms/{room_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    tags=["rooms"],
+    summary="Close a room",
+    responses=_errors(403, 404),
+)
+async def delete_room(room_id: RoomId, sfu: Core, principal: Admin) -> Response:
+    """Disconnects every participant and closes the room."""
+    sfu.delete_room(room_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.post(
+    "/rooms/{room_id}/participants",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Participant,
+    tags=["participants"],
+    summary="Add a participant",
+    responses=_errors(400, 403, 404, 409, 413, 429, 503),
+)
+async def create_participant(
+    room_id: RoomId,
+    sfu: Core,
+    settings: Config,
+    principal: Admin,
+    body: Annotated[CreateParticipant | None, Body()] = None,
+) -> Any:
+    _refuse_while_draining(sfu)
+    body = body or CreateParticipant()
+    if body.metadata is not None:
+        limit = settings.limits.max_metadata_bytes
+        if encoded_json_size(body.metadata) > limit:
+            raise TooLarge(f"metadata larger than {limit} bytes (JSON-encoded)", code="too_large")
+    participant = sfu.add_participant(
+        room_id,
+        participant_id=body.participant_id,
+        metadata=body.metadata,
+        can_publish=body.can_publish,
+        can_subscribe=body.can_subscribe,
+        auto_subscribe=body.auto_subscribe,
+    )
+    return participant.to_dict()
+
+
+@v1.get(
+    "/rooms/{room_id}/participants/{participant_id}",
+    response_model=Participant,
+    tags=["participants"],
+    summary="Get a participant",
+    responses=_errors(403, 404),
+)
+async def get_participant(
+    room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
+) -> Any:
+    return sfu.get_participant(room_id, participant_id).to_dict()
+
+
+@v1.delete(
+    "/rooms/{room_id}/participants/{participant_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    tags=["participants"],
+    summary="Remove a participant (leave or kick)",
+    responses=_errors(403, 404),
+)
+async def delete_participant(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    sfu: Core,
+    principal: ParticipantAccess,
+    reason: Annotated[
+        Literal["left", "kicked"], Query(description="Reported in `participant.left`.")
+    ] = "kicked",
+) -> Response:
+    if reason == "kicked" and not principal.is_admin:
+        raise Forbidden("only the API key may kick a participant")
+    sfu.remove_participant(room_id, participant_id, reason=reason)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.post(
+    "/rooms/{room_id}/participants/{participant_id}/publisher",
+    response_model=PublisherAnswer,
+    tags=["negotiation"],
+    summary="Offer the publisher connection",
+    responses=_errors(400, 403, 404, 413, 429),
+)
+async def publisher_offer(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    body: PublisherOffer,
+    sfu: Core,
+    settings: Config,
+    principal: ParticipantAccess,
+) -> PublisherAnswer:
+    """The client's offer for what it publishes; the relay answers. Call again to renegotiate."""
+    _check_sdp_size(body.sdp, settings)
+    answer = sfu.publisher_offer(room_id, participant_id, body.sdp)
+    return PublisherAnswer(sdp=answer)
+
+
+@v1.post(
+    "/rooms/{room_id}/participants/{participant_id}/subscriber",
+    response_model=SubscriberOffer,
+    tags=["negotiation"],
+    summary="Get an offer for the subscriber connection",
+    responses=_errors(403, 404),
+)
+async def subscriber_offer(
+    room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
+) -> SubscriberOffer:
+    """An offer for every track the participant is subscribed to now."""
+    sdp, revision = sfu.subscriber_offer(room_id, participant_id)
+    return SubscriberOffer(sdp=sdp, revision=revision)
+
+
+@v1.put(
+    "/rooms/{room_id}/participants/{participant_id}/subscriber",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    tags=["negotiation"],
+    summary="Answer the subscriber offer",
+    responses=_errors(400, 403, 404, 409, 413),
+)
+async def subscriber_answer(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    body: SubscriberAnswer,
+    sfu: Core,
+    settings: Config,
+    principal: ParticipantAccess,
+) -> Response:
+    """The client's answer; an answer to an older revision gets 409."""
+    _check_sdp_size(body.sdp, settings)
+    sfu.subscriber_answer(room_id, participant_id, body.sdp, body.revision)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.get(
+    "/rooms/{room_id}/participants/{participant_id}/stats",
+    response_model=dict[str, Any],
+    tags=["participants"],
+    summary="Per-track statistics",
+    responses=_errors(403, 404),
+)
+async def participant_stats(
+    room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
+) -> Any:
+    """Packets, bytes, loss, jitter, round-trip time and bitrate per track, both directions."""
+    return sfu.participant_stats(room_id, participant_id)
+
+
+@v1.get(
+    "/events",
+    response_class=StreamingResponse,
+    tags=["events"],
+    summary="Server-Sent Events stream",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`event: <type>` and `data: <JSON>` per event; keepalive comments.",
+        },
+        **_errors(403),
+    },
+)
+async def stream_events(
+    events: Bus,
+    principal: Annotated[Principal, Depends(authenticate)],
+    room_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=64, pattern=ID_PATTERN, description="Only this room."),
+    ] = None,
+) -> StreamingResponse:
+    """Every event, or those of one room, as they happen. Ends on shutdown or overflow."""
+    if not principal.may_access(room_id):
+        raise Forbidden("these credentials are not valid for every room")
+    subscription = events.subscribe(room_id)
+    return StreamingResponse(
+        sse_stream(subscription),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(subscription.close),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Application
+
+
+def create_app(
+    sfu: SfuCore,
+    settings: Settings,
+    events: EventBus,
+    metrics: MetricsSource,
+    *,
+    authenticators: Sequence[Authenticator] | None = None,
+) -> FastAPI:
+    """The control API for one SFU core.
+
+    ``authenticators`` replaces the default chain (the API keys of ``settings.api.keys``).
+    The app's lifespan starts the event bus and closes it on shutdown; both are idempotent,
+    so the server may also drive the bus itself (it should :meth:`EventBus.close` before
+    stopping the HTTP server, so open event streams do not hold the shutdown).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        events.start()
+        try:
+            yield
+        finally:
+            await events.aclose()
+
+    app = FastAPI(
+        title="relay control API",
+        version=__version__,
+        description="Rooms, participants and WebRTC negotiation of the relay (see API.md).",
+        lifespan=lifespan,
+    )
+    auth = Auth(
+        list(authenticators)
+        if authenticators is not None
+        else [ApiKeyAuthenticator(settings.api.keys)]
+    )
+    app.state.sfu = sfu
+    app.state.settings = settings
+    app.state.events = events
+    app.state.metrics = metrics
+    app.state.auth = auth
+    app.state.auth_precheck = lambda request: (
+        auth.check(request) if request.url.path.startswith("/v1/") else None
+    )
+    install_error_handlers(app)
+    app.include_router(health)
+    app.include_router(v1)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
+    return app

@@ -1,0 +1,160 @@
+"""Who is calling: bearer credentials turned into a :class:`Principal`.
+
+Authentication is a chain of :class:`Authenticator` objects asked in turn; today there is one,
+:class:`ApiKeyAuthenticator`, whose principals may do everything. Another authenticator (for
+example for participant tokens) only has to return principals of another ``kind`` with a
+``room_id``/``participant_id``: the route dependencies below already restrict such principals
+to their own room and participant.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from relay.api.errors import Unauthorized
+from relay.api.schemas import ParticipantIdParam, RoomIdParam
+from relay.sfu.errors import Forbidden
+
+__all__ = [
+    "ApiKeyAuthenticator",
+    "Auth",
+    "Authenticator",
+    "Principal",
+    "authenticate",
+    "bearer_scheme",
+    "require_admin",
+    "require_participant",
+    "require_room",
+]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. Never holds the credential itself."""
+
+    kind: str
+    #: a non-secret name for logs, e.g. ``api_key:0`` (the index of the matching key)
+    subject: str
+    #: set for principals limited to one room (and possibly one participant in it)
+    room_id: str | None = None
+    participant_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """True for callers allowed to manage every room (API keys)."""
+        return self.kind == "api_key"
+
+    def may_access(self, room_id: str | None, participant_id: str | None = None) -> bool:
+        """Whether this caller may act on ``room_id`` (and ``participant_id`` in it)."""
+        if self.is_admin:
+            return True
+        if self.room_id is None or room_id != self.room_id:
+            return False
+        return participant_id is None or participant_id == self.participant_id
+
+
+class Authenticator(Protocol):
+    """Turns a bearer token into a principal, or None when the token is not its kind."""
+
+    def authenticate(self, token: str) -> Principal | None: ...
+
+
+class ApiKeyAuthenticator:
+    """Static API keys from the configuration, compared in constant time."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = tuple(key.encode("utf-8") for key in keys)
+
+    def authenticate(self, token: str) -> Principal | None:
+        presented = token.encode("utf-8", "surrogateescape")
+        match = None
+        # Compare with every key so the time taken does not depend on which one matched.
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(presented, key):
+                match = index
+        if match is None:
+            return None
+        return Principal(kind="api_key", subject=f"api_key:{match}")
+
+
+class Auth:
+    """The authenticator chain of one app (``app.state.auth``)."""
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self.authenticators = list(authenticators)
+
+    def principal_for(self, token: str | None) -> Principal:
+        """The principal for a bearer token; raises :class:`Unauthorized`."""
+        if not token:
+            raise Unauthorized("missing bearer token in the Authorization header")
+        for authenticator in self.authenticators:
+            principal = authenticator.authenticate(token)
+            if principal is not None:
+                return principal
+        raise Unauthorized("invalid credentials")
+
+    def check(self, request: Request) -> Unauthorized | None:
+        """The error a request would get for its credentials, or None if they are valid."""
+        try:
+            self.principal_for(_token(request.headers.get("authorization")))
+        except Unauthorized as error:
+            return error
+        return None
+
+
+def _token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+#: Documents the scheme in OpenAPI; missing credentials are reported by :func:`authenticate`.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `api.keys`.")
+
+
+async def authenticate(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """Dependency: the caller's principal, or 401."""
+    auth: Auth = request.app.state.auth
+    token = credentials.credentials if credentials is not None else None
+    principal = auth.principal_for(token)
+    request.state.principal = principal
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """Dependency: a caller that may manage every room (create, list, delete)."""
+    if not principal.is_admin:
+        raise Forbidden("these credentials cannot manage rooms")
+    return principal
+
+
+async def require_room(
+    room_id: RoomIdParam, principal: Annotated[Principal, Depends(authenticate)]
+) -> Principal:
+    """Dependency: a caller allowed to act on the ``room_id`` of the path."""
+    if not principal.may_access(room_id):
+        raise Forbidden("these credentials are not valid for this room")
+    return principal
+
+
+async def require_participant(
+    room_id: RoomIdParam,
+    participant_id: ParticipantIdParam,
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> Principal:
+    """Dependency: a caller allowed to act on the participant of the path."""
+    if not principal.may_access(room_id, participant_id):
+        raise Forbidden("these credentials are not valid for this participant")
+    return principal

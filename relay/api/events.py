@@ -1,0 +1,344 @@
+"""Event delivery: fan-out to Server-Sent Events subscribers and to an optional webhook.
+
+The SFU core calls :meth:`EventBus.publish` synchronously on the event loop; publishing never
+blocks and never awaits. Each subscriber (one ``GET /v1/events`` stream) has a bounded queue; a
+subscriber that falls behind is dropped (its stream ends, the client reconnects and re-reads
+the state) and counted. The webhook has its own bounded queue drained by one background task.
+Event metadata is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from relay import __version__
+from relay.config import Settings
+from relay.metrics import Metrics
+
+__all__ = [
+    "KEEPALIVE_INTERVAL",
+    "RETRY_MS",
+    "WEBHOOK_RETRIES",
+    "EventBus",
+    "Subscription",
+    "encode_event",
+    "format_sse",
+    "sign",
+    "sse_stream",
+]
+
+log = logging.getLogger("relay.events")
+
+#: Seconds between ``: keepalive`` comments on an idle stream.
+KEEPALIVE_INTERVAL = 15.0
+#: Reconnection delay suggested to EventSource clients (``retry:`` field), milliseconds.
+RETRY_MS = 2000
+#: Extra attempts after a failed webhook delivery.
+WEBHOOK_RETRIES = 2
+#: Seconds before the first retry; doubled for the next one.
+WEBHOOK_BACKOFF = 0.5
+
+_END = None  # queue sentinel: the subscription is over
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """Compact JSON of an event, as sent in SSE ``data:`` lines and webhook bodies."""
+    try:
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:  # a lone surrogate somewhere: escape everything instead
+        return json.dumps(event, separators=(",", ":"), default=str).encode()
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The ``X-Relay-Signature`` value of a webhook body: ``sha256=<hex HMAC-SHA256>``."""
+    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def format_sse(event: dict[str, Any]) -> bytes:
+    """One SSE message: ``event: <type>`` and a single ``data:`` line of JSON."""
+    kind = str(event.get("type", "message"))
+    kind = "".join(ch for ch in kind if ch not in "\r\n") or "message"
+    # Compact JSON never contains a raw newline: no data line has to be split.
+    return b"event: " + kind.encode() + b"\ndata: " + encode_event(event) + b"\n\n"
+
+
+class Subscription:
+    """One consumer of events, optionally limited to one room."""
+
+    def __init__(self, bus: EventBus, room_id: str | None, maxsize: int) -> None:
+        self.room_id = room_id
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize)
+        #: True once ended by overflow, shutdown or :meth:`close`
+        self.closed = False
+        #: True if it ended because the consumer fell behind
+        self.overflowed = False
+        self._bus = bus
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        return self.room_id is None or event.get("room_id") == self.room_id
+
+    def _offer(self, event: dict[str, Any]) -> bool:
+        """Queue an event; False (and the subscription ends) if the queue is full."""
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._end()
+            return False
+        return True
+
+    def _end(self) -> None:
+        """Finish the stream: discard what is queued and wake the consumer."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.overflowed:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(_END)
+            return
+        # Full queue at shutdown: make room for the end marker.
+        self.queue.get_nowait()
+        self.queue.put_nowait(_END)
+
+    async def get(self) -> dict[str, Any] | None:
+        """The next event, or None once the subscription has ended."""
+        if self.closed and self.queue.empty():
+            return None
+        event = await self.queue.get()
+        if event is _END:
+            # Keep the marker for any later call.
+            self.queue.put_nowait(_END)
+        return event
+
+    def close(self) -> None:
+        """Stop receiving events (idempotent)."""
+        self._bus._remove(self)
+        self._end()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+        while (event := await self.get()) is not None:
+            yield event
+
+
+class EventBus:
+    """Fans events out to subscribers and the webhook.
+
+    ``publish`` is safe to call before ``start`` and after ``close``; events for the webhook
+    queue up (bounded) until the delivery task runs. Every drop (a subscriber cut off, an event
+    the webhook queue had no room for) increments ``metrics.events_dropped`` and calls
+    ``on_drop``. ``transport`` replaces the HTTP transport of the webhook client (tests).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        on_drop: Callable[[], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.queue_size = settings.limits.event_queue_size
+        self.webhook_url = settings.events.webhook_url
+        self.webhook_secret = settings.events.webhook_secret
+        self.webhook_timeout = settings.events.webhook_timeout
+        self._subscriptions: set[Subscription] = set()
+        self._webhook_queue: asyncio.Queue[dict[str, Any]] | None = (
+            asyncio.Queue(self.queue_size) if self.webhook_url else None
+        )
+        self._webhook_task: asyncio.Task[None] | None = None
+        self._transport = transport
+        self._metrics = metrics
+        self._on_drop = on_drop
+        self.closed = False
+        #: events published
+        self.published = 0
+        #: subscribers ended because their queue overflowed
+        self.subscribers_dropped = 0
+        #: events not queued for the webhook because its queue was full
+        self.webhook_dropped = 0
+        #: webhook deliveries that succeeded / failed after every retry
+        self.webhook_delivered = 0
+        self.webhook_failed = 0
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Hand an event to every matching subscriber and the webhook; never blocks."""
+        if self.closed:
+            return
+        self.published += 1
+        for subscription in [s for s in self._subscriptions if s.matches(event)]:
+            if not subscription._offer(event):
+                self._subscriptions.discard(subscription)
+                self.subscribers_dropped += 1
+                self._dropped()
+        if self._webhook_queue is not None:
+            try:
+                self._webhook_queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.webhook_dropped += 1
+                self._dropped()
+
+    def _dropped(self) -> None:
+        if self._metrics is not None:
+            self._metrics.events_dropped += 1
+        if self._on_drop is not None:
+            try:
+                self._on_drop()
+            except Exception:
+                log.exception("event drop callback failed")
+
+    # -- subscribers ---------------------------------------------------------------------
+
+    def subscribe(self, room_id: str | None = None) -> Subscription:
+        """A new subscription to every event, or to those of one room."""
+        subscription = Subscription(self, room_id, self.queue_size)
+        if self.closed:
+            subscription._end()
+        else:
+            self._subscriptions.add(subscription)
+        return subscription
+
+    def _remove(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the webhook delivery task (if a webhook is configured); idempotent."""
+        if self._webhook_queue is None or self._webhook_task is not None or self.closed:
+            return
+        if not self.webhook_secret:
+            log.warning("events.webhook_secret is empty: webhook requests are not signed")
+        self._webhook_task = asyncio.get_running_loop().create_task(
+            self._deliver_webhooks(), name="relay-webhook"
+        )
+
+    def close(self) -> None:
+        """End every subscriber stream and stop accepting events; idempotent."""
+        self.closed = True
+        for subscription in list(self._subscriptions):
+            subscription._end()
+        self._subscriptions.clear()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """:meth:`close`, then let the webhook task send what is queued (up to ``timeout``)."""
+        self.close()
+        task, self._webhook_task = self._webhook_task, None
+        if task is None:
+            return
+        queue = self._webhook_queue
+        if queue is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queue.join(), timeout)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # -- webhook ------------------------------------------------------------------------
+
+    async def _deliver_webhooks(self) -> None:
+        queue = self._webhook_queue
+        assert queue is not None
+        async with httpx.AsyncClient(
+            timeout=self.webhook_timeout,
+            transport=self._transport,
+            follow_redirects=False,
+            headers={"User-Agent": f"relay/{__version__}"},
+        ) as client:
+            while True:
+                event = await queue.get()
+                try:
+                    await self._deliver(client, event)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("webhook delivery of %s failed", _kind(event))
+                finally:
+                    queue.task_done()
+
+    async def _deliver(self, client: httpx.AsyncClient, event: dict[str, Any]) -> None:
+        """POST one event, retrying at most :data:`WEBHOOK_RETRIES` times."""
+        body = encode_event(event)
+        kind = _kind(event)
+        headers = {"Content-Type": "application/json", "X-Relay-Event": kind}
+        if self.webhook_secret:
+            headers["X-Relay-Signature"] = sign(body, self.webhook_secret)
+        delay = WEBHOOK_BACKOFF
+        for attempt in range(1 + WEBHOOK_RETRIES):
+            final = attempt == WEBHOOK_RETRIES
+            try:
+                response = await client.post(self.webhook_url, content=body, headers=headers)
+            except httpx.HTTPError as error:
+                problem = type(error).__name__
+            else:
+                if response.is_success:
+                    self.webhook_delivered += 1
+                    return
+                problem = f"status {response.status_code}"
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                    final = True  # the receiver rejects this request: retrying will not help
+            log.warning(
+                "webhook delivery of %s failed (%s), attempt %d of %d",
+                kind,
+                problem,
+                attempt + 1,
+                1 + WEBHOOK_RETRIES,
+            )
+            if final:
+                break
+            await asyncio.sleep(delay)
+            delay *= 2
+        self.webhook_failed += 1
+
+
+def _kind(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    return kind if isinstance(kind, str) and kind.isprintable() else "unknown"
+
+
+async def sse_stream(
+    subscription: Subscription,
+    *,
+    keepalive: float = KEEPALIVE_INTERVAL,
+    retry_ms: int = RETRY_MS,
+) -> AsyncIterator[bytes]:
+    """The body of an SSE response: a ``retry:`` hint, events and keepalive comments.
+
+    Ends when the subscription ends (overflow or shutdown); closing the generator (client
+    disconnect) closes the subscription.
+    """
+    try:
+        yield f"retry: {retry_ms}\n\n".encode()
+        while True:
+            try:
+                event = await asyncio.wait_for(subscription.get(), keepalive)
+            except TimeoutError:
+                yield b": keepalive\n\n"
+                continue
+            if event is None:
+                if subscription.overflowed:
+                    yield b": dropped: events were produced faster than this stream read them\n\n"
+                return
+            yield format_sse(event)
+    finally:
+        subscription.close()

@@ -1,0 +1,261 @@
+"""Request and response bodies of the control API (see API.md).
+
+Request models are strict (no type coercion) and reject unknown fields, so that a misspelt
+flag such as ``canPublish`` is an error rather than a silently applied default. Size limits that
+depend on the configuration (metadata, SDP) are checked by the routes, which answer 413.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ID_PATTERN",
+    "MAX_METADATA_DEPTH",
+    "CreateParticipant",
+    "CreateRoom",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Health",
+    "Identifier",
+    "Participant",
+    "ParticipantIdParam",
+    "PublisherAnswer",
+    "PublisherOffer",
+    "Readiness",
+    "RoomIdParam",
+    "RoomList",
+    "Room",
+    "SubscriberAnswer",
+    "SubscriberOffer",
+    "Track",
+    "encoded_json_size",
+    "json_depth",
+]
+
+#: Identifiers (room_id, participant_id, track_id): 1-64 characters of [A-Za-z0-9._-].
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+ID_DESCRIPTION = "Opaque identifier: 1-64 characters of [A-Za-z0-9._-]."
+
+#: Deepest nesting of objects and arrays accepted in ``metadata``.
+MAX_METADATA_DEPTH = 32
+
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]
+
+#: The ``{room_id}`` and ``{participant_id}`` path parameters.
+RoomIdParam = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]
+ParticipantIdParam = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, ``{}`` is 1), computed without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth > MAX_METADATA_DEPTH:
+            break
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def encoded_json_size(value: Any) -> int:
+    """Size in bytes of the compact UTF-8 JSON encoding of a value."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return len(text.encode("utf-8"))
+
+
+def _valid_text(value: str) -> str:
+    """Reject strings that cannot be encoded as UTF-8 (lone surrogates from ``\\ud800``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains invalid Unicode (a lone surrogate)") from None
+    return value
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and health
+
+
+class ErrorDetail(_Response):
+    code: str = Field(description="Machine-readable error code, e.g. `room_not_found`.")
+    message: str = Field(description="Human-readable explanation.")
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="For schema errors (422): one entry per invalid field."
+    )
+
+
+class ErrorResponse(_Response):
+    """Body of every error response."""
+
+    error: ErrorDetail
+
+
+class Health(_Response):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(_Response):
+    status: Literal["ready", "draining"]
+
+
+# --------------------------------------------------------------------------------------------
+# Rooms and participants
+
+
+class Track(_Response):
+    """A stream a participant publishes."""
+
+    track_id: str
+    participant_id: str
+    kind: Literal["audio", "video"]
+    codec: str = Field(description="MIME type of the forwarded codec, e.g. `audio/opus`.")
+    mid: str = Field(description="The m-line of the publisher connection carrying the track.")
+    muted: bool
+    simulcast_layers: list[Any] = Field(description="Simulcast encodings, empty without simulcast.")
+
+
+class Participant(_Response):
+    """A member of a room."""
+
+    participant_id: str
+    room_id: str
+    metadata: dict[str, Any] | None = Field(description="The opaque object given at creation.")
+    joined_at: float = Field(description="Unix time in seconds.")
+    state: Literal["new", "connected", "disconnected"]
+    tracks: list[Track]
+    subscriptions: list[str] = Field(description="Ids of the tracks forwarded to this participant.")
+
+
+class Room(_Response):
+    """A room and everyone in it."""
+
+    room_id: str
+    created_at: float = Field(description="Unix time in seconds.")
+    participants: list[Participant]
+    max_participants: int
+    e2ee_required: bool
+
+
+class RoomList(_Response):
+    rooms: list[Room]
+
+
+class CreateRoom(_Request):
+    """``POST /v1/rooms``; every field is optional."""
+
+    room_id: Identifier | None = Field(default=None, description="Generated when omitted.")
+    max_participants: int | None = Field(
+        default=None, ge=1, description="Defaults to `rooms.default_max_participants`."
+    )
+    e2ee_required: bool = Field(
+        default=False, description="Participants must encrypt media end to end."
+    )
+    empty_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds an empty room lives on; defaults to `rooms.empty_timeout`.",
+    )
+
+
+class CreateParticipant(_Request):
+    """``POST /v1/rooms/{room_id}/participants``; every field is optional."""
+
+    participant_id: Identifier | None = Field(default=None, description="Generated when omitted.")
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Opaque JSON object (at most `limits.max_metadata_bytes` encoded, nested at most "
+            f"{MAX_METADATA_DEPTH} deep) handed back in reads and events; never logged."
+        ),
+    )
+    can_publish: bool = True
+    can_subscribe: bool = True
+    auto_subscribe: bool = Field(
+        default=True, description="Subscribe to every track of the room as it is published."
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _shallow(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if json_depth(value) > MAX_METADATA_DEPTH:
+            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} levels deep")
+        try:
+            encoded_json_size(value)
+        except UnicodeEncodeError:
+            raise ValueError("contains invalid Unicode (a lone surrogate)") from None
+        except (TypeError, ValueError):
+            raise ValueError("must hold only finite numbers, strings, booleans and null") from None
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Session descriptions
+
+
+class PublisherOffer(_Request):
+    """The client's offer for its publisher connection."""
+
+    type: Literal["offer"]
+    sdp: str = Field(description="At most `limits.max_sdp_bytes` bytes (UTF-8).")
+
+    @field_validator("sdp")
+    @classmethod
+    def _sdp_text(cls, value: str) -> str:
+        return _valid_text(value)
+
+
+class PublisherAnswer(_Response):
+    type: Literal["answer"] = "answer"
+    sdp: str
+
+
+class SubscriberOffer(_Response):
+    """The relay's offer for the subscriber connection."""
+
+    type: Literal["offer"] = "offer"
+    sdp: str
+    revision: int = Field(description="Echo it in the answer; answers to older offers get 409.")
+
+
+class SubscriberAnswer(_Request):
+    """The client's answer to a subscriber offer."""
+
+    type: Literal["answer"]
+    sdp: str = Field(description="At most `limits.max_sdp_bytes` bytes (UTF-8).")
+    revision: int = Field(ge=0, le=2**63 - 1)
+
+    @field_validator("sdp")
+    @classmethod
+    def _sdp_text(cls, value: str) -> str:
+        return _valid_text(value)
