@@ -1,0 +1,355 @@
+"""The media router: every datagram of the shared UDP port is handled here, to completion.
+
+Demultiplexing follows RFC 7983 on the first byte: 0-3 STUN, 20-63 DTLS, 128-191 RTP/RTCP.
+STUN finds its transport by our ICE username fragment; everything else by the remote address
+latched from a valid check. RTP is forwarded synchronously: unprotect, route by SSRC, and for
+each active subscription rewrite the header, protect and send. No task, queue or await here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from relay.metrics import Metrics
+from relay.rtc import rtcp
+from relay.rtc.ice import StunError, parse_binding_request
+from relay.rtc.rtp import (
+    RtpError,
+    extension_profile,
+    is_rtcp,
+    parse_extensions,
+    parse_rtp,
+    rewrite_packet,
+)
+from relay.rtc.srtp import SrtpError
+from relay.rtc.transport import Address, TransportState, WebRtcTransport
+
+if TYPE_CHECKING:
+    from relay.sfu.participant import Participant
+    from relay.sfu.sfu import Sfu
+    from relay.sfu.track import Track
+
+log = logging.getLogger(__name__)
+
+_NO_EXTENSIONS: list[tuple[int, bytes]] = []
+
+
+class MediaRouter:
+    """Demultiplexes the shared port and forwards media between transports."""
+
+    def __init__(self, sfu: Sfu, send: Callable[[bytes, Address], Any], metrics: Metrics) -> None:
+        self.sfu = sfu
+        self.send = send
+        self.metrics = metrics
+        self.clock = sfu.clock
+        self.by_ufrag: dict[str, WebRtcTransport] = {}
+        self.by_addr: dict[Address, WebRtcTransport] = {}
+        self.handshaking: set[WebRtcTransport] = set()
+        self._last_reports = float("-inf")
+
+    # -- transports -----------------------------------------------------------------------
+    def add_transport(self, transport: WebRtcTransport) -> None:
+        self.by_ufrag[transport.local.ufrag] = transport
+        self.handshaking.add(transport)
+
+    def close_transport(self, transport: WebRtcTransport) -> None:
+        self.send_all(transport.close(), transport)
+        self.by_ufrag.pop(transport.local.ufrag, None)
+        if transport.addr is not None and self.by_addr.get(transport.addr) is transport:
+            del self.by_addr[transport.addr]
+        self.handshaking.discard(transport)
+
+    def send_all(self, datagrams: list[bytes], transport: WebRtcTransport) -> None:
+        addr = transport.addr
+        if addr is None:
+            return
+        for datagram in datagrams:
+            self.send(datagram, addr)
+
+    def _send_rtcp(self, transport: WebRtcTransport, packet: bytes) -> None:
+        srtp = transport.srtp
+        if srtp is None or transport.addr is None:
+            return
+        try:
+            self.send(srtp.protect_rtcp(packet), transport.addr)
+        except SrtpError:
+            self.metrics.send_errors += 1
+            return
+        self.metrics.rtcp_out += 1
+
+    # -- the datagram entry point -----------------------------------------------------------
+    def handle_datagram(self, data: bytes, addr: Address) -> None:
+        if not data:
+            self.metrics.drops["unknown_first_byte"] += 1
+            return
+        first = data[0]
+        if 127 < first < 192:
+            transport = self.by_addr.get(addr)
+            if transport is None:
+                self.metrics.drops["unknown_address"] += 1
+                return
+            srtp = transport.srtp
+            if srtp is None:
+                self.metrics.drops["srtp_not_ready"] += 1
+                return
+            if is_rtcp(data):
+                self._rtcp(transport, srtp, data)
+            else:
+                self._rtp(transport, srtp, data)
+        elif first < 4:
+            self._stun(data, addr)
+        elif 19 < first < 64:
+            self._dtls(data, addr)
+        else:
+            self.metrics.drops["unknown_first_byte"] += 1
+
+    # -- RTP: the hot path --------------------------------------------------------------------
+    def _rtp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
+        metrics = self.metrics
+        try:
+            plain = srtp.unprotect(data)
+        except SrtpError:
+            metrics.drops["srtp_unprotect"] += 1
+            return
+        transport.rx_seen = True
+        if transport.role != "publisher":
+            metrics.drops["not_publishing"] += 1
+            return
+        try:
+            pt, seq, ts, ssrc, _marker, payload_offset, ext_offset, ext_length = parse_rtp(plain)
+            if ext_length:
+                elements = parse_extensions(plain, ext_offset, ext_length, extension_profile(plain))
+            else:
+                elements = _NO_EXTENSIONS
+        except RtpError:
+            metrics.drops["rtp_malformed"] += 1
+            return
+        publisher: Participant = transport.owner
+        track = publisher.ssrc_map.get(ssrc)
+        if track is None:
+            if ssrc in publisher.rtx_ssrcs:
+                metrics.drops["rtx_unhandled"] += 1
+                return
+            track = self._learn_ssrc(publisher, ssrc, elements)
+            if track is None:
+                metrics.drops["unknown_ssrc"] += 1
+                return
+        if pt != track.payload_type:
+            metrics.drops["unknown_payload_type"] += 1
+            return
+        now = self.clock()
+        size = len(data)
+        metrics.packets_in += 1
+        metrics.bytes_in += size
+        track.packets += 1
+        track.bytes += size
+        track.stats.update(seq, ts, now, size)
+        level_id = track.audio_level_id
+        if level_id:
+            for ext_id, value in elements:
+                if ext_id == level_id and value:
+                    track.level_sum += value[0] & 0x7F
+                    track.level_count += 1
+        send = self.send
+        for sub in track.outputs:
+            rewritten = sub.rewriter.rewrite(seq, ts, now)
+            if rewritten is None:
+                metrics.drops["stale_packet"] += 1
+                continue
+            out_transport = sub.subscriber.subscriber
+            try:
+                packet = out_transport.srtp.protect(
+                    rewrite_packet(
+                        plain,
+                        payload_offset,
+                        sub.ssrc,
+                        sub.payload_type,
+                        rewritten[0],
+                        rewritten[1],
+                        sub.ext.block(elements),
+                    )
+                )
+            except (SrtpError, AttributeError):
+                metrics.send_errors += 1
+                continue
+            send(packet, out_transport.addr)
+            sub.packets_sent += 1
+            sub.bytes_sent += len(packet)
+            metrics.packets_out += 1
+            metrics.bytes_out += len(packet)
+        metrics.forward_latency.observe(self.clock() - now)
+
+    def _learn_ssrc(
+        self, publisher: Participant, ssrc: int, elements: list[tuple[int, bytes]]
+    ) -> Track | None:
+        """Bind an unsignalled SSRC to a track by the sdes:mid header extension."""
+        mid_id = publisher.mid_ext_id
+        if not mid_id:
+            return None
+        for ext_id, value in elements:
+            if ext_id == mid_id:
+                track = publisher.tracks_by_mid.get(value.decode("ascii", "replace"))
+                if track is None:
+                    return None
+                if track.ssrc is not None and publisher.ssrc_map.get(track.ssrc) is track:
+                    del publisher.ssrc_map[track.ssrc]
+                publisher.ssrc_map[ssrc] = track
+                track.set_ssrc(ssrc)
+                return track
+        return None
+
+    # -- RTCP -----------------------------------------------------------------------------
+    def _rtcp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
+        metrics = self.metrics
+        try:
+            plain = srtp.unprotect_rtcp(data)
+        except SrtpError:
+            metrics.drops["srtp_unprotect"] += 1
+            return
+        try:
+            packets = rtcp.parse_rtcp(plain)
+        except rtcp.RtcpError:
+            metrics.drops["rtcp_malformed"] += 1
+            return
+        transport.rx_seen = True
+        metrics.rtcp_in += 1
+        now = self.clock()
+        participant: Participant = transport.owner
+        if transport.role == "publisher":
+            for packet in packets:
+                if isinstance(packet, rtcp.SenderReport):
+                    track = participant.ssrc_map.get(packet.ssrc)
+                    if track is not None and track.stats is not None:
+                        track.stats.on_sender_report(rtcp.ntp_middle32(packet.ntp_timestamp), now)
+                        track.last_sr = (packet.ntp_timestamp, packet.rtp_timestamp, now)
+                        self._forward_sender_report(track, packet, now)
+            return
+        by_ssrc = {s.ssrc: s for s in participant.subscriptions.values()}
+        for packet in packets:
+            if isinstance(packet, (rtcp.ReceiverReport, rtcp.SenderReport)):
+                for block in packet.reports:
+                    sub = by_ssrc.get(block.ssrc)
+                    if sub is not None:
+                        sub.on_report_block(
+                            block.fraction_lost,
+                            block.packets_lost,
+                            block.jitter,
+                            block.lsr,
+                            block.dlsr,
+                            now,
+                        )
+            elif isinstance(packet, rtcp.Pli):
+                sub = by_ssrc.get(packet.media_ssrc)
+                if sub is not None:
+                    self.request_keyframe(sub.track, now)
+            elif isinstance(packet, rtcp.Fir):
+                for ssrc, _seq in packet.entries:
+                    sub = by_ssrc.get(ssrc)
+                    if sub is not None:
+                        self.request_keyframe(sub.track, now)
+
+    def _forward_sender_report(self, track: Track, sr: rtcp.SenderReport, now: float) -> None:
+        """Translate a publisher's SR for each subscriber (its SSRC, its timestamps, its counts).
+
+        The NTP time is kept: audio and video of one publisher share its clock, which is what
+        the subscriber needs for lip sync.
+        """
+        for sub in track.outputs:
+            rtp_ts = sub.rewriter.map_timestamp(sr.rtp_timestamp)
+            if rtp_ts is None:
+                continue
+            packet = rtcp.sender_report(
+                sub.ssrc, sr.ntp_timestamp, rtp_ts, sub.packets_sent, sub.bytes_sent
+            ) + rtcp.sdes_cname(sub.ssrc, sub.subscriber.cname)
+            sub.remember_sr(sr.ntp_timestamp, now)
+            self._send_rtcp(sub.subscriber.subscriber, packet)
+
+    def request_keyframe(self, track: Track, now: float, force: bool = False) -> None:
+        """PLI to the publisher, at most once per keyframe_request_interval unless forced."""
+        interval = self.sfu.settings.session.keyframe_request_interval
+        if not force and now - track.last_keyframe_request < interval:
+            return
+        publisher = track.publisher.publisher
+        if publisher is None or not publisher.ready or track.ssrc is None:
+            track.keyframe_pending = True
+            return
+        track.last_keyframe_request = now
+        track.keyframe_pending = False
+        self.metrics.keyframe_requests += 1
+        self._send_rtcp(publisher, rtcp.pli(track.publisher.rtcp_ssrc, track.ssrc))
+
+    def send_reports(self, sfu: Sfu, now: float) -> None:
+        """Receiver reports to every connected publisher, each sender_report_interval."""
+        if now - self._last_reports < sfu.settings.session.sender_report_interval:
+            return
+        self._last_reports = now
+        for room in sfu.rooms.values():
+            for p in room.participants.values():
+                transport = p.publisher
+                if transport is None or not transport.ready:
+                    continue
+                blocks = [
+                    t.stats.report_block(now)
+                    for t in p.tracks.values()
+                    if t.stats is not None and t.stats.packets_received
+                ]
+                for track in p.tracks.values():
+                    if track.keyframe_pending and track.outputs:
+                        self.request_keyframe(track, now, force=True)
+                if blocks:
+                    self._send_rtcp(transport, rtcp.receiver_report(p.rtcp_ssrc, blocks[:31]))
+
+    # -- STUN and DTLS --------------------------------------------------------------------
+    def _stun(self, data: bytes, addr: Address) -> None:
+        try:
+            request = parse_binding_request(data)
+        except StunError:
+            self.metrics.drops["stun_malformed"] += 1
+            return
+        transport = self.by_ufrag.get(request.local_ufrag)
+        if transport is None:
+            self.metrics.drops["stun_unknown_ufrag"] += 1
+            return
+        now = self.clock()
+        response, ok, changed, out = transport.handle_binding(request, addr, now)
+        self.send(response, addr)
+        if not ok:
+            self.metrics.drops["stun_unauthorized"] += 1
+            return
+        self.metrics.stun_requests += 1
+        if changed:
+            for old, t in list(self.by_addr.items()):
+                if t is transport:
+                    del self.by_addr[old]
+            self.by_addr[addr] = transport
+        self.send_all(out, transport)
+
+    def _dtls(self, data: bytes, addr: Address) -> None:
+        transport = self.by_addr.get(addr)
+        if transport is None:
+            self.metrics.drops["unknown_address"] += 1
+            return
+        if transport.state in (TransportState.FAILED, TransportState.CLOSED, TransportState.NEW):
+            self.metrics.drops["dtls_failed"] += 1
+            return
+        out, connected = transport.handle_dtls(data, self.clock())
+        self.send_all(out, transport)
+        self._after_dtls(transport, connected)
+
+    def _after_dtls(self, transport: WebRtcTransport, connected: bool) -> None:
+        if connected:
+            self.handshaking.discard(transport)
+            self.sfu.on_transport_connected(transport)
+        elif transport.state in (TransportState.FAILED, TransportState.CLOSED):
+            self.handshaking.discard(transport)
+            self.sfu.on_transport_failed(transport)
+
+    def poll_timers(self, now: float) -> None:
+        """DTLS retransmissions of the transports still handshaking."""
+        for transport in list(self.handshaking):
+            if transport.state is TransportState.CONNECTING:
+                out, connected = transport.handle_timeout(now)
+                self.send_all(out, transport)
+                self._after_dtls(transport, connected)

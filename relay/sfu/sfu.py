@@ -1,0 +1,748 @@
+"""The SFU core, sans-I/O: rooms, participants, negotiation, timers.
+
+Every method is synchronous. Time comes from the injected `clock` (monotonic, for protocol
+timers) and `wallclock` (for timestamps shown to callers); datagrams leave through `send`;
+events leave through `emit`. The asyncio layer (relay/server.py) owns the socket, the timers and
+the HTTP server and calls in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from relay.config import Settings
+from relay.metrics import Metrics
+from relay.rtc import sdp as sdpmod
+from relay.rtc.dtls import Certificate
+from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
+from relay.rtc.transport import TransportState, WebRtcTransport
+from relay.sfu.errors import (
+    BadRequest,
+    Conflict,
+    Draining,
+    Forbidden,
+    LimitReached,
+    NotFound,
+    TooLarge,
+)
+from relay.sfu.media import MediaRouter
+from relay.sfu.participant import OfferState, Participant, Slot
+from relay.sfu.room import Room
+from relay.sfu.subscription import Subscription
+from relay.sfu.track import Track
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
+AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+
+#: Header extensions the relay forwards to subscribers, with the ids it offers them. The same
+#: URI has the same id on every m-line, as BUNDLE requires. Extensions that describe the sender's
+#: own transport (abs-send-time, transport-wide-cc) are not forwarded: they would lie about ours.
+SUBSCRIBER_EXTENSIONS: dict[str, int] = {
+    AUDIO_LEVEL_URI: 1,
+    MID_URI: 4,
+    "urn:ietf:params:rtp-hdrext:toffset": 14,
+    "urn:3gpp:video-orientation": 13,
+    "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay": 12,
+}
+
+#: Payload types handed out on subscriber connections, per kind, in order.
+_PT_POOL = {
+    "audio": [111, 110, 109, 108, 107, 106, 105, 104, 63, 62, 61, 60],
+    "video": [96, 98, 100, 102, 104, 106, 45, 47, 49, 51, 53, 55, 57, 59, 112, 114, 116, 118],
+}
+#: The codec an inactive (placeholder) m-line carries.
+_PLACEHOLDER = {
+    "audio": Codec(
+        payload_type=111,
+        name="opus",
+        clock_rate=48000,
+        channels=2,
+        fmtp={"minptime": "10", "useinbandfec": "1"},
+        kind="audio",
+    ),
+    "video": Codec(payload_type=96, name="VP8", clock_rate=90000, kind="video"),
+}
+_SUBSCRIBER_RTCP_FB = {"audio": [], "video": ["nack pli", "ccm fir"]}
+
+#: Seconds without packets after which a track is reported muted.
+MUTE_AFTER = 3.0
+#: Audio level (dBov below 0, as the extension carries it) quieter than this is silence.
+SPEAKER_THRESHOLD = 60
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(6)
+
+
+class Sfu:
+    """Rooms, participants and their connections, driven by the control API and the socket."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        certificate: Certificate,
+        candidates: list[tuple[str, int]],
+        send: Callable[[bytes, tuple[str, int]], Any],
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+        emit: Callable[[dict[str, Any]], None] = lambda event: None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.certificate = certificate
+        self.candidates = list(candidates)
+        self.clock = clock
+        self.wallclock = wallclock
+        self._emit = emit
+        self.metrics = metrics or Metrics()
+        self.rooms: dict[str, Room] = {}
+        self.draining = False
+        self.router = MediaRouter(self, send, self.metrics)
+        self._session_id = secrets.randbits(62)
+        self._last_housekeeping = clock()
+        self.metrics.gauge("rooms", "Rooms open.", lambda: len(self.rooms))
+        self.metrics.gauge(
+            "participants",
+            "Participants in all rooms.",
+            lambda: sum(len(r.participants) for r in self.rooms.values()),
+        )
+        self.metrics.gauge(
+            "tracks",
+            "Published tracks.",
+            lambda: sum(
+                len(p.tracks) for r in self.rooms.values() for p in r.participants.values()
+            ),
+        )
+        self.metrics.gauge(
+            "subscriptions_active",
+            "Subscriptions being forwarded.",
+            lambda: sum(
+                len(t.outputs)
+                for r in self.rooms.values()
+                for p in r.participants.values()
+                for t in p.tracks.values()
+            ),
+        )
+
+    # -- events ---------------------------------------------------------------------------
+    def emit(self, event_type: str, room: Room, **fields: Any) -> None:
+        event = {"type": event_type, "room_id": room.room_id, "at": self.wallclock()}
+        event.update(fields)
+        self._emit(event)
+
+    # -- rooms ----------------------------------------------------------------------------
+    def _check_id(self, value: str, field: str) -> None:
+        if not isinstance(value, str) or not IDENTIFIER.match(value):
+            raise BadRequest(
+                f"{field} must be 1-64 characters of [A-Za-z0-9._-]", code="invalid_identifier"
+            )
+
+    def create_room(
+        self,
+        room_id: str | None = None,
+        max_participants: int | None = None,
+        e2ee_required: bool = False,
+        empty_timeout: float | None = None,
+    ) -> Room:
+        if self.draining:
+            raise Draining("the relay is draining and accepts no new rooms")
+        if room_id is None:
+            room_id = _new_id("RM_")
+        self._check_id(room_id, "room_id")
+        if room_id in self.rooms:
+            raise Conflict(f"room {room_id} already exists", code="room_exists")
+        limits = self.settings.limits
+        if len(self.rooms) >= limits.max_rooms:
+            raise LimitReached(
+                f"the relay already holds {limits.max_rooms} rooms", code="too_many_rooms"
+            )
+        if max_participants is None:
+            max_participants = self.settings.rooms.default_max_participants
+        if not 1 <= max_participants <= limits.max_participants_per_room:
+            raise BadRequest(
+                f"max_participants must be 1-{limits.max_participants_per_room}",
+                code="invalid_field",
+            )
+        if empty_timeout is None:
+            empty_timeout = self.settings.rooms.empty_timeout
+        if not empty_timeout > 0:
+            raise BadRequest("empty_timeout must be positive", code="invalid_field")
+        room = Room(
+            room_id,
+            self.wallclock(),
+            max_participants,
+            bool(e2ee_required),
+            float(empty_timeout),
+            self.clock(),
+        )
+        self.rooms[room_id] = room
+        log.info("room %s created", room_id)
+        return room
+
+    def list_rooms(self) -> list[Room]:
+        return list(self.rooms.values())
+
+    def get_room(self, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise NotFound(f"room {room_id} not found", code="room_not_found")
+        return room
+
+    def delete_room(self, room_id: str) -> None:
+        room = self.get_room(room_id)
+        for pid in list(room.participants):
+            self._remove(room.participants[pid], "room_closed")
+        del self.rooms[room_id]
+        self.emit("room.closed", room)
+        log.info("room %s closed", room_id)
+
+    # -- participants ---------------------------------------------------------------------
+    def add_participant(
+        self,
+        room_id: str,
+        participant_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        can_publish: bool = True,
+        can_subscribe: bool = True,
+        auto_subscribe: bool = True,
+    ) -> Participant:
+        if self.draining:
+            raise Draining("the relay is draining and accepts no new participants")
+        room = self.get_room(room_id)
+        if participant_id is None:
+            participant_id = _new_id("PA_")
+        self._check_id(participant_id, "participant_id")
+        if participant_id in room.participants:
+            raise Conflict(
+                f"participant {participant_id} already in room {room_id}", code="participant_exists"
+            )
+        if len(room.participants) >= room.max_participants:
+            raise LimitReached(
+                f"room {room_id} is full ({room.max_participants})", code="room_full"
+            )
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise BadRequest("metadata must be a JSON object", code="invalid_field")
+        p = Participant(
+            participant_id,
+            room,
+            metadata,
+            self.wallclock(),
+            bool(can_publish),
+            bool(can_subscribe),
+            bool(auto_subscribe),
+        )
+        room.participants[participant_id] = p
+        room.empty_since = None
+        self.emit("participant.joined", room, participant_id=participant_id)
+        if p.can_subscribe and p.auto_subscribe:
+            for other in room.participants.values():
+                if other is not p:
+                    for track in other.tracks.values():
+                        self._subscribe(p, track)
+        return p
+
+    def get_participant(self, room_id: str, participant_id: str) -> Participant:
+        room = self.get_room(room_id)
+        p = room.participants.get(participant_id)
+        if p is None:
+            raise NotFound(
+                f"participant {participant_id} not found in room {room_id}",
+                code="participant_not_found",
+            )
+        return p
+
+    def remove_participant(self, room_id: str, participant_id: str, reason: str = "kicked") -> None:
+        if reason not in ("left", "kicked"):
+            raise BadRequest("reason must be left or kicked", code="invalid_field")
+        self._remove(self.get_participant(room_id, participant_id), reason)
+
+    def _remove(self, p: Participant, reason: str) -> None:
+        room = p.room
+        if room.participants.get(p.participant_id) is not p:
+            return
+        for track in list(p.tracks.values()):
+            self._unpublish(track)
+        for sub in list(p.subscriptions.values()):
+            self._drop_subscription(sub)
+        for transport in p.transports:
+            self.router.close_transport(transport)
+        p.publisher = p.subscriber = None
+        p.state = "disconnected"
+        del room.participants[p.participant_id]
+        if not room.participants:
+            room.empty_since = self.clock()
+        self.emit("participant.left", room, participant_id=p.participant_id, reason=reason)
+        log.info("participant %s left room %s (%s)", p.participant_id, room.room_id, reason)
+
+    # -- publisher connection -------------------------------------------------------------
+    def _local_transport(self, transport: WebRtcTransport, setup: str) -> LocalTransport:
+        self._session_id += 1
+        return LocalTransport(
+            ice_ufrag=transport.local.ufrag,
+            ice_pwd=transport.local.pwd,
+            fingerprint=(self.certificate.algorithm, self.certificate.fingerprint),
+            candidates=self.candidates,
+            setup=setup,
+            session_id=self._session_id,
+            session_version=1,
+        )
+
+    def _check_sdp(self, sdp: str) -> None:
+        if not isinstance(sdp, str) or not sdp.strip():
+            raise BadRequest("sdp must be a non-empty string", code="bad_sdp")
+        if len(sdp.encode()) > self.settings.limits.max_sdp_bytes:
+            raise TooLarge(
+                f"sdp larger than {self.settings.limits.max_sdp_bytes} bytes", code="too_large"
+            )
+
+    def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
+        """Answer the client's offer for what it publishes; tracks are (un)published to match."""
+        p = self.get_participant(room_id, participant_id)
+        self._check_sdp(sdp)
+        try:
+            offer = sdpmod.parse_sdp(sdp)
+        except SdpError as exc:
+            raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
+        transport = p.publisher
+        fresh = transport is None
+        if transport is None:
+            transport = WebRtcTransport(
+                self.certificate, list(self.settings.media.srtp_profiles), owner=p, role="publisher"
+            )
+            transport.created_at = self.clock()
+        try:
+            answer_sdp, answered = sdpmod.build_answer(
+                offer, self._local_transport(transport, "passive")
+            )
+        except SdpError as exc:
+            raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
+        accepted = [m for m in answered if not m.rejected]
+        if not accepted:
+            raise BadRequest("bad offer: no m-line the relay can take", code="bad_sdp")
+        first = accepted[0].offer
+        if not first.ice_ufrag or not first.ice_pwd or not first.fingerprints:
+            raise BadRequest(
+                "bad offer: ICE credentials and DTLS fingerprint required", code="bad_sdp"
+            )
+        publishing = [m for m in accepted if m.direction == "recvonly" and m.codecs]
+        if publishing and not p.can_publish:
+            raise Forbidden("this participant may not publish", code="cannot_publish")
+        kept = {m.mid for m in publishing}
+        new_count = sum(1 for m in publishing if m.mid not in p.tracks_by_mid)
+        remaining = sum(1 for t in p.tracks.values() if t.mid in kept)
+        if remaining + new_count > self.settings.limits.max_tracks_per_participant:
+            raise LimitReached(
+                f"at most {self.settings.limits.max_tracks_per_participant} tracks per participant",
+                code="too_many_tracks",
+            )
+        # Everything checked: commit.
+        if fresh:
+            p.publisher = transport
+            self.router.add_transport(transport)
+        transport.set_remote(
+            first.ice_ufrag,
+            first.ice_pwd,
+            first.fingerprints,
+            dtls_server=(first.setup or "actpass") != "passive",
+        )
+        p.mid_ext_id = None
+        for m in accepted:
+            for ext in m.extmaps:
+                if ext.uri == MID_URI:
+                    p.mid_ext_id = ext.id
+        for track in list(p.tracks.values()):
+            if track.mid not in kept:
+                self._unpublish(track)
+        for m in publishing:
+            self._publish_mline(p, m)
+        out = transport.maybe_start(self.clock())
+        self.router.send_all(out, transport)
+        return answer_sdp
+
+    def _publish_mline(self, p: Participant, m: sdpmod.AnsweredMedia) -> None:
+        codec = m.codecs[0]
+        ext_uris = {e.id: e.uri for e in m.extmaps}
+        track = p.tracks_by_mid.get(m.mid or "")
+        new = track is None
+        if track is None or track.codec.name.lower() != codec.name.lower() or track.kind != m.kind:
+            if track is not None:
+                self._unpublish(track)
+            track = Track(_new_id("TR_"), p, m.kind, m.mid or "", codec, ext_uris)
+            new = True
+        else:
+            track.codec = codec
+            track.payload_type = codec.payload_type
+            track.ext_uris = ext_uris
+        track.audio_level_id = next((e.id for e in m.extmaps if e.uri == AUDIO_LEVEL_URI), 0)
+        media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
+        for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
+            del p.ssrc_map[ssrc]
+        p.rtx_ssrcs.discard(track.rtx_ssrc or -1)
+        if media_ssrc is not None:
+            p.ssrc_map[media_ssrc] = track
+            track.set_ssrc(media_ssrc)
+        track.rtx_ssrc = rtx_ssrc
+        if rtx_ssrc is not None:
+            p.rtx_ssrcs.add(rtx_ssrc)
+        if new:
+            p.tracks[track.track_id] = track
+            p.tracks_by_mid[track.mid] = track
+            self.emit(
+                "track.published", p.room, participant_id=p.participant_id, track=track.to_dict()
+            )
+            for other in p.room.participants.values():
+                if other is not p and other.can_subscribe and other.auto_subscribe:
+                    self._subscribe(other, track)
+        else:
+            for sub in track.subscriptions.values():
+                self._configure_extensions(sub)
+
+    def _unpublish(self, track: Track) -> None:
+        p = track.publisher
+        track.ended = True
+        p.tracks.pop(track.track_id, None)
+        if p.tracks_by_mid.get(track.mid) is track:
+            del p.tracks_by_mid[track.mid]
+        for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
+            del p.ssrc_map[ssrc]
+        if track.rtx_ssrc is not None:
+            p.rtx_ssrcs.discard(track.rtx_ssrc)
+        for sub in list(track.subscriptions.values()):
+            self._drop_subscription(sub)
+        track.outputs = []
+        self.emit(
+            "track.unpublished", p.room, participant_id=p.participant_id, track_id=track.track_id
+        )
+
+    # -- subscriptions --------------------------------------------------------------------
+    def _payload_type(self, p: Participant, codec: Codec) -> int:
+        key = (
+            codec.kind,
+            codec.name.lower(),
+            codec.clock_rate,
+            codec.channels,
+            tuple(sorted((k.lower(), v) for k, v in codec.fmtp.items())),
+        )
+        pt = p.payload_types.get(key)
+        if pt is None:
+            used = set(p.payload_types.values())
+            pt = next(x for x in _PT_POOL[codec.kind] if x not in used)
+            p.payload_types[key] = pt
+        return pt
+
+    def _subscribe(self, p: Participant, track: Track) -> None:
+        if track.track_id in p.subscriptions:
+            return
+        used = {pt for key, pt in p.payload_types.items() if key[0] == track.kind}
+        if len(used) >= len(_PT_POOL[track.kind]):
+            log.warning(
+                "participant %s: no payload type left for %s", p.participant_id, track.track_id
+            )
+            return
+        slot = next((s for s in p.slots if s.subscription is None and s.kind == track.kind), None)
+        if slot is None:
+            slot = Slot(mid=str(len(p.slots)), kind=track.kind)
+            p.slots.append(slot)
+        sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec))
+        slot.subscription = sub
+        p.subscriptions[track.track_id] = sub
+        track.subscriptions[p.participant_id] = sub
+        self._renegotiate(p)
+
+    def _drop_subscription(self, sub: Subscription) -> None:
+        p = sub.subscriber
+        sub.active = False
+        sub.track.subscriptions.pop(p.participant_id, None)
+        sub.track.rebuild_outputs()
+        p.subscriptions.pop(sub.track.track_id, None)
+        for slot in p.slots:
+            if slot.subscription is sub:
+                slot.subscription = None
+        if p.room.participants.get(p.participant_id) is p:
+            self._renegotiate(p)
+
+    def _renegotiate(self, p: Participant) -> None:
+        p.revision += 1
+        self.emit(
+            "subscriber.renegotiate", p.room, participant_id=p.participant_id, revision=p.revision
+        )
+
+    def _offered_media(self, p: Participant, slot: Slot) -> OfferedMedia:
+        sub = slot.subscription
+        if sub is None:
+            codec = _PLACEHOLDER[slot.kind]
+            return OfferedMedia(
+                mid=slot.mid,
+                kind=slot.kind,
+                direction="inactive",
+                codecs=[codec],
+                extmaps=[],
+                ssrc=None,
+                cname=p.cname,
+            )
+        track = sub.track
+        codec = Codec(
+            payload_type=sub.payload_type,
+            name=track.codec.name,
+            clock_rate=track.codec.clock_rate,
+            channels=track.codec.channels,
+            fmtp=dict(track.codec.fmtp),
+            rtcp_fb=list(_SUBSCRIBER_RTCP_FB[track.kind]),
+            kind=track.kind,
+        )
+        uris = set(track.ext_uris.values()) | {MID_URI}
+        extmaps = [Extmap(id=i, uri=u) for u, i in SUBSCRIBER_EXTENSIONS.items() if u in uris]
+        return OfferedMedia(
+            mid=slot.mid,
+            kind=slot.kind,
+            direction="sendonly",
+            codecs=[codec],
+            extmaps=extmaps,
+            ssrc=sub.ssrc,
+            cname=p.cname,
+            msid=(track.participant_id, track.track_id),
+        )
+
+    def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]:
+        """An offer for everything the participant is subscribed to now."""
+        p = self.get_participant(room_id, participant_id)
+        if not p.can_subscribe:
+            raise Forbidden("this participant may not subscribe", code="cannot_subscribe")
+        if p.subscriber is None:
+            transport = WebRtcTransport(
+                self.certificate,
+                list(self.settings.media.srtp_profiles),
+                owner=p,
+                role="subscriber",
+            )
+            transport.created_at = self.clock()
+            p.subscriber = transport
+            self.router.add_transport(transport)
+        if not p.slots:
+            p.slots.append(Slot(mid="0", kind="audio"))
+        media = [self._offered_media(p, slot) for slot in p.slots]
+        p.offered = OfferState(p.revision, media)
+        offer = sdpmod.build_offer(self._local_transport(p.subscriber, "actpass"), media)
+        return offer, p.revision
+
+    def subscriber_answer(self, room_id: str, participant_id: str, sdp: str, revision: int) -> None:
+        p = self.get_participant(room_id, participant_id)
+        self._check_sdp(sdp)
+        offered = p.offered
+        if offered is None or p.subscriber is None:
+            raise Conflict(
+                "no subscriber offer was made; POST .../subscriber first", code="no_offer"
+            )
+        if revision != offered.revision or revision != p.revision:
+            raise Conflict(
+                f"answer for revision {revision}, current revision is {p.revision}",
+                code="stale_revision",
+            )
+        try:
+            answer = sdpmod.parse_sdp(sdp)
+        except SdpError as exc:
+            raise BadRequest(f"bad answer: {exc}", code="bad_sdp") from None
+        if [m.mid for m in answer.media] != [m.mid for m in offered.media]:
+            raise BadRequest("bad answer: m-lines do not match the offer", code="bad_sdp")
+        live = [m for m in answer.media if m.port != 0]
+        if not live:
+            raise BadRequest("bad answer: every m-line rejected", code="bad_sdp")
+        first = live[0]
+        if not first.ice_ufrag or not first.ice_pwd or not first.fingerprints:
+            raise BadRequest(
+                "bad answer: ICE credentials and DTLS fingerprint required", code="bad_sdp"
+            )
+        if first.setup not in ("active", "passive"):
+            raise BadRequest("bad answer: a=setup must be active or passive", code="bad_sdp")
+        transport = p.subscriber
+        transport.set_remote(
+            first.ice_ufrag, first.ice_pwd, first.fingerprints, dtls_server=first.setup == "active"
+        )
+        p.offered = None
+        p.applied_revision = revision
+        for slot, answered in zip(p.slots, answer.media, strict=False):
+            sub = slot.subscription
+            if sub is None:
+                continue
+            if answered.port == 0 or not any(
+                c.payload_type == sub.payload_type for c in answered.codecs
+            ):
+                sub.negotiated = False
+            else:
+                sub.negotiated = True
+                sub.answer_extmaps = {e.uri: e.id for e in answered.extmaps}
+                self._configure_extensions(sub)
+        self.router.send_all(transport.maybe_start(self.clock()), transport)
+        self.refresh_outputs(p)
+
+    def _configure_extensions(self, sub: Subscription) -> None:
+        negotiated = sub.answer_extmaps
+        id_map = {
+            pub_id: negotiated[uri]
+            for pub_id, uri in sub.track.ext_uris.items()
+            if uri in negotiated and uri != MID_URI
+        }
+        sub.configure(id_map, negotiated.get(MID_URI))
+
+    def refresh_outputs(self, p: Participant) -> None:
+        """Activate the negotiated subscriptions of a connected subscriber (and only those)."""
+        ready = p.subscriber is not None and p.subscriber.ready
+        now = self.clock()
+        for sub in p.subscriptions.values():
+            active = ready and sub.negotiated and not sub.track.ended
+            if active != sub.active:
+                sub.active = active
+                sub.track.rebuild_outputs()
+                if active and sub.track.kind == "video":
+                    self.router.request_keyframe(sub.track, now, force=True)
+
+    # -- transport callbacks (from the media router) --------------------------------------
+    def on_transport_connected(self, transport: WebRtcTransport) -> None:
+        p: Participant = transport.owner
+        transport.connected_at = self.clock()
+        if p.state != "connected":
+            p.state = "connected"
+            p.connected_once = True
+            self.emit("participant.connected", p.room, participant_id=p.participant_id)
+        if transport is p.subscriber:
+            self.refresh_outputs(p)
+        elif transport is p.publisher:
+            for track in p.tracks.values():
+                if track.kind == "video" and track.outputs:
+                    self.router.request_keyframe(track, self.clock(), force=True)
+
+    def on_transport_failed(self, transport: WebRtcTransport) -> None:
+        p: Participant = transport.owner
+        log.info(
+            "participant %s: %s connection failed: %s",
+            p.participant_id,
+            transport.role,
+            transport.failure_reason,
+        )
+        if p.room.participants.get(p.participant_id) is p:
+            # a close_notify is the client hanging up; anything else is a failed connection
+            self._remove(p, "left" if transport.state is TransportState.CLOSED else "timeout")
+
+    # -- timers ---------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Housekeeping, called about once a second by the asyncio layer."""
+        interval = now - self._last_housekeeping
+        self._last_housekeeping = now
+        session = self.settings.session
+        for room in list(self.rooms.values()):
+            if not room.participants:
+                if room.empty_since is not None and now - room.empty_since >= room.empty_timeout:
+                    del self.rooms[room.room_id]
+                    self.emit("room.closed", room)
+                    log.info("room %s closed after %.0f s empty", room.room_id, room.empty_timeout)
+                continue
+            for p in list(room.participants.values()):
+                if self._timed_out(p, now, session.consent_timeout, session.connect_timeout):
+                    self._remove(p, "timeout")
+                    continue
+                for track in p.tracks.values():
+                    self._track_tick(track, now, interval)
+                for sub in p.subscriptions.values():
+                    sub.tick(interval)
+            self._detect_speaker(room)
+        self.router.send_reports(self, now)
+
+    def _timed_out(self, p: Participant, now: float, consent: float, connect: float) -> bool:
+        for t in p.transports:
+            if t.rx_seen:
+                t.rx_seen = False
+                t.last_activity = now
+            if t.state in (TransportState.FAILED, TransportState.CLOSED):
+                return True
+            if t.state is TransportState.CONNECTED:
+                if now - t.last_activity > consent:
+                    return True
+            elif now - t.created_at > connect:
+                return True
+        return False
+
+    def _track_tick(self, track: Track, now: float, interval: float) -> None:
+        before = track.bytes - track._bytes_at_tick
+        track.tick(interval)
+        if before > 0:
+            track.last_media = now
+            if track.muted:
+                track.muted = False
+                self.emit(
+                    "track.unmuted",
+                    track.publisher.room,
+                    participant_id=track.participant_id,
+                    track_id=track.track_id,
+                )
+        elif not track.muted and track.packets and now - track.last_media > MUTE_AFTER:
+            track.muted = True
+            self.emit(
+                "track.muted",
+                track.publisher.room,
+                participant_id=track.participant_id,
+                track_id=track.track_id,
+            )
+
+    def _detect_speaker(self, room: Room) -> None:
+        """The loudest participant over the last interval, from ssrc-audio-level (RFC 6464)."""
+        ids: list[str] = []
+        sums: list[float] = []
+        counts: list[int] = []
+        for p in room.participants.values():
+            for track in p.tracks.values():
+                if track.kind == "audio" and track.level_count:
+                    ids.append(p.participant_id)
+                    sums.append(track.level_sum)
+                    counts.append(track.level_count)
+                track.level_sum = 0
+                track.level_count = 0
+        speaker: str | None = None
+        if ids:
+            loudness = 127.0 - np.asarray(sums, dtype=np.float64) / np.asarray(counts)
+            best = int(np.argmax(loudness))
+            if 127.0 - loudness[best] < SPEAKER_THRESHOLD:
+                speaker = ids[best]
+        if speaker != room.speaker:
+            room.speaker = speaker
+            self.emit("speaker.changed", room, participant_id=speaker)
+
+    def drain(self) -> None:
+        """Stop accepting sessions and close every room (DTLS close_notify to each client)."""
+        self.draining = True
+        for room_id in list(self.rooms):
+            self.delete_room(room_id)
+
+    # -- stats ----------------------------------------------------------------------------
+    def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
+        p = self.get_participant(room_id, participant_id)
+        return {
+            "participant_id": p.participant_id,
+            "room_id": p.room.room_id,
+            "state": p.state,
+            "inbound": [t.stats_dict() for t in p.tracks.values()],
+            "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
+        }
+
+
+def _media_ssrcs(offer: sdpmod.MediaDescription) -> tuple[int | None, int | None]:
+    """(media SSRC, RTX SSRC) signalled in an m-line, from its FID group or first a=ssrc."""
+    for semantics, ssrcs in offer.ssrc_groups:
+        if semantics == "FID" and len(ssrcs) == 2:
+            return ssrcs[0], ssrcs[1]
+    if offer.ssrcs:
+        return offer.ssrcs[0], None
+    return None, None
