@@ -613,7 +613,7 @@ class Sfu:
     # -- transport callbacks (from the media router) --------------------------------------
     def on_transport_connected(self, transport: WebRtcTransport) -> None:
         p: Participant = transport.owner
-        transport.connected_at = self.clock()
+        transport.connected_at = transport.last_activity = self.clock()
         if p.state != "connected":
             p.state = "connected"
             p.connected_once = True

@@ -1,0 +1,262 @@
+"""The SFU core, sans-I/O: negotiation, m-line reuse, revisions, and the bytes it forwards."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from relay.config import Settings
+from relay.rtc import rtcp
+from relay.rtc.dtls import Certificate
+from relay.rtc.rtp import build_extension_block, extension_profile, parse_extensions, parse_rtp
+from relay.rtc.sdp import LocalTransport, OfferedMedia, build_offer, parse_sdp
+from relay.rtc.transport import TransportState
+from relay.sfu.errors import BadRequest, Conflict, NotFound
+from relay.sfu.sfu import Sfu
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "sdp"
+CERT = Certificate.generate()
+AIORTC_AUDIO_SSRC = 1043279043
+AIORTC_VIDEO_SSRC = 789159697
+
+
+class Passthrough:
+    """Stands in for an SRTP session so the test sees the plain bytes the relay sends."""
+
+    def protect(self, data: bytes) -> bytes:
+        return data
+
+    unprotect = protect_rtcp = unprotect_rtcp = protect
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.events: list[dict] = []
+        self.now = 100.0
+        self.sfu = Sfu(
+            Settings(),
+            certificate=CERT,
+            candidates=[("127.0.0.1", 40000)],
+            send=lambda d, a: self.sent.append((d, a)),
+            clock=lambda: self.now,
+            wallclock=lambda: 1.7e9,
+            emit=self.events.append,
+        )
+        self.sfu.create_room("r")
+
+    def events_of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def connect(self, transport, addr: tuple[str, int]) -> None:
+        """Pretend ICE and DTLS completed for a transport."""
+        transport.addr = addr
+        transport.state = TransportState.CONNECTED
+        transport.srtp = Passthrough()
+        self.sfu.router.by_addr[addr] = transport
+        self.sfu.on_transport_connected(transport)
+
+    def answer(self, pid: str, setup: str = "active") -> tuple[str, int]:
+        """Answer the current subscriber offer the way a client would (recvonly, same mids)."""
+        offer_sdp, revision = self.sfu.subscriber_offer("r", pid)
+        offer = parse_sdp(offer_sdp)
+        media = [
+            OfferedMedia(
+                mid=m.mid,
+                kind=m.kind,
+                direction="recvonly" if m.direction == "sendonly" else "inactive",
+                codecs=m.codecs,
+                extmaps=m.extmaps,
+                ssrc=None,
+            )
+            for m in offer.media
+        ]
+        local = LocalTransport(
+            "clnt",
+            "clientpassword0123456789",
+            ("sha-256", "AA:BB"),
+            [("10.0.0.2", 5000)],
+            setup,
+            1,
+            1,
+        )
+        self.sfu.subscriber_answer("r", pid, build_offer(local, media), revision)
+        return offer_sdp, revision
+
+
+def aiortc_offer(audio: bool = True, video: bool = True) -> str:
+    text = (FIXTURES / "aiortc_offer.sdp").read_text()
+    if not video:
+        text = text.replace("a=ssrc-group:FID", "a=x-removed")
+        head, _, _ = text.partition("m=video")
+        text = head
+    if not audio:
+        head, sep, tail = text.partition("m=audio")
+        _, sep2, video_part = tail.partition("m=video")
+        text = head.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 1") + "m=video" + video_part
+    return text
+
+
+def rtp(
+    ssrc: int,
+    pt: int,
+    seq: int,
+    ts: int,
+    elements: list[tuple[int, bytes]],
+    payload: bytes = b"\x90\x10payload-bytes",
+) -> bytes:
+    ext = build_extension_block(elements)
+    first = 0x90 if ext else 0x80
+    return struct.pack("!BBHII", first, pt, seq, ts, ssrc) + ext + payload
+
+
+def test_publish_subscribe_offer_and_events() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    answer = h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    parsed = parse_sdp(answer)
+    assert parsed.ice_lite and [m.direction for m in parsed.media] == ["recvonly", "recvonly"]
+    assert [e["track"]["kind"] for e in h.events_of("track.published")] == ["audio", "video"]
+    assert h.events_of("subscriber.renegotiate")[-1]["participant_id"] == "bob"
+    offer_sdp, revision = h.sfu.subscriber_offer("r", "bob")
+    offer = parse_sdp(offer_sdp)
+    assert [(m.kind, m.direction) for m in offer.media] == [
+        ("audio", "sendonly"),
+        ("video", "sendonly"),
+    ]
+    # audio and video of one publisher share an msid stream: the publisher's id
+    assert {m.msid[0] for m in offer.media} == {"alice"}
+    assert len({m.ssrcs[0] for m in offer.media}) == 2
+    assert offer.media[0].codecs[0].name == "opus" and offer.media[1].codecs[0].name == "VP8"
+    assert offer.bundle_mids == ["0", "1"] and offer.media[0].setup == "actpass"
+    # alice gets nothing of her own
+    assert h.sfu.get_participant("r", "alice").subscriptions == {}
+
+
+def test_ended_track_mline_goes_inactive_and_is_reused_in_place() -> None:
+    h = Harness()
+    for pid in ("alice", "carol", "bob"):
+        h.sfu.add_participant("r", pid)
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.sfu.publisher_offer("r", "carol", aiortc_offer())
+    h.answer("bob")
+    first = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
+    assert [m.msid[0] for m in first.media] == ["alice", "alice", "carol", "carol"]
+    h.sfu.remove_participant("r", "alice", "left")
+    second = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
+    assert [m.mid for m in second.media] == [m.mid for m in first.media]
+    assert [m.direction for m in second.media] == ["inactive", "inactive", "sendonly", "sendonly"]
+    h.sfu.add_participant("r", "dave")
+    h.sfu.publisher_offer("r", "dave", aiortc_offer())
+    third = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
+    assert [m.mid for m in third.media] == [m.mid for m in first.media]
+    assert [m.msid[0] for m in third.media] == ["dave", "dave", "carol", "carol"]
+
+
+def test_stale_answer_gets_conflict() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    offer_sdp, revision = h.sfu.subscriber_offer("r", "bob")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())  # bumps bob's revision
+    with pytest.raises(Conflict) as exc:
+        h.sfu.subscriber_answer("r", "bob", offer_sdp, revision)
+    assert exc.value.code == "stale_revision"
+
+
+def test_bad_input_errors() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    with pytest.raises(BadRequest) as exc:
+        h.sfu.publisher_offer("r", "alice", "v=0\r\nnonsense")
+    assert exc.value.code == "bad_sdp"
+    with pytest.raises(NotFound):
+        h.sfu.publisher_offer("r", "nobody", aiortc_offer())
+    with pytest.raises(Conflict):
+        h.sfu.subscriber_answer("r", "alice", aiortc_offer(), 0)  # no offer made yet
+
+
+def test_forwarded_bytes_rewrite_ssrc_pt_seq_ts_and_extensions() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.answer("bob")
+    alice, bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
+    h.connect(alice.publisher, ("10.0.0.1", 4000))
+    h.sent.clear()
+    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    # a video subscriber that becomes active asks the publisher for a keyframe at once
+    to_alice = [d for d, a in h.sent if a == ("10.0.0.1", 4000)]
+    plis = [p for d in to_alice for p in rtcp.parse_rtcp(d) if isinstance(p, rtcp.Pli)]
+    assert [p.media_ssrc for p in plis] == [AIORTC_VIDEO_SSRC]
+
+    audio = next(s for s in bob.subscriptions.values() if s.track.kind == "audio")
+    h.sent.clear()
+    # aiortc's ids: mid=1, audio level=2; the relay offers bob audio level=1, mid=4
+    for seq, ts in ((65534, 1000), (65535, 1960), (0, 2920)):
+        h.sfu.router.handle_datagram(
+            rtp(AIORTC_AUDIO_SSRC, 96, seq, ts, [(1, b"0"), (2, b"\x85")]), ("10.0.0.1", 4000)
+        )
+    out = [d for d, a in h.sent if a == ("10.0.0.2", 5000)]
+    assert len(out) == 3
+    parsed = [parse_rtp(d) for d in out]
+    seqs = [p[1] for p in parsed]
+    assert seqs[1] == (seqs[0] + 1) & 0xFFFF and seqs[2] == (seqs[0] + 2) & 0xFFFF
+    assert [p[2] - parsed[0][2] for p in parsed] == [0, 960, 1920]
+    for data, (pt, _seq, _ts, ssrc, _m, offset, ext_offset, ext_length) in zip(
+        out, parsed, strict=True
+    ):
+        assert ssrc == audio.ssrc and pt == audio.payload_type == 111
+        assert data[offset:] == b"\x90\x10payload-bytes"
+        elements = dict(parse_extensions(data, ext_offset, ext_length, extension_profile(data)))
+        assert elements == {1: b"\x85", 4: audio.mid.encode()}
+    assert h.sfu.metrics.packets_out == 3
+
+
+def test_unknown_ssrc_and_unchecked_address_are_dropped_and_counted() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    alice = h.sfu.get_participant("r", "alice")
+    h.connect(alice.publisher, ("10.0.0.1", 4000))
+    h.sfu.router.handle_datagram(rtp(12345, 96, 1, 1, []), ("10.0.0.1", 4000))
+    h.sfu.router.handle_datagram(rtp(AIORTC_AUDIO_SSRC, 96, 1, 1, []), ("10.9.9.9", 1))
+    h.sfu.router.handle_datagram(b"\x80\x60", ("10.0.0.1", 4000))
+    h.sfu.router.handle_datagram(b"\xff" * 40, ("10.0.0.1", 4000))
+    drops = h.sfu.metrics.drops
+    assert drops["unknown_ssrc"] == 1 and drops["unknown_address"] == 1
+    assert drops["rtp_malformed"] == 1 and drops["unknown_first_byte"] == 1
+
+
+def test_subscriber_answer_passive_makes_relay_dtls_client() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.answer("bob", setup="passive")
+    assert h.sfu.get_participant("r", "bob").subscriber.dtls_server is False
+
+
+def test_consent_timeout_removes_silent_participant() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.connect(h.sfu.get_participant("r", "alice").publisher, ("10.0.0.1", 4000))
+    h.now += 1
+    h.sfu.tick(h.now)
+    assert "alice" in h.sfu.get_room("r").participants
+    h.now += h.sfu.settings.session.consent_timeout + 1
+    h.sfu.tick(h.now)
+    assert "alice" not in h.sfu.get_room("r").participants
+    assert h.events_of("participant.left")[-1] == {
+        "type": "participant.left",
+        "room_id": "r",
+        "at": 1.7e9,
+        "participant_id": "alice",
+        "reason": "timeout",
+    }
+    assert h.sfu.router.by_addr == {} and h.sfu.router.by_ufrag == {}
