@@ -48,6 +48,8 @@ class WebRtcTransport:
         self.srtp: SrtpSession | None = None
         self.addr: Address | None = None
         self.nominated = False
+        #: other addresses that passed a check (bounded by the media router)
+        self.alternates: list[Address] = []
         self.state = TransportState.NEW
         self.failure_reason: str | None = None
         #: set on every authenticated datagram; the consent check clears it

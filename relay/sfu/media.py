@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _NO_EXTENSIONS: list[tuple[int, bytes]] = []
+#: authenticated but unlatched addresses remembered per transport
+MAX_ALT_ADDRESSES = 4
 
 
 class MediaRouter:
@@ -46,6 +48,9 @@ class MediaRouter:
         self.clock = sfu.clock
         self.by_ufrag: dict[str, WebRtcTransport] = {}
         self.by_addr: dict[Address, WebRtcTransport] = {}
+        #: addresses that passed an authenticated STUN check but are not latched; media or DTLS
+        #: from one of them moves the latch there (NAT rebinding without re-nomination)
+        self.alt_addrs: dict[Address, WebRtcTransport] = {}
         self.handshaking: set[WebRtcTransport] = set()
         self._last_reports = float("-inf")
 
@@ -59,6 +64,10 @@ class MediaRouter:
         self.by_ufrag.pop(transport.local.ufrag, None)
         if transport.addr is not None and self.by_addr.get(transport.addr) is transport:
             del self.by_addr[transport.addr]
+        for addr in transport.alternates:
+            if self.alt_addrs.get(addr) is transport:
+                del self.alt_addrs[addr]
+        transport.alternates.clear()
         self.handshaking.discard(transport)
 
     def send_all(self, datagrams: list[bytes], transport: WebRtcTransport) -> None:
@@ -86,7 +95,7 @@ class MediaRouter:
             return
         first = data[0]
         if 127 < first < 192:
-            transport = self.by_addr.get(addr)
+            transport = self.by_addr.get(addr) or self._relatch(addr)
             if transport is None:
                 self.metrics.drops["unknown_address"] += 1
                 return
@@ -320,14 +329,37 @@ class MediaRouter:
             return
         self.metrics.stun_requests += 1
         if changed:
-            for old, t in list(self.by_addr.items()):
-                if t is transport:
-                    del self.by_addr[old]
+            for old in [a for a, t in self.by_addr.items() if t is transport]:
+                del self.by_addr[old]
             self.by_addr[addr] = transport
+            self.alt_addrs.pop(addr, None)
+        elif addr != transport.addr and self.alt_addrs.get(addr) is not transport:
+            alternates = transport.alternates
+            if len(alternates) >= MAX_ALT_ADDRESSES:
+                oldest = alternates.pop(0)
+                if self.alt_addrs.get(oldest) is transport:
+                    del self.alt_addrs[oldest]
+            alternates.append(addr)
+            self.alt_addrs[addr] = transport
         self.send_all(out, transport)
 
+    def _relatch(self, addr: Address) -> WebRtcTransport | None:
+        """Follow a client to an address it authenticated with STUN but did not nominate."""
+        transport = self.alt_addrs.pop(addr, None)
+        if transport is None:
+            return None
+        transport.alternates.remove(addr)
+        self._latch(transport, addr)
+        return transport
+
+    def _latch(self, transport: WebRtcTransport, addr: Address) -> None:
+        if transport.addr is not None and self.by_addr.get(transport.addr) is transport:
+            del self.by_addr[transport.addr]
+        transport.addr = addr
+        self.by_addr[addr] = transport
+
     def _dtls(self, data: bytes, addr: Address) -> None:
-        transport = self.by_addr.get(addr)
+        transport = self.by_addr.get(addr) or self._relatch(addr)
         if transport is None:
             self.metrics.drops["unknown_address"] += 1
             return
