@@ -25,8 +25,11 @@ __all__ = [
     "CHECKS",
     "DEV_API_KEY",
     "ENV_PREFIX",
+    "MIN_TOKEN_SECRET_LENGTH",
     "ApiSettings",
+    "AuthSettings",
     "ConfigError",
+    "DemoSettings",
     "EventSettings",
     "LimitSettings",
     "LogSettings",
@@ -42,6 +45,9 @@ __all__ = [
 
 ENV_PREFIX = "RELAY_"
 DEV_API_KEY = "devkey"
+#: Shortest accepted ``auth.token_secret``: an HS256 key of fewer than 256 bits can be guessed
+#: offline from any token it signed (RFC 7518, section 3.2).
+MIN_TOKEN_SECRET_LENGTH = 32
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -73,6 +79,13 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Participant tokens (HS256 JWT) that clients may use instead of an API key."""
+
+    token_secret: str = ""
+
+
+@dataclass(frozen=True)
 class MediaSettings:
     """The single UDP media port shared by all participants."""
 
@@ -93,6 +106,16 @@ class SessionSettings:
     connect_timeout: float = 30.0
     keyframe_request_interval: float = 0.5
     sender_report_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class RtpSettings:
+    """Loss repair and congestion-control feedback."""
+
+    nack: bool = True
+    history_size: int = 1024
+    congestion_control: str = "auto"
+    feedback_interval: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -133,16 +156,26 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class DemoSettings:
+    """The browser demo page at ``/demo``."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per TOML section."""
 
     api: ApiSettings = field(default_factory=ApiSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
     session: SessionSettings = field(default_factory=SessionSettings)
+    rtp: RtpSettings = field(default_factory=RtpSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     rooms: RoomSettings = field(default_factory=RoomSettings)
     events: EventSettings = field(default_factory=EventSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Settings)}  # type: ignore[misc]
@@ -371,6 +404,22 @@ class List(Check):
         return tuple(items)
 
 
+class TokenSecret(Check):
+    """An HMAC key of at least :data:`MIN_TOKEN_SECRET_LENGTH` characters, or "" (disabled)."""
+
+    expected = (
+        f'"" (participant tokens disabled) or a secret of at least {MIN_TOKEN_SECRET_LENGTH} '
+        "characters"
+    )
+
+    def validate(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected {self.expected}, got {_redact(value)}")
+        if value and len(value.encode("utf-8")) < MIN_TOKEN_SECRET_LENGTH:
+            raise _Invalid(f"expected {self.expected}, got {_redact(value)}")
+        return value
+
+
 def _show(item: Check, value: object) -> str:
     return _redact(value) if isinstance(item, ApiKey) else repr(value)
 
@@ -382,6 +431,10 @@ def _redact(value: object) -> str:
 
 
 #: One validator per settings field: ``CHECKS[section][key]``.
+#: How publishers get congestion-control feedback: transport-cc when they offer it, else REMB
+#: ("auto"); REMB only ("remb"); none ("none", the client's loss-based estimate alone).
+CONGESTION_CONTROL = ("auto", "remb", "none")
+
 CHECKS: dict[str, dict[str, Check]] = {
     "api": {
         "host": Host(),
@@ -389,6 +442,9 @@ CHECKS: dict[str, dict[str, Check]] = {
         "keys": List(ApiKey(), "a list of API keys", non_empty="set api.keys or RELAY_API__KEYS"),
         "max_body_bytes": Integer(1),
         "public_url": HttpUrl(),
+    },
+    "auth": {
+        "token_secret": TokenSecret(),
     },
     "media": {
         "host": IPAddress(),
@@ -406,6 +462,12 @@ CHECKS: dict[str, dict[str, Check]] = {
         "connect_timeout": Seconds(),
         "keyframe_request_interval": Seconds(),
         "sender_report_interval": Seconds(),
+    },
+    "rtp": {
+        "nack": Boolean(),
+        "history_size": Integer(16, 32768),
+        "congestion_control": Choice(CONGESTION_CONTROL),
+        "feedback_interval": Seconds(),
     },
     "limits": {
         "max_rooms": Integer(1),
@@ -428,10 +490,13 @@ CHECKS: dict[str, dict[str, Check]] = {
         "level": Choice(LOG_LEVELS),
         "format": Choice(LOG_FORMATS),
     },
+    "demo": {
+        "enabled": Boolean(),
+    },
 }
 
 #: Keys whose values are secrets and never shown.
-SECRET_KEYS = frozenset({("api", "keys"), ("events", "webhook_secret")})
+SECRET_KEYS = frozenset({("api", "keys"), ("auth", "token_secret"), ("events", "webhook_secret")})
 
 
 def env_var_name(section: str, key: str) -> str:
