@@ -27,7 +27,7 @@ DROP_REASONS = (
     "unknown_payload_type",  # a payload type the answer did not accept
     "unknown_first_byte",  # not STUN, DTLS or RTP per RFC 7983
     "not_publishing",  # media on a subscriber-only connection
-    "rtx_unhandled",  # retransmission stream packets (no NACK yet)
+    "rtx_padding",  # padding-only packets on a publisher's RTX stream (bandwidth probes)
     "stale_packet",  # older than a source switch
 )
 
@@ -62,6 +62,12 @@ class Metrics:
         self.stun_requests = 0
         self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.keyframe_requests = 0
+        self.nacks_sent = 0
+        self.nacks_received = 0
+        self.retransmissions = 0
+        self.retransmission_misses = 0
+        self.twcc_feedback_sent = 0
+        self.remb_sent = 0
         self.send_errors = 0
         self.forward_latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = 0.0

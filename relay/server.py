@@ -183,14 +183,20 @@ class Relay:
                 log.exception("housekeeping failed")
 
     async def _timers(self) -> None:
+        """DTLS retransmissions and publisher feedback (transport-cc, NACK, REMB)."""
         assert self.sfu is not None
+        router = self.sfu.router
+        interval = min(TIMER_RESOLUTION, self.settings.rtp.feedback_interval)
         while True:
-            await asyncio.sleep(TIMER_RESOLUTION)
-            if self.sfu.router.handshaking:
-                try:
-                    self.sfu.router.poll_timers(self.sfu.clock())
-                except Exception:
-                    log.exception("DTLS timers failed")
+            await asyncio.sleep(interval)
+            now = self.sfu.clock()
+            try:
+                if router.handshaking:
+                    router.poll_timers(now)
+                if router.feedback_transports:
+                    router.poll_feedback(now)
+            except Exception:  # keep the relay alive; a bug here must not stop every call
+                log.exception("timers failed")
 
     async def _loop_lag(self) -> None:
         loop = asyncio.get_running_loop()

@@ -46,16 +46,35 @@ SUPPORTED_VIDEO = ["VP8", "H264", "VP9", "AV1"]
 SUPPORTED_EXTENSIONS: list[str] = [
     "urn:ietf:params:rtp-hdrext:sdes:mid",
     "urn:ietf:params:rtp-hdrext:ssrc-audio-level",
-    "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",
+    "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",  # with REMB only
     "urn:ietf:params:rtp-hdrext:toffset",
     "urn:3gpp:video-orientation",
     "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay",
     "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
     "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",  # with twcc only
 ]
-#: Congestion-control feedback (transport-cc, goog-remb) is not accepted until the relay sends it:
-#: a client told to expect it would otherwise hold its bitrate waiting for feedback.
+#: Feedback accepted on every codec; congestion-control feedback is chosen per offer (below).
 SUPPORTED_RTCP_FB = {"nack", "nack pli", "ccm fir"}
+
+TWCC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def congestion_feedback(offer: SessionDescription, mode: str) -> tuple[set[str], set[str]]:
+    """(rtcp-fb values, extension URIs) of the congestion-control feedback to accept.
+
+    "auto": transport-wide-cc when the client offers it (the client then estimates its own
+    bandwidth from per-packet feedback), else REMB (the relay estimates and tells it);
+    "remb": REMB only; "none": neither, the client's loss-based estimate alone.
+    """
+    offers_twcc = any(e.uri == TWCC_URI for m in offer.media for e in m.extmaps)
+    if mode == "auto" and offers_twcc:
+        return {"transport-cc"}, {TWCC_URI}
+    if mode in ("auto", "remb"):
+        return {"goog-remb"}, {ABS_SEND_TIME_URI}
+    return set(), set()
+
 
 #: RTP profiles answered (DTLS-SRTP with feedback); the answer echoes the offered one.
 RTP_PROTOCOLS = {"UDP/TLS/RTP/SAVPF", "TCP/DTLS/RTP/SAVPF", "TCP/TLS/RTP/SAVPF", "RTP/SAVPF"}
@@ -752,14 +771,16 @@ class AnsweredMedia:
     offer: MediaDescription
 
 
-def _copy_codec(c: Codec, *, keep_rtx: bool) -> Codec:
+def _copy_codec(c: Codec, *, keep_rtx: bool, extra_fb: set[str] = frozenset()) -> Codec:
     return Codec(
         payload_type=c.payload_type,
         name=c.name,
         clock_rate=c.clock_rate,
         channels=c.channels,
         fmtp=dict(c.fmtp),
-        rtcp_fb=[fb for fb in c.rtcp_fb if fb.lower() in SUPPORTED_RTCP_FB],
+        rtcp_fb=[
+            fb for fb in c.rtcp_fb if fb.lower() in SUPPORTED_RTCP_FB or fb.lower() in extra_fb
+        ],
         rtx_payload_type=c.rtx_payload_type if keep_rtx else None,
         kind=c.kind,
     )
@@ -782,7 +803,7 @@ def _codec_supported(c: Codec) -> bool:
     return False
 
 
-def _accept_codecs(offered: MediaDescription) -> list[Codec]:
+def _accept_codecs(offered: MediaDescription, extra_fb: set[str] = frozenset()) -> list[Codec]:
     """The client's most preferred supported codec (with its RTX), and only that one.
 
     One codec per published m-line means the client cannot switch payload formats mid-stream,
@@ -791,16 +812,19 @@ def _accept_codecs(offered: MediaDescription) -> list[Codec]:
     for c in offered.codecs:
         if _codec_supported(c):
             keep_rtx = c.rtx_payload_type is not None and c.has_feedback("nack")
-            return [_copy_codec(c, keep_rtx=keep_rtx)]
+            return [_copy_codec(c, keep_rtx=keep_rtx, extra_fb=extra_fb)]
     return []
 
 
-def _accept_extmaps(offered: MediaDescription) -> list[Extmap]:
+def _accept_extmaps(offered: MediaDescription, extra: set[str] = frozenset()) -> list[Extmap]:
     """Supported extensions with the offer's ids, that the client can send to us."""
     accepted: list[Extmap] = []
     used: set[int] = set()
     for e in offered.extmaps:
-        if e.uri not in SUPPORTED_EXTENSIONS or not (1 <= e.id <= 255) or e.id == 15:
+        supported = e.uri in extra or (
+            e.uri in SUPPORTED_EXTENSIONS and e.uri not in (TWCC_URI, ABS_SEND_TIME_URI)
+        )
+        if not supported or not (1 <= e.id <= 255) or e.id == 15:
             continue
         if e.id in used:
             continue
@@ -820,7 +844,7 @@ def _answer_setup(offered: str | None) -> str:
 
 
 def build_answer(
-    offer: SessionDescription, local: LocalTransport
+    offer: SessionDescription, local: LocalTransport, congestion_control: str = "auto"
 ) -> tuple[str, list[AnsweredMedia]]:
     """Answer a publisher offer: receive what the client sends, over one bundled transport.
 
@@ -830,6 +854,7 @@ def build_answer(
 
     The answer's ``a=setup`` follows the offer (``actpass``/``active`` -> ``passive``, so the
     relay is the DTLS server; ``passive`` -> ``active``); ``local.setup`` is not used here.
+    ``congestion_control`` picks the feedback accepted (see :func:`congestion_feedback`).
     """
     if not offer.bundle_mids:
         raise SdpError("offer has no a=group:BUNDLE (BUNDLE is required)")
@@ -850,9 +875,10 @@ def build_answer(
     tagged = _bundle_media(offer)
     setup = _answer_setup(tagged[0].setup if tagged else (enabled[0].setup if enabled else None))
 
+    fb, extensions = congestion_feedback(offer, congestion_control)
     answered: list[AnsweredMedia] = []
     for m in offer.media:
-        answered.append(_answer_media(m, bundle))
+        answered.append(_answer_media(m, bundle, fb, extensions))
 
     accepted_mids = {a.mid for a in answered if not a.rejected}
     answer_bundle = [mid for mid in offer.bundle_mids if mid in accepted_mids]
@@ -878,7 +904,9 @@ def build_answer(
     return _join(lines), answered
 
 
-def _answer_media(m: MediaDescription, bundle: set[str]) -> AnsweredMedia:
+def _answer_media(
+    m: MediaDescription, bundle: set[str], fb: set[str], extensions: set[str]
+) -> AnsweredMedia:
     def reject(reason: str) -> AnsweredMedia:
         return AnsweredMedia(m.mid, m.kind, True, reason, "inactive", [], [], m)
 
@@ -892,11 +920,13 @@ def _answer_media(m: MediaDescription, bundle: set[str]) -> AnsweredMedia:
         return reject(f"unsupported protocol {m.protocol!r}")
     if m.mid not in bundle:
         return reject("not in the BUNDLE group")
-    codecs = _accept_codecs(m)
+    codecs = _accept_codecs(m, fb)
     if not codecs:
         return reject("no supported codec")
     direction = "recvonly" if m.direction in ("sendonly", "sendrecv") else "inactive"
-    return AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, _accept_extmaps(m), m)
+    return AnsweredMedia(
+        m.mid, m.kind, False, None, direction, codecs, _accept_extmaps(m, extensions), m
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from relay.rtc.bwe import RembEstimator
 from relay.rtc.dtls import Certificate, DtlsEndpoint, DtlsState
 from relay.rtc.ice import BindingRequest, IceCredentials, binding_error, binding_success
 from relay.rtc.srtp import SrtpSession
+from relay.rtc.twcc import TwccRecorder, TwccSendHistory
 
 Address = tuple[str, int]
 
@@ -57,6 +59,14 @@ class WebRtcTransport:
         self.last_activity = 0.0
         self.created_at = 0.0
         self.connected_at: float | None = None
+        #: congestion-control feedback negotiated on this connection: the transport-wide-cc
+        #: extension id (0: none) and, as a publisher, what we record for feedback (twcc) or
+        #: estimate (remb); as a subscriber, what we stamped, to read its feedback against
+        self.twcc_id = 0
+        self.abs_send_time_id = 0
+        self.twcc: TwccRecorder | None = None
+        self.remb: RembEstimator | None = None
+        self.twcc_send: TwccSendHistory | None = None
 
     # -- negotiation ------------------------------------------------------------------
     def set_remote(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from relay.metrics import Metrics
 from relay.rtc import rtcp
 from relay.rtc.ice import StunError, parse_binding_request
+from relay.rtc.nack import rtx_unwrap, rtx_wrap
 from relay.rtc.rtp import (
     RtpError,
     extension_profile,
@@ -25,15 +26,21 @@ from relay.rtc.rtp import (
 )
 from relay.rtc.srtp import SrtpError
 from relay.rtc.transport import Address, TransportState, WebRtcTransport
+from relay.rtc.twcc import parse_feedback, write_transport_seq
 
 if TYPE_CHECKING:
     from relay.sfu.participant import Participant
     from relay.sfu.sfu import Sfu
+    from relay.sfu.subscription import Subscription
     from relay.sfu.track import Track
 
 log = logging.getLogger(__name__)
 
 _NO_EXTENSIONS: list[tuple[int, bytes]] = []
+#: sequence numbers of one NACK answered at most (a NACK storm must not become a send storm)
+_MAX_NACK_ITEMS = 256
+#: sequence numbers per NACK packet sent upstream
+_NACK_CHUNK = 128
 #: authenticated but unlatched addresses remembered per transport
 MAX_ALT_ADDRESSES = 4
 
@@ -52,6 +59,8 @@ class MediaRouter:
         #: from one of them moves the latch there (NAT rebinding without re-nomination)
         self.alt_addrs: dict[Address, WebRtcTransport] = {}
         self.handshaking: set[WebRtcTransport] = set()
+        #: publisher transports to send feedback to (transport-cc, NACK, REMB)
+        self.feedback_transports: set[WebRtcTransport] = set()
         self._last_reports = float("-inf")
 
     # -- transports -----------------------------------------------------------------------
@@ -69,6 +78,7 @@ class MediaRouter:
                 del self.alt_addrs[addr]
         transport.alternates.clear()
         self.handshaking.discard(transport)
+        self.feedback_transports.discard(transport)
 
     def send_all(self, datagrams: list[bytes], transport: WebRtcTransport) -> None:
         addr = transport.addr
@@ -116,6 +126,7 @@ class MediaRouter:
 
     # -- RTP: the hot path --------------------------------------------------------------------
     def _rtp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
+        now = self.clock()
         metrics = self.metrics
         try:
             plain = srtp.unprotect(data)
@@ -135,26 +146,40 @@ class MediaRouter:
         except RtpError:
             metrics.drops["rtp_malformed"] += 1
             return
+        if transport.twcc_id:
+            self._record_twcc(transport, elements, now)
+        elif transport.remb is not None:
+            self._record_remb(transport, elements, len(data), now)
         publisher: Participant = transport.owner
         track = publisher.ssrc_map.get(ssrc)
         if track is None:
-            if ssrc in publisher.rtx_ssrcs:
-                metrics.drops["rtx_unhandled"] += 1
-                return
-            track = self._learn_ssrc(publisher, ssrc, elements)
-            if track is None:
-                metrics.drops["unknown_ssrc"] += 1
-                return
+            track = publisher.rtx_map.get(ssrc)
+            if track is not None:
+                # a retransmission on the publisher's RTX stream: unwrap it and forward it as
+                # the packet it repairs (padding-only probes have nothing to unwrap)
+                try:
+                    seq, plain = rtx_unwrap(plain, track.ssrc or 0, track.payload_type)
+                    pt, seq, ts, ssrc, _marker, payload_offset, _eo, _el = parse_rtp(plain)
+                except RtpError:
+                    metrics.drops["rtx_padding"] += 1
+                    return
+                track.rtx_received += 1
+            else:
+                track = self._learn_ssrc(publisher, ssrc, elements)
+                if track is None:
+                    metrics.drops["unknown_ssrc"] += 1
+                    return
         if pt != track.payload_type:
             metrics.drops["unknown_payload_type"] += 1
             return
-        now = self.clock()
         size = len(data)
         metrics.packets_in += 1
         metrics.bytes_in += size
         track.packets += 1
         track.bytes += size
         track.stats.update(seq, ts, now, size)
+        if track.nack is not None:
+            track.nack.on_packet(seq, now)
         level_id = track.audio_level_id
         if level_id:
             for ext_id, value in elements:
@@ -168,18 +193,25 @@ class MediaRouter:
                 metrics.drops["stale_packet"] += 1
                 continue
             out_transport = sub.subscriber.subscriber
+            twcc_id = out_transport.twcc_id
             try:
-                packet = out_transport.srtp.protect(
-                    rewrite_packet(
-                        plain,
-                        payload_offset,
-                        sub.ssrc,
-                        sub.payload_type,
-                        rewritten[0],
-                        rewritten[1],
-                        sub.ext.block(elements),
-                    )
+                if twcc_id:
+                    stamp = out_transport.twcc_send.next_seq(size, now)
+                    block = sub.ext.block(elements, [(twcc_id, stamp.to_bytes(2, "big"))])
+                else:
+                    block = sub.ext.block(elements)
+                out = rewrite_packet(
+                    plain,
+                    payload_offset,
+                    sub.ssrc,
+                    sub.payload_type,
+                    rewritten[0],
+                    rewritten[1],
+                    block,
                 )
+                if sub.history is not None:
+                    sub.history.store(rewritten[0], out, now)
+                packet = out_transport.srtp.protect(out)
             except (SrtpError, AttributeError):
                 metrics.send_errors += 1
                 continue
@@ -189,6 +221,31 @@ class MediaRouter:
             metrics.packets_out += 1
             metrics.bytes_out += len(packet)
         metrics.forward_latency.observe(self.clock() - now)
+
+    def _record_twcc(
+        self, transport: WebRtcTransport, elements: list[tuple[int, bytes]], now: float
+    ) -> None:
+        twcc_id = transport.twcc_id
+        for ext_id, value in elements:
+            if ext_id == twcc_id and len(value) >= 2:
+                if transport.twcc.on_packet((value[0] << 8) | value[1], now):
+                    self._send_twcc(transport, now)
+                return
+
+    def _record_remb(
+        self,
+        transport: WebRtcTransport,
+        elements: list[tuple[int, bytes]],
+        size: int,
+        now: float,
+    ) -> None:
+        abs_id = transport.abs_send_time_id
+        send_time = None
+        if abs_id:
+            for ext_id, value in elements:
+                if ext_id == abs_id and len(value) == 3:
+                    send_time = (value[0] << 16) | (value[1] << 8) | value[2]
+        transport.remb.on_packet(size, now, send_time)
 
     def _learn_ssrc(
         self, publisher: Participant, ssrc: int, elements: list[tuple[int, bytes]]
@@ -258,6 +315,54 @@ class MediaRouter:
                     sub = by_ssrc.get(ssrc)
                     if sub is not None:
                         self.request_keyframe(sub.track, now)
+            elif isinstance(packet, rtcp.Nack):
+                sub = by_ssrc.get(packet.media_ssrc)
+                if sub is not None:
+                    self._retransmit(transport, sub, packet.lost, now)
+            elif isinstance(packet, rtcp.TransportFeedback):
+                if transport.twcc_send is not None:
+                    try:
+                        transport.twcc_send.on_feedback(parse_feedback(packet.fci), now)
+                    except (rtcp.RtcpError, RtpError, ValueError):
+                        metrics.drops["rtcp_malformed"] += 1
+
+    def _retransmit(
+        self, transport: WebRtcTransport, sub: Subscription, lost: list[int], now: float
+    ) -> None:
+        """Answer a subscriber's NACK from the history (on its RTX stream when negotiated)."""
+        metrics = self.metrics
+        history = sub.history
+        metrics.nacks_received += len(lost)
+        sub.nacks_received += len(lost)
+        if history is None or transport.srtp is None or transport.addr is None:
+            return
+        rtt = sub.round_trip_time or 0.0
+        missed = False
+        for seq in lost[:_MAX_NACK_ITEMS]:
+            packet = history.resend(seq, now, rtt)
+            if packet is None:
+                missed = missed or history.get(seq) is None
+                continue
+            if sub.use_rtx:
+                packet = rtx_wrap(packet, sub.rtx_ssrc, sub.rtx_payload_type, sub.rtx_seq)
+                sub.rtx_seq = (sub.rtx_seq + 1) & 0xFFFF
+            if transport.twcc_id:
+                try:
+                    packet = write_transport_seq(
+                        packet, transport.twcc_id, transport.twcc_send.next_seq(len(packet), now)
+                    )
+                except RtpError:
+                    pass
+            try:
+                self.send(transport.srtp.protect(packet), transport.addr)
+            except SrtpError:
+                metrics.send_errors += 1
+                continue
+            metrics.retransmissions += 1
+        if missed:
+            # what the history no longer has can only be repaired by a keyframe
+            metrics.retransmission_misses += 1
+            self.request_keyframe(sub.track, now)
 
     def _forward_sender_report(self, track: Track, sr: rtcp.SenderReport, now: float) -> None:
         """Translate a publisher's SR for each subscriber (its SSRC, its timestamps, its counts).
@@ -289,6 +394,44 @@ class MediaRouter:
         self.metrics.keyframe_requests += 1
         self._send_rtcp(publisher, rtcp.pli(track.publisher.rtcp_ssrc, track.ssrc))
 
+    def _send_twcc(self, transport: WebRtcTransport, now: float) -> None:
+        for packet in transport.twcc.build_feedback(now):
+            self._send_rtcp(transport, packet)
+            self.metrics.twcc_feedback_sent += 1
+
+    def poll_feedback(self, now: float) -> None:
+        """Periodic feedback to publishers: transport-cc, NACKs for missing packets, REMB."""
+        for transport in list(self.feedback_transports):
+            if transport.state is TransportState.CLOSED:
+                self.feedback_transports.discard(transport)
+                continue
+            if not transport.ready:
+                continue
+            if transport.twcc is not None:
+                self._send_twcc(transport, now)
+            publisher: Participant = transport.owner
+            for track in publisher.tracks.values():
+                nack = track.nack
+                if nack is None or track.ssrc is None:
+                    continue
+                lost = nack.poll(now)
+                for i in range(0, len(lost), _NACK_CHUNK):
+                    self._send_rtcp(
+                        transport,
+                        rtcp.nack(publisher.rtcp_ssrc, track.ssrc, lost[i : i + _NACK_CHUNK]),
+                    )
+                self.metrics.nacks_sent += len(lost)
+                if nack.keyframe_needed:
+                    nack.keyframe_needed = False
+                    self.request_keyframe(track, now)
+            remb = transport.remb
+            if remb is not None and remb.should_send(now):
+                estimate = remb.estimate(now)
+                ssrcs = [t.ssrc for t in publisher.tracks.values() if t.ssrc is not None]
+                if estimate and ssrcs:
+                    self._send_rtcp(transport, rtcp.remb(publisher.rtcp_ssrc, estimate, ssrcs))
+                    self.metrics.remb_sent += 1
+
     def send_reports(self, sfu: Sfu, now: float) -> None:
         """Receiver reports to every connected publisher, each sender_report_interval."""
         if now - self._last_reports < sfu.settings.session.sender_report_interval:
@@ -309,6 +452,8 @@ class MediaRouter:
                         self.request_keyframe(track, now, force=True)
                 if blocks:
                     self._send_rtcp(transport, rtcp.receiver_report(p.rtcp_ssrc, blocks[:31]))
+                    if transport.remb is not None:
+                        transport.remb.on_loss(max(b.fraction_lost for b in blocks) / 256.0)
 
     # -- STUN and DTLS --------------------------------------------------------------------
     def _stun(self, data: bytes, addr: Address) -> None:

@@ -58,9 +58,9 @@ class Participant:
         #: published tracks by id and by the publisher connection's mid
         self.tracks: dict[str, Track] = {}
         self.tracks_by_mid: dict[str, Track] = {}
-        #: media SSRC -> track, RTX SSRC -> track, for packets on the publisher connection
+        #: media SSRC -> track and RTX SSRC -> track, for packets on the publisher connection
         self.ssrc_map: dict[int, Track] = {}
-        self.rtx_ssrcs: set[int] = set()
+        self.rtx_map: dict[int, Track] = {}
         #: the publisher's header-extension id of sdes:mid (to learn unsignalled SSRCs)
         self.mid_ext_id: int | None = None
         #: subscriptions by track id

@@ -20,9 +20,12 @@ import numpy as np
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc import sdp as sdpmod
+from relay.rtc.bwe import RembEstimator
 from relay.rtc.dtls import Certificate
+from relay.rtc.nack import NackGenerator, PacketHistory
 from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
 from relay.rtc.transport import TransportState, WebRtcTransport
+from relay.rtc.twcc import TwccRecorder, TwccSendHistory
 from relay.sfu.errors import (
     BadRequest,
     Conflict,
@@ -50,6 +53,7 @@ AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 #: own transport (abs-send-time, transport-wide-cc) are not forwarded: they would lie about ours.
 SUBSCRIBER_EXTENSIONS: dict[str, int] = {
     AUDIO_LEVEL_URI: 1,
+    sdpmod.TWCC_URI: 3,
     MID_URI: 4,
     "urn:ietf:params:rtp-hdrext:toffset": 14,
     "urn:3gpp:video-orientation": 13,
@@ -73,7 +77,7 @@ _PLACEHOLDER = {
     ),
     "video": Codec(payload_type=96, name="VP8", clock_rate=90000, kind="video"),
 }
-_SUBSCRIBER_RTCP_FB = {"audio": [], "video": ["nack pli", "ccm fir"]}
+_SUBSCRIBER_RTCP_FB = {"audio": ["transport-cc"], "video": ["transport-cc", "nack pli", "ccm fir"]}
 
 #: Seconds without packets after which a track is reported muted.
 MUTE_AFTER = 3.0
@@ -326,7 +330,9 @@ class Sfu:
             transport.created_at = self.clock()
         try:
             answer_sdp, answered = sdpmod.build_answer(
-                offer, self._local_transport(transport, "passive")
+                offer,
+                self._local_transport(transport, "passive"),
+                self.settings.rtp.congestion_control,
             )
         except SdpError as exc:
             raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
@@ -364,6 +370,7 @@ class Sfu:
             for ext in m.extmaps:
                 if ext.uri == MID_URI:
                     p.mid_ext_id = ext.id
+        self._configure_feedback(transport, accepted)
         for track in list(p.tracks.values()):
             if track.mid not in kept:
                 self._unpublish(track)
@@ -372,6 +379,25 @@ class Sfu:
         out = transport.maybe_start(self.clock())
         self.router.send_all(out, transport)
         return answer_sdp
+
+    def _configure_feedback(
+        self, transport: WebRtcTransport, accepted: list[sdpmod.AnsweredMedia]
+    ) -> None:
+        """Set up the congestion-control feedback the answer accepted for a publisher."""
+        uris = {e.uri: e.id for m in accepted for e in m.extmaps}
+        feedback = {fb for m in accepted for c in m.codecs for fb in c.rtcp_fb}
+        transport.twcc_id = uris.get(sdpmod.TWCC_URI, 0) if "transport-cc" in feedback else 0
+        transport.abs_send_time_id = uris.get(sdpmod.ABS_SEND_TIME_URI, 0)
+        if transport.twcc_id and transport.twcc is None:
+            transport.twcc = TwccRecorder(transport.owner.rtcp_ssrc)
+        if not transport.twcc_id:
+            transport.twcc = None
+        if "goog-remb" in feedback and not transport.twcc_id:
+            if transport.remb is None:
+                transport.remb = RembEstimator()
+        else:
+            transport.remb = None
+        self.router.feedback_transports.add(transport)
 
     def _publish_mline(self, p: Participant, m: sdpmod.AnsweredMedia) -> None:
         codec = m.codecs[0]
@@ -388,16 +414,23 @@ class Sfu:
             track.payload_type = codec.payload_type
             track.ext_uris = ext_uris
         track.audio_level_id = next((e.id for e in m.extmaps if e.uri == AUDIO_LEVEL_URI), 0)
+        track.rtx_payload_type = codec.rtx_payload_type
+        if self.settings.rtp.nack and m.kind == "video" and "nack" in codec.rtcp_fb:
+            if track.nack is None:
+                track.nack = NackGenerator(track.clock_rate)
+        else:
+            track.nack = None
         media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
         for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
             del p.ssrc_map[ssrc]
-        p.rtx_ssrcs.discard(track.rtx_ssrc or -1)
+        if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
+            del p.rtx_map[track.rtx_ssrc]
         if media_ssrc is not None:
             p.ssrc_map[media_ssrc] = track
             track.set_ssrc(media_ssrc)
         track.rtx_ssrc = rtx_ssrc
-        if rtx_ssrc is not None:
-            p.rtx_ssrcs.add(rtx_ssrc)
+        if rtx_ssrc is not None and track.rtx_payload_type is not None:
+            p.rtx_map[rtx_ssrc] = track
         if new:
             p.tracks[track.track_id] = track
             p.tracks_by_mid[track.mid] = track
@@ -419,8 +452,8 @@ class Sfu:
             del p.tracks_by_mid[track.mid]
         for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
             del p.ssrc_map[ssrc]
-        if track.rtx_ssrc is not None:
-            p.rtx_ssrcs.discard(track.rtx_ssrc)
+        if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
+            del p.rtx_map[track.rtx_ssrc]
         for sub in list(track.subscriptions.values()):
             self._drop_subscription(sub)
         track.outputs = []
@@ -447,8 +480,9 @@ class Sfu:
     def _subscribe(self, p: Participant, track: Track) -> None:
         if track.track_id in p.subscriptions:
             return
+        retransmit = self.settings.rtp.nack and track.kind == "video"
         used = {pt for key, pt in p.payload_types.items() if key[0] == track.kind}
-        if len(used) >= len(_PT_POOL[track.kind]):
+        if len(used) + (2 if retransmit else 1) > len(_PT_POOL[track.kind]):
             log.warning(
                 "participant %s: no payload type left for %s", p.participant_id, track.track_id
             )
@@ -458,6 +492,17 @@ class Sfu:
             slot = Slot(mid=str(len(p.slots)), kind=track.kind)
             p.slots.append(slot)
         sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec))
+        if retransmit:
+            sub.rtx_payload_type = self._payload_type(
+                p,
+                Codec(
+                    payload_type=0,
+                    name="rtx",
+                    clock_rate=track.clock_rate,
+                    fmtp={"apt": str(sub.payload_type)},
+                    kind=track.kind,
+                ),
+            )
         slot.subscription = sub
         p.subscriptions[track.track_id] = sub
         track.subscriptions[p.participant_id] = sub
@@ -495,16 +540,20 @@ class Sfu:
                 cname=p.cname,
             )
         track = sub.track
+        rtcp_fb = list(_SUBSCRIBER_RTCP_FB[track.kind])
+        if sub.rtx_payload_type is not None:
+            rtcp_fb.append("nack")
         codec = Codec(
             payload_type=sub.payload_type,
             name=track.codec.name,
             clock_rate=track.codec.clock_rate,
             channels=track.codec.channels,
             fmtp=dict(track.codec.fmtp),
-            rtcp_fb=list(_SUBSCRIBER_RTCP_FB[track.kind]),
+            rtcp_fb=rtcp_fb,
+            rtx_payload_type=sub.rtx_payload_type,
             kind=track.kind,
         )
-        uris = set(track.ext_uris.values()) | {MID_URI}
+        uris = set(track.ext_uris.values()) | {MID_URI, sdpmod.TWCC_URI}
         extmaps = [Extmap(id=i, uri=u) for u, i in SUBSCRIBER_EXTENSIONS.items() if u in uris]
         return OfferedMedia(
             mid=slot.mid,
@@ -513,6 +562,7 @@ class Sfu:
             codecs=[codec],
             extmaps=extmaps,
             ssrc=sub.ssrc,
+            rtx_ssrc=sub.rtx_ssrc if sub.rtx_payload_type is not None else None,
             cname=p.cname,
             msid=(track.participant_id, track.track_id),
         )
@@ -574,18 +624,29 @@ class Sfu:
         )
         p.offered = None
         p.applied_revision = revision
+        twcc_id = 0
         for slot, answered in zip(p.slots, answer.media, strict=False):
             sub = slot.subscription
             if sub is None:
                 continue
-            if answered.port == 0 or not any(
-                c.payload_type == sub.payload_type for c in answered.codecs
-            ):
+            codec = next((c for c in answered.codecs if c.payload_type == sub.payload_type), None)
+            if answered.port == 0 or codec is None:
                 sub.negotiated = False
-            else:
-                sub.negotiated = True
-                sub.answer_extmaps = {e.uri: e.id for e in answered.extmaps}
-                self._configure_extensions(sub)
+                continue
+            sub.negotiated = True
+            sub.answer_extmaps = {e.uri: e.id for e in answered.extmaps}
+            self._configure_extensions(sub)
+            nack = sub.rtx_payload_type is not None and "nack" in codec.rtcp_fb
+            if nack and sub.history is None:
+                sub.history = PacketHistory(self.settings.rtp.history_size, max_age=2.0)
+            elif not nack:
+                sub.history = None
+            sub.use_rtx = nack and codec.rtx_payload_type == sub.rtx_payload_type
+            if "transport-cc" in codec.rtcp_fb:
+                twcc_id = twcc_id or sub.answer_extmaps.get(sdpmod.TWCC_URI, 0)
+        transport.twcc_id = twcc_id
+        if twcc_id and transport.twcc_send is None:
+            transport.twcc_send = TwccSendHistory()
         self.router.send_all(transport.maybe_start(self.clock()), transport)
         self.refresh_outputs(p)
 
@@ -594,7 +655,7 @@ class Sfu:
         id_map = {
             pub_id: negotiated[uri]
             for pub_id, uri in sub.track.ext_uris.items()
-            if uri in negotiated and uri != MID_URI
+            if uri in negotiated and uri not in (MID_URI, sdpmod.TWCC_URI)
         }
         sub.configure(id_map, negotiated.get(MID_URI))
 

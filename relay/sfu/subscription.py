@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from relay.rtc.nack import PacketHistory
 from relay.rtc.rtcp import ntp_middle32
 from relay.rtc.rtp import ExtensionRewriter, SequenceRewriter
 
@@ -29,6 +30,13 @@ class Subscription:
         self.ext = ExtensionRewriter({}, None, None)
         #: header extensions the subscriber's answer accepted: URI -> id
         self.answer_extmaps: dict[str, int] = {}
+        #: packets sent, for NACKs (video with NACK negotiated), and the RTX stream to resend on
+        self.history: PacketHistory | None = None
+        self.rtx_ssrc = secrets.randbits(32) or 1
+        self.rtx_payload_type: int | None = None
+        self.use_rtx = False
+        self.rtx_seq = secrets.randbits(15)
+        self.nacks_received = 0
         #: the subscriber's answer covering this subscription was applied
         self.negotiated = False
         #: forwarded right now (negotiated, transport connected, not ended)
@@ -85,4 +93,6 @@ class Subscription:
             "jitter": self.jitter,
             "round_trip_time": self.round_trip_time,
             "bitrate": self.bitrate,
+            "nacks_received": self.nacks_received,
+            "retransmissions": self.history.retransmissions if self.history else 0,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from relay.rtc.nack import NackGenerator
 from relay.rtc.rtp import ReceiveStatistics
 from relay.rtc.sdp import Codec
 
@@ -35,6 +36,11 @@ class Track:
         self.ext_uris = ext_uris
         self.ssrc: int | None = None
         self.rtx_ssrc: int | None = None
+        #: the publisher's RTX payload type, when it retransmits on an RTX stream
+        self.rtx_payload_type: int | None = None
+        #: loss detection on the publisher's leg (video with NACK negotiated)
+        self.nack: NackGenerator | None = None
+        self.rtx_received = 0
         self.muted = False
         #: active subscriptions, in the order they became active: the hot path iterates this
         self.outputs: list[Subscription] = []
@@ -97,7 +103,11 @@ class Track:
             "packets": self.packets,
             "bytes": self.bytes,
             "packets_lost": max(0, st.packets_lost) if st else 0,
+            "fraction_lost": (st.fraction_lost / 256.0) if st else 0.0,
             "jitter": (st.jitter / self.clock_rate) if st else 0.0,
             "round_trip_time": None,
             "bitrate": self.bitrate,
+            "nacks_sent": self.nack.nacks_sent if self.nack else 0,
+            "retransmissions_received": self.rtx_received,
+            "lost_unrepaired": self.nack.lost_unrepaired if self.nack else 0,
         }

@@ -282,7 +282,9 @@ def test_answer_fixture(name: str) -> None:
         offered_ids = {(e.id, e.uri) for e in a.offer.extmaps}
         assert all((e.id, e.uri) in offered_ids for e in a.extmaps)
         for c in a.codecs:
-            assert set(c.rtcp_fb) <= SUPPORTED_RTCP_FB
+            # plus exactly one kind of congestion-control feedback (transport-cc when offered)
+            assert set(c.rtcp_fb) <= SUPPORTED_RTCP_FB | {"transport-cc", "goog-remb"}
+            assert not {"transport-cc", "goog-remb"} <= set(c.rtcp_fb)
             assert c.name != "H264" or c.param("packetization-mode") == "1"
 
     lines = answer_lines(sdp)
@@ -334,8 +336,8 @@ def test_answer_drops_recvonly_extensions_and_unsupported_feedback() -> None:
     assert "urn:ietf:params:rtp-hdrext:csrc-audio-level" not in audio_uris
     video_uris = [e.uri for e in answered[1].extmaps]
     assert "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay" not in video_uris
-    # id 7 is transport-wide-cc: not accepted until the relay sends that feedback
-    assert [e.id for e in answered[1].extmaps] == [3, 4, 5]
+    # transport-wide-cc (7) is taken, so abs-send-time (4), only used with REMB, is not
+    assert [e.id for e in answered[1].extmaps] == [3, 5, 7]
 
     text = load("chrome").replace(
         "a=rtcp-fb:96 nack pli\r\n", "a=rtcp-fb:96 nack pli\r\na=rtcp-fb:96 rrtr\r\n"
@@ -800,3 +802,29 @@ async def test_aiortc_answers_subscriber_offer() -> None:
         assert answer.media[1].codecs[0].rtx_payload_type == 97
     finally:
         await _close(pc)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fb", "uri"),
+    [
+        ("auto", "transport-cc", TWCC),
+        ("remb", "goog-remb", "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"),
+        ("none", None, None),
+    ],
+)
+def test_answer_congestion_control_modes(mode: str, fb: str | None, uri: str | None) -> None:
+    _, answered = build_answer(parse_sdp(load("chrome")), local_transport(), mode)
+    video = answered[1]
+    feedback = set(video.codecs[0].rtcp_fb) & {"transport-cc", "goog-remb"}
+    assert feedback == ({fb} if fb else set())
+    uris = {e.uri for e in video.extmaps}
+    cc_uris = {TWCC, "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"}
+    assert uris & cc_uris == ({uri} if uri else set())
+
+
+def test_answer_falls_back_to_remb_without_twcc_offer() -> None:
+    text = "\r\n".join(
+        line for line in load("chrome").split("\r\n") if "transport-wide-cc" not in line
+    )
+    _, answered = build_answer(parse_sdp(text), local_transport(), "auto")
+    assert "goog-remb" in answered[1].codecs[0].rtcp_fb

@@ -207,13 +207,17 @@ def test_forwarded_bytes_rewrite_ssrc_pt_seq_ts_and_extensions() -> None:
     seqs = [p[1] for p in parsed]
     assert seqs[1] == (seqs[0] + 1) & 0xFFFF and seqs[2] == (seqs[0] + 2) & 0xFFFF
     assert [p[2] - parsed[0][2] for p in parsed] == [0, 960, 1920]
+    stamps = []
     for data, (pt, _seq, _ts, ssrc, _m, offset, ext_offset, ext_length) in zip(
         out, parsed, strict=True
     ):
         assert ssrc == audio.ssrc and pt == audio.payload_type == 111
         assert data[offset:] == b"\x90\x10payload-bytes"
         elements = dict(parse_extensions(data, ext_offset, ext_length, extension_profile(data)))
+        # the relay's own transport-wide sequence number (id 3) replaces nothing of alice's
+        stamps.append(int.from_bytes(elements.pop(3), "big"))
         assert elements == {1: b"\x85", 4: audio.mid.encode()}
+    assert stamps == [stamps[0], stamps[0] + 1, stamps[0] + 2]
     assert h.sfu.metrics.packets_out == 3
 
 
