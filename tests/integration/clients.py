@@ -29,14 +29,21 @@ IDENTITIES = {
 
 
 class ColourTrack(MediaStreamTrack):
-    """A small solid-colour video at 15 fps."""
+    """A small solid-colour video at 15 fps; `moving` adds a scrolling noise texture (same mean
+    colour) so that every frame carries several packets of real picture data."""
 
     kind = "video"
 
-    def __init__(self, rgb: tuple[int, int, int], width: int = 160, height: int = 120) -> None:
+    def __init__(
+        self, rgb: tuple[int, int, int], width: int = 160, height: int = 120, moving: bool = False
+    ) -> None:
         super().__init__()
         self.image = np.zeros((height, width, 3), dtype=np.uint8)
         self.image[:, :] = rgb
+        if moving:
+            noise = np.random.default_rng(3).integers(-25, 26, (height, width, 1))
+            self.image = np.clip(self.image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        self.moving = moving
         self.frame_count = 0
         self.start: float | None = None
 
@@ -47,7 +54,8 @@ class ColourTrack(MediaStreamTrack):
             self.start = time.monotonic()
         due = self.start + self.frame_count / 15
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        frame = VideoFrame.from_ndarray(self.image, format="rgb24")
+        image = np.roll(self.image, 3 * self.frame_count, axis=1) if self.moving else self.image
+        frame = VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = self.frame_count * (VIDEO_CLOCK // 15)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self.frame_count += 1
@@ -105,6 +113,15 @@ class Received:
     frames: dict[str, int] = field(default_factory=dict)
     tones: dict[str, int] = field(default_factory=dict)
     first_frame_at: dict[str, float] = field(default_factory=dict)
+    frame_times: dict[str, list[float]] = field(default_factory=dict)
+
+    def longest_freeze(self, name: str, start: float, end: float) -> float:
+        """The longest time without a decoded frame of `name` between start and end."""
+        times = [start] + [t for t in self.frame_times.get(name, []) if start <= t <= end] + [end]
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+    def frames_between(self, name: str, start: float, end: float) -> int:
+        return sum(1 for t in self.frame_times.get(name, []) if start <= t <= end)
 
 
 def new_peer_connection() -> RTCPeerConnection:
@@ -118,8 +135,17 @@ def new_peer_connection() -> RTCPeerConnection:
 class CallClient:
     """One participant: joins over the API, publishes, subscribes, follows renegotiations."""
 
-    def __init__(self, api: str, key: str, room: str, identity: str) -> None:
+    def __init__(
+        self,
+        api: str,
+        key: str,
+        room: str,
+        identity: str,
+        proxies: dict[str, tuple[str, int]] | None = None,
+    ) -> None:
         self.api = api
+        #: "publisher" / "subscriber" -> address of an impairing proxy to use instead of the relay
+        self.proxies = proxies or {}
         self.room = room
         self.identity = identity
         self.participant_id = identity
@@ -127,6 +153,7 @@ class CallClient:
             base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=10
         )
         self.pub: RTCPeerConnection | None = None
+        self.video_track: ColourTrack | None = None
         self.sub: RTCPeerConnection | None = None
         self.received = Received()
         self.revisions: asyncio.Queue[int] = asyncio.Queue()
@@ -147,20 +174,30 @@ class CallClient:
         r.raise_for_status()
         self._tasks.append(asyncio.create_task(self._follow_events()))
 
-    async def publish(self, audio: bool = True, video: bool = True) -> None:
+    async def publish(
+        self,
+        audio: bool = True,
+        video: bool = True,
+        moving: bool = False,
+        size: tuple[int, int] = (160, 120),
+    ) -> None:
         rgb, tone = IDENTITIES[self.identity]
         self.pub = new_peer_connection()
         if audio:
             self.pub.addTransceiver(ToneTrack(tone), direction="sendonly")
         if video:
-            self.pub.addTransceiver(ColourTrack(rgb), direction="sendonly")
+            self.video_track = ColourTrack(rgb, size[0], size[1], moving=moving)
+            self.pub.addTransceiver(self.video_track, direction="sendonly")
         await self.pub.setLocalDescription(await self.pub.createOffer())
         r = await self.http.post(
             f"{self._base()}/publisher",
             json={"type": "offer", "sdp": self.pub.localDescription.sdp},
         )
         r.raise_for_status()
-        await self.pub.setRemoteDescription(RTCSessionDescription(**r.json()))
+        answer = r.json()
+        await self.pub.setRemoteDescription(
+            RTCSessionDescription(sdp=self._via_proxy("publisher", answer["sdp"]), type="answer")
+        )
 
     async def subscribe(self) -> None:
         self.sub = new_peer_connection()
@@ -178,7 +215,9 @@ class CallClient:
                 r.raise_for_status()
                 offer = r.json()
                 await self.sub.setRemoteDescription(
-                    RTCSessionDescription(sdp=offer["sdp"], type="offer")
+                    RTCSessionDescription(
+                        sdp=self._via_proxy("subscriber", offer["sdp"]), type="offer"
+                    )
                 )
                 await self.sub.setLocalDescription(await self.sub.createAnswer())
                 r = await self.http.put(
@@ -196,6 +235,24 @@ class CallClient:
                 self.applied_revision = offer["revision"]
                 return
             raise AssertionError("subscriber negotiation kept conflicting")
+
+    def _via_proxy(self, role: str, sdp: str) -> str:
+        """Point the relay's candidates (and m-line ports) at a proxy for this connection."""
+        proxy = self.proxies.get(role)
+        if proxy is None:
+            return sdp
+        lines = []
+        for line in sdp.splitlines():
+            if line.startswith("a=candidate:"):
+                parts = line.split()
+                parts[4], parts[5] = proxy[0], str(proxy[1])
+                line = " ".join(parts)
+            elif line.startswith("m=") and not line.split()[1] == "0":
+                parts = line.split()
+                parts[1] = str(proxy[1])
+                line = " ".join(parts)
+            lines.append(line)
+        return "\r\n".join(lines) + "\r\n"
 
     async def _follow_events(self) -> None:
         async with httpx.AsyncClient(
@@ -224,7 +281,9 @@ class CallClient:
                 if track.kind == "video":
                     name = classify_colour(frame)
                     self.received.frames[name] = self.received.frames.get(name, 0) + 1
-                    self.received.first_frame_at.setdefault(name, time.monotonic())
+                    now = time.monotonic()
+                    self.received.first_frame_at.setdefault(name, now)
+                    self.received.frame_times.setdefault(name, []).append(now)
                     continue
                 samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
                 buffer.append(samples.astype(np.float64))
