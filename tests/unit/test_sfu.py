@@ -264,3 +264,130 @@ def test_consent_timeout_removes_silent_participant() -> None:
         "reason": "timeout",
     }
     assert h.sfu.router.by_addr == {} and h.sfu.router.by_ufrag == {}
+
+
+def _video_call(h: Harness) -> tuple:
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.answer("bob")
+    alice, bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
+    h.connect(alice.publisher, ("10.0.0.1", 4000))
+    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    video = next(s for s in bob.subscriptions.values() if s.track.kind == "video")
+    return alice, bob, video
+
+
+def _sent_to(h: Harness, addr: tuple[str, int]) -> list[bytes]:
+    return [d for d, a in h.sent if a == addr]
+
+
+def test_subscriber_nack_is_answered_on_the_rtx_stream() -> None:
+    h = Harness()
+    _alice, _bob, video = _video_call(h)
+    assert video.history is not None and video.use_rtx
+    h.sent.clear()
+    for seq in range(100, 105):
+        h.sfu.router.handle_datagram(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, []), ("10.0.0.1", 4000))
+    originals = {parse_rtp(d)[1]: d for d in _sent_to(h, ("10.0.0.2", 5000))}
+    lost = sorted(originals)[2]
+    h.sent.clear()
+    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [lost]), ("10.0.0.2", 5000))
+    resent = _sent_to(h, ("10.0.0.2", 5000))
+    assert len(resent) == 1
+    pt, _seq, ts, ssrc, _m, offset, _eo, _el = parse_rtp(resent[0])
+    assert ssrc == video.rtx_ssrc and pt == video.rtx_payload_type
+    # RFC 4588: the original sequence number, then the original payload
+    original = originals[lost]
+    assert int.from_bytes(resent[0][offset : offset + 2], "big") == lost
+    assert resent[0][offset + 2 :] == original[parse_rtp(original)[5] :]
+    assert h.sfu.metrics.retransmissions == 1
+
+
+def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
+    h = Harness()
+    alice, _bob, video = _video_call(h)
+    track = video.track
+    for seq in (200, 201, 203):  # 202 goes missing
+        h.sfu.router.handle_datagram(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, []), ("10.0.0.1", 4000))
+    h.sent.clear()
+    h.now += 0.05
+    h.sfu.router.poll_feedback(h.now)
+    nacks = [
+        p
+        for d in _sent_to(h, ("10.0.0.1", 4000))
+        for p in rtcp.parse_rtcp(d)
+        if isinstance(p, rtcp.Nack)
+    ]
+    assert [(n.media_ssrc, n.lost) for n in nacks] == [(AIORTC_VIDEO_SSRC, [202])]
+    # the publisher resends 202 on its RTX stream (FID group of the aiortc offer)
+    rtx_ssrc, rtx_pt = track.rtx_ssrc, track.rtx_payload_type
+    assert rtx_ssrc == 3923720075 and rtx_pt is not None
+    h.sent.clear()
+    h.sfu.router.handle_datagram(
+        rtp(rtx_ssrc, rtx_pt, 7, 9000, [], payload=(202).to_bytes(2, "big") + b"repaired"),
+        ("10.0.0.1", 4000),
+    )
+    forwarded = _sent_to(h, ("10.0.0.2", 5000))
+    assert len(forwarded) == 1
+    pt, seq, _ts, ssrc, _m, offset, _eo, _el = parse_rtp(forwarded[0])
+    assert ssrc == video.ssrc and pt == video.payload_type
+    assert forwarded[0][offset:] == b"repaired"
+    assert track.rtx_received == 1 and track.nack.missing == 0
+    h.now += 1
+    h.sent.clear()
+    h.sfu.router.poll_feedback(h.now)
+    assert not [
+        p
+        for d in _sent_to(h, ("10.0.0.1", 4000))
+        for p in rtcp.parse_rtcp(d)
+        if isinstance(p, rtcp.Nack)
+    ]
+
+
+def test_transport_cc_feedback_goes_to_a_chrome_publisher() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "carol")
+    h.sfu.publisher_offer("r", "carol", (FIXTURES / "chrome_offer.sdp").read_text())
+    carol = h.sfu.get_participant("r", "carol")
+    transport = carol.publisher
+    assert transport.twcc_id == 3 and transport.remb is None  # Chrome's transport-cc id
+    h.connect(transport, ("10.0.0.3", 6000))
+    audio_ssrc = 457497428
+    for i, seq in enumerate((10, 11, 13)):
+        h.now += 0.01
+        h.sfu.router.handle_datagram(
+            rtp(audio_ssrc, 111, 500 + i, 960 * i, [(3, seq.to_bytes(2, "big"))]),
+            ("10.0.0.3", 6000),
+        )
+    h.sent.clear()
+    h.sfu.router.poll_feedback(h.now)
+    feedback = [
+        p
+        for d in _sent_to(h, ("10.0.0.3", 6000))
+        for p in rtcp.parse_rtcp(d)
+        if isinstance(p, rtcp.TransportFeedback)
+    ]
+    assert len(feedback) == 1
+    from relay.rtc.twcc import parse_feedback
+
+    parsed = parse_feedback(feedback[0].fci)
+    assert [(seq, received) for seq, received, _t in parsed.packets] == [
+        (10, True),
+        (11, True),
+        (12, False),
+        (13, True),
+    ]
+
+
+def test_nack_disabled_offers_no_rtx_and_ignores_nacks() -> None:
+    import dataclasses
+
+    h = Harness()
+    h.sfu.settings = dataclasses.replace(
+        h.sfu.settings, rtp=dataclasses.replace(h.sfu.settings.rtp, nack=False)
+    )
+    _alice, _bob, video = _video_call(h)
+    assert video.history is None and video.rtx_payload_type is None
+    offer = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
+    assert not offer.media[1].ssrc_groups and "nack" not in offer.media[1].codecs[0].rtcp_fb
