@@ -8,6 +8,8 @@ failure to ``{"error": {"code", "message"}}``.
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, Protocol
@@ -23,11 +25,15 @@ from relay.api.auth import (
     Auth,
     Authenticator,
     Principal,
+    TokenAuthenticator,
     authenticate,
     require_admin,
     require_participant,
+    require_publisher,
     require_room,
+    require_subscriber,
 )
+from relay.api.demo import demo_router, dev_tokens_enabled
 from relay.api.errors import error_response, install_error_handlers
 from relay.api.events import EventBus, sse_stream
 from relay.api.schemas import (
@@ -51,9 +57,34 @@ from relay.api.schemas import (
 from relay.config import Settings
 from relay.sfu.errors import Draining, Forbidden, TooLarge
 
-__all__ = ["BodyLimitMiddleware", "SfuCore", "create_app"]
+__all__ = ["API_DESCRIPTION", "BodyLimitMiddleware", "SfuCore", "create_app"]
+
+log = logging.getLogger("relay.api")
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+API_DESCRIPTION = """\
+Rooms, participants and WebRTC negotiation of the relay (see API.md).
+
+## Credentials
+Every `/v1` call carries `Authorization: Bearer <credential>`:
+
+- **API key** (`api.keys`): every call.
+- **Participant token**, when `auth.token_secret` is set: a JWT signed with HS256 under that
+  secret (no other algorithm is accepted) with the claims `room` (room id), `sub` (participant
+  id), `can_publish`, `can_subscribe` (booleans) and `exp` (Unix seconds); `nbf` is honoured.
+  A signaling server creates the participant with its API key, signs a token for it and hands
+  the token to the client, which may then call only:
+  - `GET` and `DELETE ?reason=left` on `/v1/rooms/{room}/participants/{sub}`,
+  - `.../{sub}/publisher` (if `can_publish`), `.../{sub}/subscriber` (if `can_subscribe`),
+    `.../{sub}/stats`,
+  - `GET /v1/events?room_id={room}` (read it with `fetch()`, which can send the
+    `Authorization` header; the token is never accepted in a URL).
+
+  Anything else is `403`; a token that is expired, not yet valid, forged, or lacks a claim
+  is `401` with `WWW-Authenticate: Bearer error="invalid_token"`. The flags only narrow what
+  the participant was created with.
+"""
 
 
 class SfuCore(Protocol):
@@ -197,6 +228,8 @@ ParticipantId = ParticipantIdParam
 Admin = Annotated[Principal, Depends(require_admin)]
 RoomAccess = Annotated[Principal, Depends(require_room)]
 ParticipantAccess = Annotated[Principal, Depends(require_participant)]
+PublisherAccess = Annotated[Principal, Depends(require_publisher)]
+SubscriberAccess = Annotated[Principal, Depends(require_subscriber)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -306,6 +339,7 @@ async def list_rooms(sfu: Core, principal: Admin) -> Any:
     responses=_errors(403, 404),
 )
 async def get_room(room_id: RoomId, sfu: Core, principal: RoomAccess) -> Any:
+    """API keys only: participant tokens see their room through its events."""
     return sfu.get_room(room_id).to_dict()
 
 
@@ -404,7 +438,7 @@ async def publisher_offer(
     body: PublisherOffer,
     sfu: Core,
     settings: Config,
-    principal: ParticipantAccess,
+    principal: PublisherAccess,
 ) -> PublisherAnswer:
     """The client's offer for what it publishes; the relay answers. Call again to renegotiate."""
     _check_sdp_size(body.sdp, settings)
@@ -420,7 +454,7 @@ async def publisher_offer(
     responses=_errors(403, 404),
 )
 async def subscriber_offer(
-    room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
+    room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: SubscriberAccess
 ) -> SubscriberOffer:
     """An offer for every track the participant is subscribed to now."""
     sdp, revision = sfu.subscriber_offer(room_id, participant_id)
@@ -441,7 +475,7 @@ async def subscriber_answer(
     body: SubscriberAnswer,
     sfu: Core,
     settings: Config,
-    principal: ParticipantAccess,
+    principal: SubscriberAccess,
 ) -> Response:
     """The client's answer; an answer to an older revision gets 409."""
     _check_sdp_size(body.sdp, settings)
@@ -484,7 +518,9 @@ async def stream_events(
         Query(min_length=1, max_length=64, pattern=ID_PATTERN, description="Only this room."),
     ] = None,
 ) -> StreamingResponse:
-    """Every event, or those of one room, as they happen. Ends on shutdown or overflow."""
+    """Every event, or those of one room, as they happen. Ends on shutdown or overflow.
+
+    A participant token must name its own room in `room_id`."""
     if not principal.may_access(room_id):
         raise Forbidden("these credentials are not valid for every room")
     subscription = events.subscribe(room_id)
@@ -510,7 +546,10 @@ def create_app(
 ) -> FastAPI:
     """The control API for one SFU core.
 
-    ``authenticators`` replaces the default chain (the API keys of ``settings.api.keys``).
+    ``authenticators`` replaces the default chain: the API keys of ``settings.api.keys``, then
+    participant tokens signed with ``settings.auth.token_secret`` when it is set. While the
+    demo's development tokens are enabled (see :mod:`relay.api.demo`) and no secret is
+    configured, a random per-process secret signs and verifies them instead.
     The app's lifespan starts the event bus and closes it on shutdown; both are idempotent,
     so the server may also drive the bus itself (it should :meth:`EventBus.close` before
     stopping the HTTP server, so open event streams do not hold the shutdown).
@@ -527,14 +566,16 @@ def create_app(
     app = FastAPI(
         title="relay control API",
         version=__version__,
-        description="Rooms, participants and WebRTC negotiation of the relay (see API.md).",
+        description=API_DESCRIPTION,
         lifespan=lifespan,
     )
-    auth = Auth(
-        list(authenticators)
-        if authenticators is not None
-        else [ApiKeyAuthenticator(settings.api.keys)]
-    )
+    dev_tokens = dev_tokens_enabled(settings)
+    token_secret = settings.auth.token_secret or (secrets.token_urlsafe(32) if dev_tokens else "")
+    if authenticators is None:
+        authenticators = [ApiKeyAuthenticator(settings.api.keys)]
+        if token_secret:
+            authenticators.append(TokenAuthenticator(token_secret))
+    auth = Auth(list(authenticators))
     app.state.sfu = sfu
     app.state.settings = settings
     app.state.events = events
@@ -546,5 +587,14 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)
+    if settings.demo.enabled:
+        app.include_router(demo_router(settings, token_secret))
+        if dev_tokens:
+            log.info(
+                "demo page on /demo; POST /demo/token gives participant tokens to local callers "
+                "without an API key (set demo.enabled = false on shared machines)"
+            )
+        else:
+            log.info("demo page on /demo (no development tokens: api.host is not loopback)")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
     return app

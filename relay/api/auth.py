@@ -1,16 +1,18 @@
 """Who is calling: bearer credentials turned into a :class:`Principal`.
 
-Authentication is a chain of :class:`Authenticator` objects asked in turn; today there is one,
-:class:`ApiKeyAuthenticator`, whose principals may do everything. Another authenticator (for
-example for participant tokens) only has to return principals of another ``kind`` with a
-``room_id``/``participant_id``: the route dependencies below already restrict such principals
-to their own room and participant.
+Authentication is a chain of :class:`Authenticator` objects asked in turn:
+:class:`ApiKeyAuthenticator` (API keys, whose principals may do everything) and, when
+``auth.token_secret`` is set, :class:`TokenAuthenticator` (participant tokens, see
+:mod:`relay.api.tokens`). A participant principal carries its ``room_id`` and
+``participant_id``; the route dependencies below restrict it to that participant's own
+endpoints, its room's event stream, and what its ``can_*`` flags allow.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
@@ -19,19 +21,28 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from relay.api.errors import Unauthorized
 from relay.api.schemas import ParticipantIdParam, RoomIdParam
+from relay.api.tokens import ExpiredToken, InvalidToken, decode_token, looks_like_jwt
 from relay.sfu.errors import Forbidden
 
 __all__ = [
+    "PARTICIPANT_TOKEN",
     "ApiKeyAuthenticator",
     "Auth",
     "Authenticator",
+    "InvalidTokenError",
     "Principal",
+    "TokenAuthenticator",
     "authenticate",
     "bearer_scheme",
     "require_admin",
     "require_participant",
+    "require_publisher",
     "require_room",
+    "require_subscriber",
 ]
+
+#: ``Principal.kind`` of a caller holding a participant token.
+PARTICIPANT_TOKEN = "participant_token"
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,12 @@ class Principal:
     #: set for principals limited to one room (and possibly one participant in it)
     room_id: str | None = None
     participant_id: str | None = None
+    #: may offer a publisher connection (participant tokens: the ``can_publish`` claim)
+    can_publish: bool = True
+    #: may negotiate a subscriber connection (participant tokens: the ``can_subscribe`` claim)
+    can_subscribe: bool = True
+    #: may read its room (``GET /v1/rooms/{room_id}``); participant tokens may not
+    can_read_room: bool = True
 
     @property
     def is_admin(self) -> bool:
@@ -83,6 +100,46 @@ class ApiKeyAuthenticator:
         return Principal(kind="api_key", subject=f"api_key:{match}")
 
 
+class InvalidTokenError(Unauthorized):
+    """A participant token that is malformed, forged or expired (RFC 6750 ``invalid_token``)."""
+
+    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class TokenAuthenticator:
+    """Participant tokens (HS256 JWT) signed with one secret.
+
+    Values that do not look like a JWT are left to the other authenticators; a JWT that fails
+    verification is refused outright with :class:`InvalidTokenError`, so that the caller learns
+    why (expired, bad signature, missing claim) rather than a bare "invalid credentials".
+    """
+
+    def __init__(self, secret: str, clock: Callable[[], float] = time.time) -> None:
+        if not secret:
+            raise ValueError("a token secret is required")
+        self._secret = secret
+        self._clock = clock
+
+    def authenticate(self, token: str) -> Principal | None:
+        if not looks_like_jwt(token):
+            return None
+        try:
+            claims = decode_token(token, self._secret, self._clock())
+        except ExpiredToken as error:
+            raise InvalidTokenError(f"participant token rejected: {error}") from None
+        except InvalidToken as error:
+            raise InvalidTokenError(f"invalid participant token: {error}") from None
+        return Principal(
+            kind=PARTICIPANT_TOKEN,
+            subject=f"participant:{claims.participant_id}",
+            room_id=claims.room_id,
+            participant_id=claims.participant_id,
+            can_publish=claims.can_publish,
+            can_subscribe=claims.can_subscribe,
+            can_read_room=False,
+        )
+
+
 class Auth:
     """The authenticator chain of one app (``app.state.auth``)."""
 
@@ -118,7 +175,16 @@ def _token(header: str | None) -> str | None:
 
 
 #: Documents the scheme in OpenAPI; missing credentials are reported by :func:`authenticate`.
-bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `api.keys`.")
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description=(
+        "An API key from `api.keys` (every call), or a participant token: an HS256 JWT signed "
+        "with `auth.token_secret`, with claims `room`, `sub` (participant id), `can_publish`, "
+        "`can_subscribe` and `exp`. A participant token may call only its own participant's "
+        "endpoints (read, leave, publisher, subscriber, stats) and `GET /v1/events?room_id=` "
+        "of its room; anything else is 403. Expired or forged tokens are 401."
+    ),
+)
 
 
 async def authenticate(
@@ -143,8 +209,8 @@ async def require_admin(principal: Annotated[Principal, Depends(authenticate)]) 
 async def require_room(
     room_id: RoomIdParam, principal: Annotated[Principal, Depends(authenticate)]
 ) -> Principal:
-    """Dependency: a caller allowed to act on the ``room_id`` of the path."""
-    if not principal.may_access(room_id):
+    """Dependency: a caller allowed to read the room of the path."""
+    if not principal.may_access(room_id) or not principal.can_read_room:
         raise Forbidden("these credentials are not valid for this room")
     return principal
 
@@ -157,4 +223,22 @@ async def require_participant(
     """Dependency: a caller allowed to act on the participant of the path."""
     if not principal.may_access(room_id, participant_id):
         raise Forbidden("these credentials are not valid for this participant")
+    return principal
+
+
+async def require_publisher(
+    principal: Annotated[Principal, Depends(require_participant)],
+) -> Principal:
+    """Dependency: the participant of the path, allowed to publish."""
+    if not principal.can_publish:
+        raise Forbidden("this token does not allow publishing (can_publish is false)")
+    return principal
+
+
+async def require_subscriber(
+    principal: Annotated[Principal, Depends(require_participant)],
+) -> Principal:
+    """Dependency: the participant of the path, allowed to subscribe."""
+    if not principal.can_subscribe:
+        raise Forbidden("this token does not allow subscribing (can_subscribe is false)")
     return principal

@@ -18,6 +18,8 @@ __all__ = [
     "MAX_METADATA_DEPTH",
     "CreateParticipant",
     "CreateRoom",
+    "DemoToken",
+    "DemoTokenRequest",
     "ErrorDetail",
     "ErrorResponse",
     "Health",
@@ -259,3 +261,25 @@ class SubscriberAnswer(_Request):
     @classmethod
     def _sdp_text(cls, value: str) -> str:
         return _valid_text(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Demo
+
+
+class DemoTokenRequest(_Request):
+    """``POST /demo/token``: join a room (created if missing) as a new participant."""
+
+    room_id: Identifier
+    participant_id: Identifier | None = Field(default=None, description="Generated when omitted.")
+    can_publish: bool = True
+    can_subscribe: bool = True
+
+
+class DemoToken(_Response):
+    """A new participant and a participant token for it."""
+
+    room_id: str
+    participant_id: str
+    token: str = Field(description="Participant token: `Authorization: Bearer <token>`.")
+    expires_at: float = Field(description="Unix time in seconds.")

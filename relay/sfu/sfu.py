@@ -796,7 +796,23 @@ class Sfu:
             "state": p.state,
             "inbound": [t.stats_dict() for t in p.tracks.values()],
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
+            "subscriber_delivery": _delivery(p.subscriber),
         }
+
+
+def _delivery(transport: WebRtcTransport | None) -> dict[str, Any] | None:
+    """What the subscriber's transport-cc feedback says about the relay's packets to it."""
+    history = transport.twcc_send if transport is not None else None
+    if history is None:
+        return None
+    return {
+        "packets_acked": history.packets_acked,
+        "packets_lost": history.packets_lost,
+        "loss_fraction": history.loss_fraction,
+        "delivery_rate": history.delivery_rate,
+        "delay_variation": history.delay_variation,
+        "queuing_delay": history.queuing_delay,
+    }
 
 
 def _media_ssrcs(offer: sdpmod.MediaDescription) -> tuple[int | None, int | None]:
