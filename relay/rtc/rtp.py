@@ -265,12 +265,19 @@ class ExtensionRewriter:
         elements (already in subscriber ids, e.g. a transport-wide sequence number) are
         appended after the mid."""
         one_byte = self._one_byte
-        if one_byte is not None and not extra:
+        tail = self._tail_bytes
+        if one_byte is not None and extra:
+            for ident, value in extra:  # usually one element: a transport-wide sequence number
+                n = len(value)
+                if not (0 < ident < 15 and 0 < n <= 16):
+                    one_byte = None  # needs the two-byte form
+                    break
+                tail += _BYTE[(ident << 4) | (n - 1)] + value
+        if one_byte is not None:
             # Per subscriber and packet: b"".join of cached one-byte headers measured ~2.4x
             # faster than the generic list + build_extension_block below (0.9 vs 2.2 us for
             # three mapped elements and a mid).
             parts = [b""]
-            tail = self._tail_bytes
             size = len(tail)
             for ident, value in elements:
                 h = one_byte.get(ident)
@@ -282,7 +289,7 @@ class ExtensionRewriter:
                     parts.append(value)
                     size += n + 1
             else:
-                if len(parts) == 1:
+                if len(parts) == 1 and not extra:
                     return self._tail_block
                 parts.append(tail)
                 pad = -size & 3

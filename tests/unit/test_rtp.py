@@ -669,3 +669,17 @@ def test_extension_rewriter_matches_reference_random() -> None:
         if block:
             profile = struct.unpack("!H", block[:2])[0]
             assert parse_extensions(block, 4, len(block) - 4, profile) == expected
+
+
+def test_extension_rewriter_extra_elements_match_the_generic_encoding() -> None:
+    rewriter = ExtensionRewriter({2: 1, 14: 14}, 4, "12")
+    elements = [(1, b"0"), (2, b"\x85"), (14, b"\x00\x10")]
+    stamp = [(3, (1234).to_bytes(2, "big"))]
+    expected = build_extension_block([(1, b"\x85"), (14, b"\x00\x10"), (4, b"12"), stamp[0]])
+    assert rewriter.block(elements, stamp) == expected
+    assert rewriter.block([], stamp) == build_extension_block([(4, b"12"), stamp[0]])
+    # an extra element that needs the two-byte form takes the generic path
+    wide = [(20, b"\x01\x02")]
+    assert rewriter.block(elements, wide) == build_extension_block(
+        [(1, b"\x85"), (14, b"\x00\x10"), (4, b"12"), wide[0]]
+    )
