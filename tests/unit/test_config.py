@@ -442,3 +442,35 @@ def test_production_toml_without_keys_is_refused() -> None:
     message = error_of(CONFIGS / "production.toml")
     assert message.startswith("api.keys")
     assert "RELAY_API__KEYS" in message
+
+
+# -- participant tokens and the demo -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "fragment"),
+    [
+        ('[auth]\ntoken_secret = "too-short"', "auth.token_secret", "at least 32 characters"),
+        ("[auth]\ntoken_secret = 32", "auth.token_secret", "at least 32 characters"),
+        ('[demo]\nenabled = "yes"', "demo.enabled", "boolean"),
+    ],
+)
+def test_bad_auth_and_demo_values_name_the_key(write, toml: str, key: str, fragment: str) -> None:
+    message = error_of(write(toml + "\n"))
+    assert message.startswith(f"{key}: ")
+    assert fragment in message
+
+
+def test_short_token_secret_is_not_echoed() -> None:
+    message = error_of(environ={"RELAY_AUTH__TOKEN_SECRET": "hunter2"})
+    assert "hunter2" not in message and "redacted 7 chars" in message
+
+
+def test_token_secret_and_demo_switch(write) -> None:
+    secret = "s" * 32
+    settings = load_settings(write(f'[auth]\ntoken_secret = "{secret}"\n[demo]\nenabled = false\n'))
+    assert settings.auth.token_secret == secret
+    assert settings.demo.enabled is False
+    assert load_settings(None, {}).auth.token_secret == ""  # tokens off by default
+    assert load_settings(None, {}).demo.enabled is True
+    assert settings_as_dict(settings)["auth"]["token_secret"] == "<redacted 32 chars>"

@@ -1,0 +1,900 @@
+/*
+ * relay demo: a group call in the browser through the relay's control API (API.md).
+ *
+ * Two peer connections per participant: the publisher (this page offers sendonly audio and
+ * video, POST .../publisher) and the subscriber (the relay offers one m-line per forwarded
+ * track, POST .../subscriber; this page answers, PUT .../subscriber with the revision, and
+ * fetches a fresh offer on 409). The room's events arrive over GET /v1/events read with
+ * fetch(), which can send the participant token in the Authorization header. Remote tiles are
+ * keyed by the msid stream id of the subscriber offer, which is the publisher's participant id.
+ *
+ * Credentials: a participant token from the URL fragment
+ *   #room=ROOM&participant=ID&token=JWT
+ * (how a signaling server hands one out), or else one from POST /demo/token, which exists only
+ * while the demo is enabled and the relay's API listens on loopback.
+ *
+ * Other fragment options: join (join at once), recvonly, codec=vp8|vp9|h264|av1 (preferred
+ * video codec), width, height, fps (camera constraints), report=URL (POST a statistics
+ * summary there every second; loopback URLs only, for automated tests).
+ */
+'use strict';
+
+(() => {
+  const ID = /^[A-Za-z0-9._-]{1,64}$/;
+  const PC_CONFIG = { iceServers: [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
+  const STATS_INTERVAL_MS = 1000;
+  const MAX_NOTICES = 8;
+  const MAX_EVENTS = 100;
+
+  const $ = (id) => document.getElementById(id);
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const flag = (name) => fragment.has(name) && !['0', 'false', 'no'].includes(fragment.get(name));
+
+  const options = {
+    room: fragment.get('room') || '',
+    participant: fragment.get('participant') || '',
+    token: fragment.get('token') || '',
+    join: flag('join') || fragment.has('token'),
+    recvonly: flag('recvonly'),
+    codec: (fragment.get('codec') || '').toLowerCase(),
+    width: Number(fragment.get('width')) || 640,
+    height: Number(fragment.get('height')) || 480,
+    fps: Number(fragment.get('fps')) || 30,
+    report: loopbackUrl(fragment.get('report')),
+  };
+
+  function loopbackUrl(text) {
+    if (!text) return null;
+    try {
+      const url = new URL(text);
+      const local = ['127.0.0.1', 'localhost', '[::1]'].includes(url.hostname);
+      return url.protocol === 'http:' && local ? url.href : null;
+    } catch {
+      return null;
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Notices, status and the record kept for the statistics report
+
+  const record = {
+    state: 'idle',
+    error: null,
+    participant: null,
+    room: null,
+    mode: null,
+    notices: [],
+    events: [],
+    firstFrame: {},
+    joinedAt: null,
+    marks: {},
+  };
+
+  /** Milliseconds from page load to a step of joining (the first time it happens). */
+  function mark(name) {
+    if (record.marks[name] === undefined) record.marks[name] = Math.round(performance.now());
+  }
+
+  function notice(text, isError = false) {
+    const list = $('notices');
+    const item = document.createElement('li');
+    item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+    if (isError) item.className = 'error';
+    list.prepend(item);
+    while (list.children.length > MAX_NOTICES) list.lastChild.remove();
+    record.notices.push(text);
+    if (record.notices.length > 50) record.notices.shift();
+    (isError ? console.error : console.info)('[relay demo]', text);
+  }
+
+  function setStatus(text) {
+    $('status').textContent = text;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Control API
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message || `HTTP ${status}`);
+      this.status = status;
+      this.code = code;
+    }
+
+    static async from(response) {
+      let body = null;
+      try {
+        body = await response.json();
+      } catch {
+        // not JSON
+      }
+      const error = (body && body.error) || {};
+      return new ApiError(response.status, error.code || null, error.message || null);
+    }
+  }
+
+  class Api {
+    constructor(room, participant, token) {
+      this.room = room;
+      this.participant = participant;
+      this.token = token;
+      this.base = `/v1/rooms/${encodeURIComponent(room)}/participants/${encodeURIComponent(participant)}`;
+    }
+
+    headers(extra = {}) {
+      return { Authorization: `Bearer ${this.token}`, ...extra };
+    }
+
+    async call(method, path, body) {
+      const init = { method, headers: this.headers(), cache: 'no-store' };
+      if (body !== undefined) {
+        init.headers['Content-Type'] = 'application/json';
+        init.body = JSON.stringify(body);
+      }
+      const response = await fetch(path, init);
+      if (!response.ok) throw await ApiError.from(response);
+      return response.status === 204 ? null : response.json();
+    }
+  }
+
+  async function devToken(room, participant, canPublish) {
+    const body = { room_id: room, can_publish: canPublish, can_subscribe: true };
+    if (participant) body.participant_id = participant;
+    const response = await fetch('/demo/token', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+      cache: 'no-store',
+    });
+    if (response.status === 404 || response.status === 405) {
+      throw new Error(
+        'this relay hands out no development tokens (POST /demo/token exists only with ' +
+        'demo.enabled on a loopback api.host): open this page with ' +
+        '#room=ROOM&participant=ID&token=TOKEN from your signaling server',
+      );
+    }
+    if (!response.ok) throw await ApiError.from(response);
+    return response.json();
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Server-Sent Events over fetch(): reconnects until closed
+
+  class EventStream {
+    constructor(api, onEvent, onState) {
+      this.api = api;
+      this.onEvent = onEvent;
+      this.onState = onState;
+      this.controller = null;
+      this.closed = false;
+    }
+
+    /** Resolves once the relay has registered the stream (response headers received). */
+    async open() {
+      const reader = await this.connect();
+      this.pump(reader);
+    }
+
+    async connect() {
+      this.controller = new AbortController();
+      const url = `/v1/events?room_id=${encodeURIComponent(this.api.room)}`;
+      const response = await fetch(url, {
+        headers: this.api.headers({ Accept: 'text/event-stream' }),
+        signal: this.controller.signal,
+        cache: 'no-store',
+      });
+      if (!response.ok) throw await ApiError.from(response);
+      this.onState('open');
+      return response.body.getReader();
+    }
+
+    async pump(reader) {
+      const decoder = new TextDecoder();
+      let buffer = '';
+      for (;;) {
+        try {
+          const { value, done } = await reader.read();
+          if (done) throw new Error('event stream ended');
+          buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, '\n');
+          let end;
+          while ((end = buffer.indexOf('\n\n')) >= 0) {
+            const block = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            this.dispatch(block);
+          }
+        } catch (error) {
+          if (this.closed) return;
+          this.onState('reconnecting');
+          buffer = '';
+          reader = await this.reconnect();
+          if (!reader) return;
+        }
+      }
+    }
+
+    async reconnect() {
+      for (let delay = 500; !this.closed; delay = Math.min(delay * 2, 5000)) {
+        await sleep(delay);
+        if (this.closed) return null;
+        try {
+          const reader = await this.connect();
+          this.onEvent({ type: 'stream.reconnected' });
+          return reader;
+        } catch (error) {
+          if (error instanceof ApiError && [401, 403, 404].includes(error.status)) {
+            this.onState(`closed (${error.message})`);
+            return null;
+          }
+        }
+      }
+      return null;
+    }
+
+    dispatch(block) {
+      const data = [];
+      for (const line of block.split('\n')) {
+        if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+      }
+      if (!data.length) return; // comment, keepalive or retry hint
+      try {
+        this.onEvent(JSON.parse(data.join('\n')));
+      } catch (error) {
+        notice(`bad event: ${error.message}`, true);
+      }
+    }
+
+    close() {
+      this.closed = true;
+      if (this.controller) this.controller.abort();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // SDP: what each m-line of the relay's subscriber offer carries
+
+  function describeMedia(sdp) {
+    const media = new Map();
+    for (const section of sdp.split(/\r?\n(?=m=)/).slice(1)) {
+      const lines = section.split(/\r?\n/);
+      const info = { kind: lines[0].slice(2).split(' ')[0], stream: null, direction: 'sendrecv', ssrc: null };
+      let mid = null;
+      for (const line of lines) {
+        if (line.startsWith('a=mid:')) mid = line.slice(6).trim();
+        else if (line.startsWith('a=msid:')) info.stream = line.slice(7).trim().split(' ')[0];
+        else if (/^a=(sendrecv|sendonly|recvonly|inactive)\s*$/.test(line)) info.direction = line.slice(2).trim();
+        else if (line.startsWith('a=ssrc:') && info.ssrc === null) info.ssrc = Number(line.slice(7).split(' ')[0]);
+      }
+      if (mid !== null) media.set(mid, info);
+    }
+    return media;
+  }
+
+  function preferCodec(transceiver, name) {
+    const wanted = `video/${name}`;
+    const sorted = (codecs) => {
+      const matches = codecs.filter((c) => c.mimeType.toLowerCase() === wanted);
+      // H.264: the relay forwards packetization-mode=1 only
+      matches.sort((a, b) => Number(/packetization-mode=1/.test(b.sdpFmtpLine || '')) -
+        Number(/packetization-mode=1/.test(a.sdpFmtpLine || '')));
+      return [...matches, ...codecs.filter((c) => !matches.includes(c))];
+    };
+    for (const source of [RTCRtpReceiver, RTCRtpSender]) {
+      const capabilities = source.getCapabilities && source.getCapabilities('video');
+      if (!capabilities) continue;
+      const codecs = sorted(capabilities.codecs);
+      if (codecs[0].mimeType.toLowerCase() !== wanted) continue;
+      try {
+        transceiver.setCodecPreferences(codecs);
+        return true;
+      } catch (error) {
+        // try the other list
+      }
+    }
+    notice(`this browser cannot send ${name.toUpperCase()}; using its default codec`, true);
+    return false;
+  }
+
+  function videoCodecs() {
+    const capabilities = window.RTCRtpSender && RTCRtpSender.getCapabilities &&
+      RTCRtpSender.getCapabilities('video');
+    return capabilities ? capabilities.codecs.map((c) => `${c.mimeType} ${c.sdpFmtpLine || ''}`.trim()) : [];
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Tiles
+
+  class Tile {
+    constructor(id, label, local) {
+      this.id = id;
+      this.tracks = [];
+      this.bytes = null;
+      this.el = document.createElement('figure');
+      this.el.className = local ? 'tile local' : 'tile';
+      this.el.dataset.participant = id;
+      this.video = document.createElement('video');
+      this.video.autoplay = true;
+      this.video.playsInline = true;
+      if (local) this.video.muted = true;
+      this.placeholder = document.createElement('div');
+      this.placeholder.className = 'placeholder';
+      this.placeholder.textContent = local ? 'camera off' : 'waiting for video';
+      const caption = document.createElement('figcaption');
+      this.name = document.createElement('span');
+      this.name.textContent = label;
+      this.badges = document.createElement('span');
+      this.badges.className = 'badges';
+      caption.append(this.name, this.badges);
+      this.stats = document.createElement('pre');
+      this.stats.className = 'stats';
+      this.el.append(this.video, this.placeholder, caption, this.stats);
+      if (local) $('tiles').prepend(this.el); // your own tile first
+      else $('tiles').append(this.el);
+    }
+
+    setTracks(tracks) {
+      const same = tracks.length === this.tracks.length && tracks.every((t) => this.tracks.includes(t));
+      if (same) return;
+      this.tracks = tracks;
+      this.video.srcObject = new MediaStream(tracks);
+      this.placeholder.hidden = tracks.some((t) => t.kind === 'video');
+      this.play();
+      if (!this.el.classList.contains('local')) this.watchFirstFrame();
+    }
+
+    play() {
+      this.video.play().catch(() => {
+        // Autoplay with sound refused (no user gesture yet): play muted until a click.
+        this.video.muted = true;
+        this.video.play().catch(() => {});
+        document.addEventListener('click', () => { this.video.muted = false; }, { once: true });
+        notice('sound is blocked by the browser until you click the page');
+      });
+    }
+
+    watchFirstFrame() {
+      if (record.firstFrame[this.id] !== undefined) return;
+      const seen = () => {
+        if (record.firstFrame[this.id] === undefined) {
+          record.firstFrame[this.id] = performance.now();
+          mark('firstFrame');
+          notice(`first frame from ${this.id} ${(performance.now() / 1000).toFixed(2)} s after page load`);
+        }
+      };
+      if (this.video.requestVideoFrameCallback) this.video.requestVideoFrameCallback(seen);
+      else this.video.addEventListener('loadeddata', seen, { once: true });
+    }
+
+    setBadges(text) {
+      this.badges.textContent = text;
+    }
+
+    remove() {
+      this.video.srcObject = null;
+      this.el.remove();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // A call
+
+  class Call {
+    constructor(credentials) {
+      this.api = new Api(credentials.room_id, credentials.participant_id, credentials.token);
+      this.me = credentials.participant_id;
+      this.local = null;
+      this.pub = null;
+      this.sub = null;
+      this.events = null;
+      this.tiles = new Map();
+      this.receivers = new Map();
+      this.muted = new Map(); // participant id -> set of muted track ids
+      this.gone = new Set();
+      this.remoteSdp = '';
+      this.applied = -1;
+      this.chain = Promise.resolve();
+      this.timer = null;
+      this.states = { publisher: 'none', subscriber: 'new', events: 'connecting' };
+      this.ended = false;
+      this.last = { out: null, at: 0 };
+    }
+
+    /**
+     * Join: the event stream first (so that no renegotiation is missed), then the subscriber
+     * connection, while the camera may still be opening; then publish what the camera gives.
+     */
+    async start(camera) {
+      record.state = 'joining';
+      this.events = new EventStream(this.api, (event) => this.onEvent(event), (state) => {
+        this.states.events = state;
+        this.showStates();
+      });
+      await this.events.open();
+      mark('events');
+      this.sub = new RTCPeerConnection(PC_CONFIG);
+      this.watch(this.sub, 'subscriber');
+      this.sub.ontrack = () => this.reconcile();
+      const subscribed = this.negotiateNow().then(() => mark('subscribed'));
+      this.chain = subscribed.catch(() => {}); // later renegotiations queue behind this one
+      const local = await camera;
+      mark('camera');
+      if (this.ended) {
+        if (local) for (const track of local.getTracks()) track.stop();
+        return;
+      }
+      this.local = local;
+      record.mode = local ? 'sendrecv' : 'recvonly';
+      enableMute(Boolean(local));
+      this.showStates();
+      if (local) {
+        const tile = new Tile(this.me, `${this.me} (you)`, true);
+        tile.setTracks(local.getTracks());
+        this.tiles.set(this.me, tile);
+        this.states.publisher = 'new';
+        await this.publish();
+        mark('published');
+      }
+      await subscribed;
+      record.state = 'joined';
+      this.timer = setInterval(() => this.updateStats().catch((e) => notice(`stats: ${e.message}`, true)),
+        STATS_INTERVAL_MS);
+    }
+
+    watch(pc, name) {
+      pc.addEventListener('connectionstatechange', () => {
+        this.states[name] = pc.connectionState;
+        if (pc.connectionState === 'connected') mark(`${name}Connected`);
+        this.showStates();
+        if (pc.connectionState === 'failed') {
+          notice(`${name} connection failed`, true);
+          if (onlyLoopback(pc.remoteDescription)) {
+            notice('the relay offers only a loopback media address (127.0.0.1), which some ' +
+              'browsers (Firefox) do not connect to: start it with RELAY_MEDIA__HOST=0.0.0.0 ' +
+              'or with your machine\'s network address', true);
+          }
+        }
+      });
+      pc.addEventListener('iceconnectionstatechange', () => {
+        this.states[`${name}Ice`] = pc.iceConnectionState;
+      });
+    }
+
+    showStates() {
+      const s = this.states;
+      const parts = [];
+      if (s.publisher !== 'none') parts.push(`publisher: ${s.publisher}`);
+      parts.push(`subscriber: ${s.subscriber}`, `events: ${s.events}`);
+      $('connection').textContent = parts.join(' · ');
+      const connected = s.subscriber === 'connected' && ['connected', 'none'].includes(s.publisher);
+      setStatus(connected
+        ? `In room ${this.api.room} as ${this.me}${record.mode === 'recvonly' ? ' (receive only)' : ''}.`
+        : `Connecting to room ${this.api.room}…`);
+    }
+
+    async publish() {
+      const pc = this.pub = new RTCPeerConnection(PC_CONFIG);
+      this.watch(pc, 'publisher');
+      for (const track of this.local.getTracks()) {
+        const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [this.local] });
+        if (track.kind === 'video' && options.codec) preferCodec(transceiver, options.codec);
+      }
+      await pc.setLocalDescription(await pc.createOffer());
+      const answer = await this.api.call('POST', `${this.api.base}/publisher`,
+        { type: 'offer', sdp: pc.localDescription.sdp });
+      await pc.setRemoteDescription(answer);
+    }
+
+    /** Fetch the current subscriber offer and answer it; serialised, skips stale requests. */
+    negotiate(revision) {
+      this.chain = this.chain.then(() => this.negotiateNow(revision)).catch((error) => {
+        if (!this.ended) notice(`subscriber negotiation failed: ${error.message}`, true);
+      });
+      return this.chain;
+    }
+
+    async negotiateNow(revision) {
+      if (this.ended || (revision !== undefined && revision <= this.applied)) return;
+      for (let attempt = 0; attempt < 10; attempt++) {
+        const offer = await this.api.call('POST', `${this.api.base}/subscriber`);
+        await this.sub.setRemoteDescription({ type: 'offer', sdp: offer.sdp });
+        this.remoteSdp = offer.sdp;
+        await this.sub.setLocalDescription(await this.sub.createAnswer());
+        try {
+          await this.api.call('PUT', `${this.api.base}/subscriber`,
+            { type: 'answer', sdp: this.sub.localDescription.sdp, revision: offer.revision });
+        } catch (error) {
+          if (error.status === 409) continue; // the room changed meanwhile: answer the new offer
+          throw error;
+        }
+        this.applied = offer.revision;
+        this.reconcile();
+        return;
+      }
+      throw new Error('the subscriber offer kept changing');
+    }
+
+    /** Tiles follow the negotiated m-lines: one per msid stream (the publisher's id). */
+    reconcile() {
+      if (!this.sub || !this.remoteSdp) return;
+      const media = describeMedia(this.remoteSdp);
+      const groups = new Map();
+      for (const transceiver of this.sub.getTransceivers()) {
+        const info = transceiver.mid !== null && media.get(transceiver.mid);
+        if (!info || !info.stream || info.stream === '-' || this.gone.has(info.stream)) continue;
+        if (info.direction !== 'sendonly' && info.direction !== 'sendrecv') continue;
+        const group = groups.get(info.stream) || { tracks: [], receivers: [] };
+        group.tracks.push(transceiver.receiver.track);
+        group.receivers.push({ kind: info.kind, ssrc: info.ssrc, receiver: transceiver.receiver });
+        groups.set(info.stream, group);
+      }
+      for (const [id, group] of groups) {
+        let tile = this.tiles.get(id);
+        if (!tile) {
+          tile = new Tile(id, id, false);
+          this.tiles.set(id, tile);
+        }
+        tile.setTracks(group.tracks);
+      }
+      for (const [id, tile] of this.tiles) {
+        if (id !== this.me && !groups.has(id)) this.dropTile(id);
+        else if (tile) tile.setBadges(this.badgesFor(id));
+      }
+      this.receivers = groups;
+    }
+
+    dropTile(id) {
+      const tile = this.tiles.get(id);
+      if (!tile || id === this.me) return;
+      tile.remove();
+      this.tiles.delete(id);
+      this.receivers.delete(id);
+    }
+
+    badgesFor(id) {
+      if (id === this.me) {
+        const off = this.local.getTracks().filter((t) => !t.enabled).map((t) => (t.kind === 'audio' ? 'mic off' : 'camera off'));
+        return off.length ? `· ${off.join(', ')}` : '';
+      }
+      return (this.muted.get(id) || new Set()).size ? '· muted' : '';
+    }
+
+    onEvent(event) {
+      if (event.type !== 'stream.reconnected') {
+        record.events.push({ type: event.type, participant_id: event.participant_id ?? null,
+          reason: event.reason ?? null, at: performance.now() });
+        if (record.events.length > MAX_EVENTS) record.events.shift();
+      }
+      switch (event.type) {
+        case 'stream.reconnected':
+          this.negotiate(); // events may have been missed: bring the tiles up to date
+          break;
+        case 'subscriber.renegotiate':
+          if (event.participant_id === this.me) this.negotiate(event.revision);
+          break;
+        case 'participant.joined':
+          this.gone.delete(event.participant_id);
+          break;
+        case 'participant.left':
+          if (event.participant_id === this.me) {
+            this.end(`removed from the room (${event.reason})`);
+          } else {
+            this.gone.add(event.participant_id);
+            this.dropTile(event.participant_id);
+            notice(`${event.participant_id} left (${event.reason})`);
+          }
+          break;
+        case 'track.muted':
+        case 'track.unmuted': {
+          const set = this.muted.get(event.participant_id) || new Set();
+          if (event.type === 'track.muted') set.add(event.track_id);
+          else set.delete(event.track_id);
+          this.muted.set(event.participant_id, set);
+          const tile = this.tiles.get(event.participant_id);
+          if (tile) tile.setBadges(this.badgesFor(event.participant_id));
+          break;
+        }
+        case 'room.closed':
+          this.end('the room was closed');
+          break;
+        default:
+          break;
+      }
+    }
+
+    toggle(kind) {
+      if (!this.local) return false;
+      const tracks = this.local.getTracks().filter((t) => t.kind === kind);
+      const enabled = !tracks.every((t) => !t.enabled);
+      for (const track of tracks) track.enabled = !enabled;
+      const tile = this.tiles.get(this.me);
+      if (tile) tile.setBadges(this.badgesFor(this.me));
+      return enabled; // now muted
+    }
+
+    async updateStats() {
+      if (this.ended) return;
+      const now = performance.now();
+      const inbound = {};
+      let rtt = null;
+      if (this.sub) rtt = await roundTrip(this.sub);
+      for (const [id, group] of this.receivers) {
+        const kinds = {};
+        for (const { kind, ssrc, receiver } of group.receivers) {
+          const report = await receiver.getStats();
+          kinds[kind] = inboundSummary(report, kind, ssrc);
+        }
+        inbound[id] = kinds;
+        const tile = this.tiles.get(id);
+        if (tile) {
+          const bytes = (kinds.audio?.bytesReceived || 0) + (kinds.video?.bytesReceived || 0);
+          const rate = tile.bytes ? (8 * (bytes - tile.bytes.value)) / (now - tile.bytes.at) : 0;
+          tile.bytes = { value: bytes, at: now };
+          const lost = (kinds.audio?.packetsLost || 0) + (kinds.video?.packetsLost || 0);
+          const v = kinds.video;
+          const picture = v && v.frameWidth ? `${v.codec || ''} ${v.frameWidth}×${v.frameHeight} ${Math.round(v.framesPerSecond || 0)} fps\n` : '';
+          tile.stats.textContent = `${picture}${Math.round(rate)} kbps · lost ${lost} · rtt ${formatRtt(rtt)}`;
+        }
+      }
+      let outbound = null;
+      if (this.pub) {
+        outbound = await outboundSummary(this.pub);
+        const tile = this.tiles.get(this.me);
+        if (tile) {
+          const bytes = outbound.bytesSent;
+          const rate = this.last.out !== null ? (8 * (bytes - this.last.out)) / (now - this.last.at) : 0;
+          this.last = { out: bytes, at: now };
+          const v = outbound.video;
+          const limited = v && v.qualityLimitationReason && v.qualityLimitationReason !== 'none'
+            ? ` · limited by ${v.qualityLimitationReason}` : '';
+          const picture = v && v.frameWidth ? `${v.codec || ''} ${v.frameWidth}×${v.frameHeight} ${Math.round(v.framesPerSecond || 0)} fps${limited}\n` : '';
+          tile.stats.textContent = `${picture}↑ ${Math.round(rate)} kbps · lost ${outbound.packetsLost} · rtt ${formatRtt(outbound.rtt)}`;
+        }
+      }
+      this.lastStats = { inbound, outbound, rtt };
+    }
+
+    async end(reason) {
+      if (this.ended) return;
+      this.ended = true;
+      record.state = 'left';
+      clearInterval(this.timer);
+      if (this.events) this.events.close();
+      for (const pc of [this.pub, this.sub]) if (pc) pc.close();
+      if (this.local) for (const track of this.local.getTracks()) track.stop();
+      for (const tile of this.tiles.values()) tile.remove();
+      this.tiles.clear();
+      this.receivers.clear();
+      notice(reason);
+      showJoinForm();
+      setStatus(`Not in a call (${reason}).`);
+      if (current === this) current = null;
+    }
+
+    async leave() {
+      try {
+        await this.api.call('DELETE', `${this.api.base}?reason=left`);
+      } catch (error) {
+        if (error.status !== 404) notice(`leave: ${error.message}`, true);
+      }
+      await this.end('you left the call');
+    }
+
+    /** Tell the relay at once when the tab goes away (instead of waiting for the timeout). */
+    leaveOnUnload() {
+      if (this.ended) return;
+      fetch(`${this.api.base}?reason=left`, { method: 'DELETE', headers: this.api.headers(), keepalive: true })
+        .catch(() => {});
+    }
+  }
+
+  function onlyLoopback(description) {
+    const sdp = description ? description.sdp : '';
+    const addresses = [...sdp.matchAll(/^a=candidate:\S+ \d+ \S+ \d+ (\S+) /gm)].map((m) => m[1]);
+    return addresses.length > 0 && addresses.every((a) => a.startsWith('127.') || a === '::1');
+  }
+
+  function formatRtt(seconds) {
+    return typeof seconds === 'number' ? `${Math.round(seconds * 1000)} ms` : '–';
+  }
+
+  function codecName(report, stat) {
+    const codec = stat && stat.codecId && report.get(stat.codecId);
+    return codec ? codec.mimeType.split('/')[1] : null;
+  }
+
+  function inboundSummary(report, kind, ssrc) {
+    let best = null;
+    report.forEach((s) => {
+      if (s.type !== 'inbound-rtp' || (s.kind || s.mediaType) !== kind) return;
+      if (ssrc !== null && s.ssrc === ssrc) best = s;
+      else if (!best || (best.ssrc !== ssrc && (s.packetsReceived || 0) > (best.packetsReceived || 0))) best = s;
+    });
+    if (!best) return null;
+    return {
+      ssrc: best.ssrc,
+      codec: codecName(report, best),
+      packetsReceived: best.packetsReceived || 0,
+      packetsLost: best.packetsLost || 0,
+      bytesReceived: best.bytesReceived || 0,
+      framesDecoded: best.framesDecoded,
+      frameWidth: best.frameWidth,
+      frameHeight: best.frameHeight,
+      framesPerSecond: best.framesPerSecond,
+      jitter: best.jitter,
+    };
+  }
+
+  async function outboundSummary(pc) {
+    const report = await pc.getStats();
+    const result = { bytesSent: 0, packetsLost: 0, rtt: null };
+    const remote = [];
+    report.forEach((s) => {
+      if (s.type === 'outbound-rtp') {
+        result.bytesSent += s.bytesSent || 0;
+        result[s.kind || s.mediaType] = {
+          codec: codecName(report, s),
+          packetsSent: s.packetsSent || 0,
+          framesEncoded: s.framesEncoded,
+          frameWidth: s.frameWidth,
+          frameHeight: s.frameHeight,
+          framesPerSecond: s.framesPerSecond,
+          targetBitrate: s.targetBitrate,
+          qualityLimitationReason: s.qualityLimitationReason,
+        };
+      } else if (s.type === 'candidate-pair' && s.nominated && s.availableOutgoingBitrate) {
+        result.availableOutgoingBitrate = s.availableOutgoingBitrate;
+      } else if (s.type === 'remote-inbound-rtp') {
+        result.packetsLost += s.packetsLost || 0;
+        result[`${s.kind}FractionLost`] = s.fractionLost;
+        if (typeof s.roundTripTime === 'number') remote.push(s.roundTripTime);
+      }
+    });
+    result.rtt = pairRoundTrip(report) ?? (remote.length ? Math.min(...remote) : null);
+    return result;
+  }
+
+  function pairRoundTrip(report) {
+    let rtt = null;
+    report.forEach((s) => {
+      if (s.type === 'candidate-pair' && s.state === 'succeeded' && (s.nominated || s.selected) &&
+          typeof s.currentRoundTripTime === 'number') {
+        rtt = s.currentRoundTripTime;
+      }
+    });
+    return rtt;
+  }
+
+  async function roundTrip(pc) {
+    return pairRoundTrip(await pc.getStats());
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Joining and the page's controls
+
+  let current = null;
+
+  async function openCamera() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      notice('no camera access here: browsers allow it only on https:// or http://localhost; joining receive-only', true);
+      return null;
+    }
+    try {
+      return await navigator.mediaDevices.getUserMedia({
+        audio: true,
+        video: { width: { ideal: options.width }, height: { ideal: options.height }, frameRate: { ideal: options.fps } },
+      });
+    } catch (error) {
+      notice(`no camera or microphone (${error.name}): joining receive-only`, true);
+      return null;
+    }
+  }
+
+  async function join(room, recvonly) {
+    if (!ID.test(room)) throw new Error('a room name is 1-64 letters, digits, dots, dashes or underscores');
+    $('join-button').disabled = true;
+    setStatus(`Joining ${room}…`);
+    // The camera opens while the page gets its token and starts receiving.
+    const camera = recvonly ? Promise.resolve(null) : openCamera();
+    let call = null;
+    try {
+      const credentials = options.token
+        ? { room_id: room, participant_id: options.participant, token: options.token }
+        : await devToken(room, options.participant, !recvonly);
+      mark('token');
+      options.token = ''; // a token from the fragment is good for one participant, one join
+      record.participant = credentials.participant_id;
+      record.room = room;
+      record.joinedAt = performance.now();
+      if (!fragment.has('token')) history.replaceState(null, '', `#room=${encodeURIComponent(room)}`);
+      showCall(room, credentials.participant_id);
+      call = current = new Call(credentials);
+      await call.start(camera);
+    } catch (error) {
+      camera.then((stream) => {
+        if (stream && (!call || call.local !== stream)) for (const track of stream.getTracks()) track.stop();
+      });
+      if (call) await call.end(`could not join: ${error.message}`);
+      else showJoinForm();
+      record.state = 'error';
+      record.error = error.message;
+      notice(`could not join: ${error.message}`, true);
+      setStatus('Not in a call.');
+    } finally {
+      $('join-button').disabled = false;
+    }
+  }
+
+  function showCall(room, participant) {
+    $('join').hidden = true;
+    $('call').hidden = false;
+    $('room-label').textContent = `Room ${room} · you are ${participant}`;
+    enableMute(false);
+  }
+
+  function enableMute(publishing) {
+    for (const id of ['mute-audio', 'mute-video']) {
+      $(id).disabled = !publishing;
+      $(id).setAttribute('aria-pressed', 'false');
+    }
+    $('mute-audio').textContent = 'Mute mic';
+    $('mute-video').textContent = 'Stop camera';
+  }
+
+  function showJoinForm() {
+    $('call').hidden = true;
+    $('join').hidden = false;
+  }
+
+  function setupControls() {
+    $('room').value = ID.test(options.room) ? options.room : '';
+    $('recvonly').checked = options.recvonly;
+    $('join').addEventListener('submit', (event) => {
+      event.preventDefault();
+      join($('room').value.trim(), $('recvonly').checked);
+    });
+    $('mute-audio').addEventListener('click', () => {
+      const muted = current && current.toggle('audio');
+      $('mute-audio').setAttribute('aria-pressed', String(Boolean(muted)));
+      $('mute-audio').textContent = muted ? 'Unmute mic' : 'Mute mic';
+    });
+    $('mute-video').addEventListener('click', () => {
+      const muted = current && current.toggle('video');
+      $('mute-video').setAttribute('aria-pressed', String(Boolean(muted)));
+      $('mute-video').textContent = muted ? 'Start camera' : 'Stop camera';
+    });
+    $('leave').addEventListener('click', () => {
+      if (current) current.leave();
+    });
+    window.addEventListener('pagehide', () => {
+      if (current) current.leaveOnUnload();
+    });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Statistics report (automated tests): the same numbers the overlay shows, every second
+
+  function startReports() {
+    if (!options.report) return;
+    const capabilities = videoCodecs();
+    setInterval(() => {
+      const call = current;
+      const payload = {
+        ...record,
+        userAgent: navigator.userAgent,
+        now: performance.now(),
+        capabilities,
+        states: call ? call.states : null,
+        tiles: call ? [...call.tiles.keys()].filter((id) => id !== call.me) : [],
+        stats: call && call.lastStats ? call.lastStats : null,
+      };
+      fetch(options.report, { method: 'POST', mode: 'no-cors', body: JSON.stringify(payload) })
+        .catch(() => {});
+    }, STATS_INTERVAL_MS);
+  }
+
+  mark('script');
+  setupControls();
+  startReports();
+  if (options.join && options.room) join(options.room, options.recvonly);
+  else setStatus('Not in a call. Type a room name and join.');
+})();
