@@ -50,6 +50,9 @@ class WebRtcTransport:
         self.srtp: SrtpSession | None = None
         self.addr: Address | None = None
         self.nominated = False
+        self.nominated_priority = 0
+        #: the address a new latch replaced, for the media router to keep as an alternate
+        self.displaced: Address | None = None
         #: other addresses that passed a check (bounded by the media router)
         self.alternates: list[Address] = []
         self.state = TransportState.NEW
@@ -99,11 +102,21 @@ class WebRtcTransport:
         self.rx_seen = True
         self.last_activity = now
         changed = False
-        if self.addr is None or (request.use_candidate and addr != self.addr):
-            changed = self.addr != addr
+        priority = request.priority or 0
+        if self.addr is None:
+            changed = True
+        elif request.use_candidate and addr != self.addr:
+            # A client may nominate several pairs in a burst (Firefox does): keep the one it
+            # ranks highest. The same or a higher priority from a new address is the same
+            # candidate behind a rebinding NAT. Media from a displaced address moves the latch
+            # back (the media router keeps it as an alternate).
+            changed = not self.nominated or priority >= self.nominated_priority
+        if changed:
+            self.displaced = self.addr
             self.addr = addr
-        if request.use_candidate:
+        if request.use_candidate and addr == self.addr:
             self.nominated = True
+            self.nominated_priority = priority
         out: list[bytes] = []
         if self.state is TransportState.NEW and self.dtls_server is not None:
             out = self._start_dtls(now)

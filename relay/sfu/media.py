@@ -474,19 +474,29 @@ class MediaRouter:
             return
         self.metrics.stun_requests += 1
         if changed:
-            for old in [a for a, t in self.by_addr.items() if t is transport]:
-                del self.by_addr[old]
+            displaced = transport.displaced
+            if displaced is not None and self.by_addr.get(displaced) is transport:
+                del self.by_addr[displaced]
+                self._remember(transport, displaced)
             self.by_addr[addr] = transport
-            self.alt_addrs.pop(addr, None)
-        elif addr != transport.addr and self.alt_addrs.get(addr) is not transport:
-            alternates = transport.alternates
-            if len(alternates) >= MAX_ALT_ADDRESSES:
-                oldest = alternates.pop(0)
-                if self.alt_addrs.get(oldest) is transport:
-                    del self.alt_addrs[oldest]
-            alternates.append(addr)
-            self.alt_addrs[addr] = transport
+            if self.alt_addrs.get(addr) is transport:
+                del self.alt_addrs[addr]
+                transport.alternates.remove(addr)
+        elif addr != transport.addr:
+            self._remember(transport, addr)
         self.send_all(out, transport)
+
+    def _remember(self, transport: WebRtcTransport, addr: Address) -> None:
+        """Keep an authenticated, unlatched address of a transport (a bounded few)."""
+        if self.alt_addrs.get(addr) is transport:
+            return
+        alternates = transport.alternates
+        if len(alternates) >= MAX_ALT_ADDRESSES:
+            oldest = alternates.pop(0)
+            if self.alt_addrs.get(oldest) is transport:
+                del self.alt_addrs[oldest]
+        alternates.append(addr)
+        self.alt_addrs[addr] = transport
 
     def _relatch(self, addr: Address) -> WebRtcTransport | None:
         """Follow a client to an address it authenticated with STUN but did not nominate."""
@@ -498,8 +508,10 @@ class MediaRouter:
         return transport
 
     def _latch(self, transport: WebRtcTransport, addr: Address) -> None:
-        if transport.addr is not None and self.by_addr.get(transport.addr) is transport:
-            del self.by_addr[transport.addr]
+        old = transport.addr
+        if old is not None and self.by_addr.get(old) is transport:
+            del self.by_addr[old]
+            self._remember(transport, old)
         transport.addr = addr
         self.by_addr[addr] = transport
 

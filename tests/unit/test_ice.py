@@ -145,3 +145,27 @@ def test_transport_as_dtls_client_sends_hello_after_first_check() -> None:
     t.set_remote("clientufrag", "clientpassword", [("sha-256", "00")], dtls_server=False)
     _, ok, _, out = t.handle_binding(parse_binding_request(request()), ("10.0.0.1", 1), 1.0)
     assert ok and len(out) >= 1 and out[0][0] == 22  # a DTLS handshake record (ClientHello)
+
+
+def _nominate(t: WebRtcTransport, addr: tuple[str, int], priority: int, now: float) -> bool:
+    msg = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    msg.attributes["USERNAME"] = "relayufrag:clientufrag"
+    msg.attributes["PRIORITY"] = priority
+    msg.attributes["ICE-CONTROLLING"] = 1
+    msg.attributes["USE-CANDIDATE"] = None
+    msg.add_message_integrity(RELAY.pwd.encode())
+    _, ok, changed, _ = t.handle_binding(parse_binding_request(bytes(msg)), addr, now)
+    assert ok
+    return changed
+
+
+def test_burst_of_nominations_keeps_the_highest_priority_pair() -> None:
+    t = _transport()
+    t.set_remote("clientufrag", "clientpassword", [("sha-256", "00")], dtls_server=True)
+    assert _nominate(t, ("10.0.0.1", 1), 2000, 1.0)
+    # a lower-priority pair nominated right after does not take the latch ...
+    assert not _nominate(t, ("10.0.0.2", 2), 1000, 1.01)
+    assert t.addr == ("10.0.0.1", 1)
+    # ... a higher-priority one does, and the displaced address is kept for the router
+    assert _nominate(t, ("10.0.0.3", 3), 3000, 1.02)
+    assert t.addr == ("10.0.0.3", 3) and t.displaced == ("10.0.0.1", 1)
