@@ -395,7 +395,15 @@ class MediaRouter:
         self._send_rtcp(publisher, rtcp.pli(track.publisher.rtcp_ssrc, track.ssrc))
 
     def _send_twcc(self, transport: WebRtcTransport, now: float) -> None:
-        for packet in transport.twcc.build_feedback(now):
+        twcc = transport.twcc
+        if not twcc.media_ssrc:
+            # libwebrtc ignores transport feedback whose media SSRC is not one of its own
+            publisher: Participant = transport.owner
+            ssrc = next((t.ssrc for t in publisher.tracks.values() if t.ssrc), None)
+            if ssrc is None:
+                return
+            twcc.media_ssrc = ssrc
+        for packet in twcc.build_feedback(now):
             self._send_rtcp(transport, packet)
             self.metrics.twcc_feedback_sent += 1
 

@@ -41,6 +41,9 @@
     width: Number(fragment.get('width')) || 640,
     height: Number(fragment.get('height')) || 480,
     fps: Number(fragment.get('fps')) || 30,
+    // "noise": a moving noise picture instead of the camera, which an encoder cannot compress
+    // below the bitrate it is allowed (to measure how fast the sender's estimate ramps up)
+    source: fragment.get('source') || 'camera',
     report: loopbackUrl(fragment.get('report')),
   };
 
@@ -773,12 +776,36 @@
 
   let current = null;
 
+  function noiseStream(width, height, fps) {
+    const canvas = document.createElement('canvas');
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext('2d');
+    const image = context.createImageData(width, height);
+    const pixels = new Uint32Array(image.data.buffer);
+    let seed = 1;
+    setInterval(() => {
+      for (let i = 0; i < pixels.length; i += 1) {
+        seed = (seed * 1103515245 + 12345) >>> 0;
+        pixels[i] = 0xff000000 | (seed >>> 8);
+      }
+      context.putImageData(image, 0, 0);
+    }, 1000 / fps);
+    return canvas.captureStream(fps);
+  }
+
   async function openCamera() {
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
       notice('no camera access here: browsers allow it only on https:// or http://localhost; joining receive-only', true);
       return null;
     }
     try {
+      if (options.source === 'noise') {
+        const stream = noiseStream(options.width, options.height, options.fps);
+        const audio = await navigator.mediaDevices.getUserMedia({ audio: true });
+        audio.getAudioTracks().forEach((track) => stream.addTrack(track));
+        return stream;
+      }
       return await navigator.mediaDevices.getUserMedia({
         audio: true,
         video: { width: { ideal: options.width }, height: { ideal: options.height }, frameRate: { ideal: options.fps } },

@@ -38,7 +38,11 @@ CAMERA = {"width": "320", "height": "240", "fps": "15"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """A network namespace with the relay, a statistics collector and an event loop in it."""
-    folder = tmp_path_factory.mktemp("browsers")
+    yield from make_world(tmp_path_factory.mktemp("browsers"))
+
+
+def make_world(folder: Path, relay_extra: str = "") -> Iterator[World]:
+    """Namespace, loop, collector and relay (with extra TOML), removed when done."""
     namespace = Namespace()
     loop: NamespaceLoop | None = None
     relay: RelayInNamespace | None = None
@@ -48,7 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         loop.start()
         collector = Collector()
         loop.run(collector.start())
-        relay = start_relay(namespace, loop, folder)
+        relay = start_relay(namespace, loop, folder, relay_extra)
         yield World(namespace, loop, relay, collector, folder)
     finally:
         if relay is not None:

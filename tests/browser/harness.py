@@ -275,8 +275,9 @@ class RelayInNamespace:
         return self.process.log(tail)
 
 
-def relay_config(token_secret: str) -> str:
-    return f"""
+def relay_config(token_secret: str, extra: str = "") -> str:
+    return (
+        f"""
 [api]
 host = "127.0.0.1"
 port = {API_PORT}
@@ -295,13 +296,17 @@ consent_timeout = {CONSENT_TIMEOUT}
 [demo]
 enabled = true
 """
+        + extra
+    )
 
 
-def start_relay(namespace: Namespace, loop: NamespaceLoop, folder: Path) -> RelayInNamespace:
+def start_relay(
+    namespace: Namespace, loop: NamespaceLoop, folder: Path, extra: str = ""
+) -> RelayInNamespace:
     """``relay serve`` inside the namespace: API on its 127.0.0.1, media on the veth address."""
     secret = secrets.token_urlsafe(32)
     config = folder / "relay.toml"
-    config.write_text(relay_config(secret))
+    config.write_text(relay_config(secret, extra))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["PYTHONUNBUFFERED"] = "1"
     process = Process(
