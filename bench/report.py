@@ -1,0 +1,332 @@
+"""Markdown tables and matplotlib plots from a bench result (the JSON written by the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.hotpath import STAGES
+
+SYSTEM_LABELS = {
+    "relay": "relay",
+    "janus": "Janus videoroom",
+    "ceiling": "bare uvloop UDP forwarder",
+    "naive_aiortc": "naive aiortc relay",
+}
+
+
+def _f(value: Any, digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def _pct(value: Any, digits: int = 2) -> str:
+    return "–" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _lat(result: dict[str, Any], key: str) -> str:
+    return _f(result.get("latency_ms", {}).get(key), 2)
+
+
+def _mb(result: dict[str, Any]) -> str:
+    rss = result.get("server_memory", {}).get("rss_bytes")
+    return "–" if not rss else f"{rss / 2**20:.0f}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        f"# Bench: `{data['command']}`{' (quick)' if data.get('quick') else ''}",
+        "",
+        f"{data['created_at']}; {m['cpu_model']}, {m['cpus']} CPUs, Python {m['python']}, "
+        f"kernel {m['kernel']}; {data['network']}; load average before "
+        f"{data.get('load_average_before')} after {data.get('load_average_after')}.",
+        f"Server under test on core {data['pinning']['server_core']}, load generator on core "
+        f"{data['pinning']['generator_core']}.",
+        "",
+    ]
+    ratios = data.get("ratios", {})
+    if any(v is not None for v in ratios.values()) or data.get("command") in ("compare", "all"):
+        lines += [
+            "## Ratios (CPU per forwarded packet, relay / other: lower is better for the relay)",
+            "",
+            "| ratio | value |",
+            "|---|---|",
+        ]
+        for key, value in ratios.items():
+            lines.append(f"| `{key}` | {_f(value, 3)} |")
+        for name, reason in data.get("skipped", {}).items():
+            lines.append(f"| {name} skipped | {reason} |")
+        lines.append("")
+    if "hotpath" in data:
+        lines += _hotpath(data["hotpath"])
+    if "load" in data:
+        lines += _load(data["load"])
+    if "compare" in data:
+        lines += _compare(data["compare"])
+    if "targets" in data:
+        lines += [
+            "## Targets (measured, not asserted)",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        for name, t in data["targets"].items():
+            shown = {k: v for k, v in t.items() if k != "met"}
+            met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
+            lines.append(f"| {name} | {_compact(shown)} | {met} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _compact(values: dict[str, Any]) -> str:
+    out = []
+    for k, v in values.items():
+        out.append(f"{k}={_f(v, 3) if isinstance(v, float) else v}")
+    return ", ".join(out)
+
+
+def _hotpath(h: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Hot path: ns per input packet, p50 (p99)",
+        "",
+        f"{h['method']}; {h['samples_per_stage']} samples per stage.",
+        "",
+    ]
+    for kind in ("audio", "video"):
+        rows = [r for r in h["results"] if r["kind"] == kind]
+        if not rows:
+            continue
+        size = rows[0]["packet_bytes"]
+        header = "| stage | " + " | ".join(f"fan-out {r['fanout']}" for r in rows) + " |"
+        lines += [f"### {kind} ({size} B SRTP)", "", header, "|---" * (len(rows) + 1) + "|"]
+        for stage in STAGES:
+            cells = []
+            for r in rows:
+                s = r["stages_ns"][stage]
+                cells.append(f"{s['p50']:,.0f} ({s['p99']:,.0f})")
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        cells = [f"{r['per_copy_ns']['forward']['p50']:,.0f}" for r in rows]
+        lines.append("| forward per copy (p50) | " + " | ".join(cells) + " |")
+        cells = [f"{r['forward_minus_stages_ns']:,.0f}" for r in rows]
+        lines.append("| forward − sum of stages | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+LOAD_HEADER = (
+    "| scenario | receivers | forwarded pkt/s | loss | reordered | latency p50 / p90 / p99 / p99.9 ms "
+    "| CPU µs/pkt | pkt per CPU-s | server CPU | RSS MB | loop lag ms | other procs CPU |"
+)
+
+
+def _load_row(name: str, r: dict[str, Any]) -> str:
+    lag = r.get("relay_metrics", {}).get("event_loop_lag_s")
+    if r.get("disturbed"):
+        name += " (busy machine)"
+    return (
+        f"| {name} | {r.get('receivers')} | {_f(r.get('forwarded_pps'), 0)} | {_pct(r.get('loss'))} "
+        f"| {_f(r.get('reordered'))} | {_lat(r, 'p50')} / {_lat(r, 'p90')} / {_lat(r, 'p99')} / "
+        f"{_lat(r, 'p99.9')} | {_f(r.get('cpu_per_packet_us'), 1)} "
+        f"| {_f(r.get('packets_per_cpu_second'), 0)} | {_pct(r.get('server_cpu_fraction'), 0)} "
+        f"| {_mb(r)} | {_f(None if lag is None else lag * 1e3, 1)} "
+        f"| {_pct(r.get('background_cpu_fraction'), 0)} |"
+    )
+
+
+def _load(load: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Load: the relay in its own process",
+        "",
+        "Latency: publisher `sendto` to the subscriber socket's kernel receive timestamp. "
+        "'other procs CPU': what other processes on the machine used during the window (in "
+        "cores); a window above 30 % is measured again, and marked '(busy machine)' if it "
+        "stays so.",
+        "",
+        LOAD_HEADER,
+        "|---" * 12 + "|",
+    ]
+    scenarios = load.get("scenarios", {})
+    for name, r in scenarios.items():
+        if name != "ramp":
+            lines.append(_load_row(name, r))
+    lines.append("")
+    ramp = scenarios.get("ramp")
+    if ramp:
+        cap = ramp.get("capacity")
+        lines += [
+            "### Ramp: one publisher (1 Mbit/s video) and more subscribers per step",
+            "",
+            f"Stopped: {ramp['stop_reason']}. Capacity of one core: "
+            + (
+                f"**{cap['forwarded_pps']:,.0f} forwarded packets/s** "
+                f"({cap['subscribers']} subscribers, {cap['cpu_per_packet_us']:.1f} µs CPU per packet)."
+                if cap
+                else "no step within the limits."
+            ),
+            "",
+            LOAD_HEADER.replace("scenario", "subscribers"),
+            "|---" * 12 + "|",
+        ]
+        for step in ramp["steps"]:
+            lines.append(_load_row(str(step["subscribers"]), step))
+        lines.append("")
+    for name, error in load.get("errors", {}).items():
+        lines.append(f"- {name}: {error}")
+    return lines
+
+
+def _compare(c: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Compare: the same load on each system",
+        "",
+        "One publisher (opus-sized 120 B at 50 pkt/s + 1 Mbit/s video in 1200 B packets) to N "
+        "subscribers.",
+        "",
+        LOAD_HEADER.replace("scenario", "system, N"),
+        "|---" * 12 + "|",
+    ]
+    for system, results in c.get("fanout", {}).items():
+        for r in results:
+            lines.append(_load_row(f"{SYSTEM_LABELS.get(system, system)}, {r['subscribers']}", r))
+    lines.append("")
+    if c.get("codec"):
+        lines += [
+            "Real VP8 (320x240, 15 fps, about 0.4 Mbit/s) to a few subscribers, for the decoding "
+            "baseline (latency and loss are not matched on re-encoded packets):",
+            "",
+            LOAD_HEADER.replace("scenario", "system"),
+            "|---" * 12 + "|",
+        ]
+        for system, r in c["codec"].items():
+            lines.append(_load_row(SYSTEM_LABELS.get(system, system), r))
+        lines.append("")
+    for name, reason in c.get("skipped", {}).items():
+        lines.append(f"- {name} skipped: {reason}")
+    for name, error in c.get("errors", {}).items():
+        lines.append(f"- {name} failed: {error}")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plots(data: dict[str, Any], out: Path) -> list[str]:
+    """Write the PNGs this result has data for; returns their file names."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    compare = data.get("compare") or {}
+    fanout = compare.get("fanout", {})
+    # latency CDF per system, at the largest fan-out every system ran
+    common = None
+    for results in fanout.values():
+        ns = {r["subscribers"] for r in results if r.get("latency_cdf_ms")}
+        common = ns if common is None else common & ns
+    if common:
+        n = max(common)
+        from bench.load import CDF_QUANTILES
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for system, results in fanout.items():
+            r = next(r for r in results if r["subscribers"] == n)
+            ax.plot(r["latency_cdf_ms"], CDF_QUANTILES, label=SYSTEM_LABELS.get(system, system))
+        ax.set_xscale("log")
+        ax.set_xlabel("latency from publisher sendto to subscriber socket (ms, log)")
+        ax.set_ylabel("percentile")
+        ax.set_title(f"Latency CDF, 1 publisher to {n} subscribers")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        save(fig, "latency_cdf.png")
+    # CPU vs subscribers
+    ramp = (data.get("load") or {}).get("scenarios", {}).get("ramp")
+    if fanout or ramp:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for system, results in fanout.items():
+            if results:
+                ax.plot(
+                    [r["subscribers"] for r in results],
+                    [r["server_cpu_fraction"] * 100 for r in results],
+                    marker="o",
+                    label=f"{SYSTEM_LABELS.get(system, system)} (audio+video)",
+                )
+        if ramp and ramp["steps"]:
+            ax.plot(
+                [s["subscribers"] for s in ramp["steps"]],
+                [s["server_cpu_fraction"] * 100 for s in ramp["steps"]],
+                marker="s",
+                linestyle="--",
+                label="relay, ramp (1 Mbit/s video)",
+            )
+        ax.set_xlabel("subscribers of one publisher")
+        ax.set_ylabel("server CPU (% of one core)")
+        ax.set_title("CPU vs subscribers")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        save(fig, "cpu_vs_subscribers.png")
+    if ramp and ramp["steps"]:
+        steps = ramp["steps"]
+        subs = [s["subscribers"] for s in steps]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(subs, [s["forwarded_pps"] for s in steps], marker="o", color="C0")
+        ax.set_xlabel("subscribers of one 1 Mbit/s publisher")
+        ax.set_ylabel("forwarded packets/s", color="C0")
+        ax2 = ax.twinx()
+        ax2.plot(
+            subs,
+            [s["latency_ms"].get("p99", float("nan")) for s in steps],
+            marker="^",
+            color="C3",
+            label="latency p99 (ms)",
+        )
+        ax2.plot(subs, [s["loss"] * 100 for s in steps], marker="x", color="C2", label="loss (%)")
+        ax2.set_yscale("symlog", linthresh=1.0)
+        ax2.set_ylabel("p99 ms / loss %")
+        ax2.legend(loc="upper left")
+        cap = ramp.get("capacity")
+        title = "Capacity of one core"
+        if cap:
+            title += f": {cap['forwarded_pps']:,.0f} pkt/s at {cap['subscribers']} subscribers"
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        save(fig, "capacity.png")
+    hot = data.get("hotpath")
+    if hot:
+        rows = [r for r in hot["results"] if r["kind"] == "video"] or hot["results"]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        bottom = [0.0] * len(rows)
+        labels = [str(r["fanout"]) for r in rows]
+        for stage in STAGES:
+            if stage == "forward":
+                continue
+            values = [r["stages_ns"][stage]["p50"] / 1000 for r in rows]
+            ax.bar(labels, values, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.plot(
+            labels,
+            [r["stages_ns"]["forward"]["p50"] / 1000 for r in rows],
+            "k_",
+            markersize=28,
+            label="whole forward",
+        )
+        ax.set_xlabel("fan-out (subscribers)")
+        ax.set_ylabel("µs per input packet (p50)")
+        ax.set_title(f"Hot path stages, {rows[0]['kind']} packets")
+        ax.legend(fontsize=8)
+        save(fig, "hotpath.png")
+    return written
