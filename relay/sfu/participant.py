@@ -49,6 +49,8 @@ class Participant:
         self.room = room
         self.metadata = metadata
         self.joined_at = joined_at
+        #: monotonic time of joining, for the connect timeout
+        self.joined_clock = 0.0
         self.can_publish = can_publish
         self.can_subscribe = can_subscribe
         self.auto_subscribe = auto_subscribe

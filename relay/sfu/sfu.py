@@ -249,6 +249,7 @@ class Sfu:
             bool(can_subscribe),
             bool(auto_subscribe),
         )
+        p.joined_clock = self.clock()
         room.participants[participant_id] = p
         room.empty_since = None
         self.emit("participant.joined", room, participant_id=participant_id)
@@ -723,6 +724,9 @@ class Sfu:
         self.router.send_reports(self, now)
 
     def _timed_out(self, p: Participant, now: float, consent: float, connect: float) -> bool:
+        if p.publisher is None and p.subscriber is None:
+            # never opened a connection (a client that crashed after its signaling, say)
+            return now - p.joined_clock > connect
         for t in p.transports:
             if t.rx_seen:
                 t.rx_seen = False

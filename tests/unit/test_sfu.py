@@ -391,3 +391,15 @@ def test_nack_disabled_offers_no_rtx_and_ignores_nacks() -> None:
     assert video.history is None and video.rtx_payload_type is None
     offer = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
     assert not offer.media[1].ssrc_groups and "nack" not in offer.media[1].codecs[0].rtcp_fb
+
+
+def test_participant_that_never_connects_times_out() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "ghost")
+    h.now += h.sfu.settings.session.connect_timeout - 1
+    h.sfu.tick(h.now)
+    assert "ghost" in h.sfu.get_room("r").participants
+    h.now += 2
+    h.sfu.tick(h.now)
+    assert "ghost" not in h.sfu.get_room("r").participants
+    assert h.events_of("participant.left")[-1]["reason"] == "timeout"
