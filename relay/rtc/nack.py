@@ -204,6 +204,7 @@ class NackGenerator:
         "recovered",
         "reordered",
         "lost_unrepaired",
+        "rtt",
         "_started",
         "_highest",
         "_missing",
@@ -229,6 +230,8 @@ class NackGenerator:
         self.max_missing = max_missing
         #: loss too large to repair by NACK happened: request a keyframe, then reset to False
         self.keyframe_needed = False
+        #: smoothed round-trip time to the sender, from NACKs answered after one request
+        self.rtt: float | None = None
         #: sequence numbers put in NACKs (a retry counts again)
         self.nacks_sent = 0
         #: missing packets that arrived after being NACKed at least once
@@ -269,6 +272,11 @@ class NackGenerator:
             if entry is not None:
                 if entry[2]:
                     self.recovered += 1
+                    if entry[2] == 1:
+                        # answered after exactly one NACK: an unambiguous round trip (Karn)
+                        sample = now - entry[1]
+                        rtt = self.rtt
+                        self.rtt = sample if rtt is None else rtt + (sample - rtt) / 8
                 else:
                     self.reordered += 1
 

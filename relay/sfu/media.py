@@ -422,7 +422,7 @@ class MediaRouter:
                 nack = track.nack
                 if nack is None or track.ssrc is None:
                     continue
-                lost = nack.poll(now)
+                lost = nack.poll(now, nack.rtt)
                 for i in range(0, len(lost), _NACK_CHUNK):
                     self._send_rtcp(
                         transport,

@@ -105,7 +105,8 @@ class Track:
             "packets_lost": max(0, st.packets_lost) if st else 0,
             "fraction_lost": (st.fraction_lost / 256.0) if st else 0.0,
             "jitter": (st.jitter / self.clock_rate) if st else 0.0,
-            "round_trip_time": None,
+            # measured from NACK to retransmission: known once loss has been repaired
+            "round_trip_time": self.nack.rtt if self.nack else None,
             "bitrate": self.bitrate,
             "nacks_sent": self.nack.nacks_sent if self.nack else 0,
             "retransmissions_received": self.rtx_received,

@@ -285,3 +285,19 @@ def test_reset_and_clear() -> None:
     gen.reset()
     feed(gen, [40000, 40001], now=1.0)  # a new sequence: no giant gap
     assert gen.missing == 0 and not gen.keyframe_needed
+
+
+def test_round_trip_time_from_a_nack_answered_once() -> None:
+    gen = NackGenerator()
+    for seq in (1, 2, 4):
+        gen.on_packet(seq, 0.0)
+    assert gen.poll(0.05) == [3]  # NACK sent at 0.05
+    gen.on_packet(3, 0.09)  # retransmission 40 ms later
+    assert gen.rtt is not None and abs(gen.rtt - 0.04) < 1e-9
+    # a packet recovered after two NACKs says nothing certain about the round trip
+    for seq in (5, 7):
+        gen.on_packet(seq, 1.0)
+    assert gen.poll(1.05, gen.rtt) == [6]
+    assert gen.poll(1.2, gen.rtt) == [6]
+    gen.on_packet(6, 1.21)
+    assert abs(gen.rtt - 0.04) < 1e-9
