@@ -745,18 +745,11 @@ class Sfu:
         track.tick(interval)
         if before > 0:
             track.last_media = now
-            if track.muted:
-                track.muted = False
-                self.emit(
-                    "track.unmuted",
-                    track.publisher.room,
-                    participant_id=track.participant_id,
-                    track_id=track.track_id,
-                )
-        elif not track.muted and track.packets and now - track.last_media > MUTE_AFTER:
-            track.muted = True
+        muted = before == 0 and track.packets > 0 and now - track.last_media > MUTE_AFTER
+        if muted != track.muted:
+            track.muted = muted
             self.emit(
-                "track.muted",
+                "track.muted" if muted else "track.unmuted",
                 track.publisher.room,
                 participant_id=track.participant_id,
                 track_id=track.track_id,

@@ -403,3 +403,28 @@ def test_participant_that_never_connects_times_out() -> None:
     h.sfu.tick(h.now)
     assert "ghost" not in h.sfu.get_room("r").participants
     assert h.events_of("participant.left")[-1]["reason"] == "timeout"
+
+
+def test_track_silent_for_a_while_is_reported_muted_then_unmuted() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer(video=False))
+    h.connect(h.sfu.get_participant("r", "alice").publisher, ("10.0.0.1", 4000))
+
+    def send(seq: int) -> None:
+        h.sfu.router.handle_datagram(
+            rtp(AIORTC_AUDIO_SSRC, 96, seq, seq * 960, []), ("10.0.0.1", 4000)
+        )
+
+    send(1)
+    for _ in range(5):  # one second per tick, nothing sent after the first
+        h.now += 1
+        h.sfu.tick(h.now)
+    assert [e["type"] for e in h.events if e["type"].startswith("track.")] == [
+        "track.published",
+        "track.muted",
+    ]
+    send(2)
+    h.now += 1
+    h.sfu.tick(h.now)
+    assert h.events_of("track.unmuted")[-1]["participant_id"] == "alice"
