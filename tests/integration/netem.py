@@ -21,7 +21,9 @@ class Impairment:
         """When to deliver a datagram (seconds from now), or None to drop it."""
         if self.loss and rnd.random() < self.loss:
             return None
-        return max(0.0, self.delay + (rnd.uniform(-self.jitter, self.jitter) if self.jitter else 0.0))
+        return max(
+            0.0, self.delay + (rnd.uniform(-self.jitter, self.jitter) if self.jitter else 0.0)
+        )
 
 
 class _Upstream(asyncio.DatagramProtocol):
@@ -34,16 +36,18 @@ class _Upstream(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.proxy._relay(self.proxy.to_client, data,
-                          lambda d: self.proxy.transport.sendto(d, self.client))
+        self.proxy._relay(
+            self.proxy.to_client, data, lambda d: self.proxy.transport.sendto(d, self.client)
+        )
 
 
 class ImpairingProxy(asyncio.DatagramProtocol):
     """Listens on 127.0.0.1:<port>; forwards to `target` with `to_relay` impairment and back
     with `to_client` impairment."""
 
-    def __init__(self, target: tuple[str, int], to_relay: Impairment, to_client: Impairment,
-                 seed: int = 1) -> None:
+    def __init__(
+        self, target: tuple[str, int], to_relay: Impairment, to_client: Impairment, seed: int = 1
+    ) -> None:
         self.target = target
         self.to_relay = to_relay
         self.to_client = to_client
@@ -56,11 +60,18 @@ class ImpairingProxy(asyncio.DatagramProtocol):
         self.loop = asyncio.get_event_loop()
 
     @classmethod
-    async def start(cls, target: tuple[str, int], to_relay: Impairment, to_client: Impairment,
-                    seed: int = 1, host: str = "127.0.0.1") -> ImpairingProxy:
+    async def start(
+        cls,
+        target: tuple[str, int],
+        to_relay: Impairment,
+        to_client: Impairment,
+        seed: int = 1,
+        host: str = "127.0.0.1",
+    ) -> ImpairingProxy:
         loop = asyncio.get_running_loop()
         _, proxy = await loop.create_datagram_endpoint(
-            lambda: cls(target, to_relay, to_client, seed), local_addr=(host, 0))
+            lambda: cls(target, to_relay, to_client, seed), local_addr=(host, 0)
+        )
         return proxy
 
     @property

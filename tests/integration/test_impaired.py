@@ -30,14 +30,25 @@ async def run_call(tmp_path, leg: str, nack: bool) -> tuple[float, float]:
     clients: list[CallClient] = []
     try:
         to_relay, to_client = (LOSSY, DELAY_ONLY) if leg == "publisher" else (DELAY_ONLY, LOSSY)
-        proxy = await ImpairingProxy.start(("127.0.0.1", relay.media_port), to_relay, to_client,
-                                           seed=42)
+        proxy = await ImpairingProxy.start(
+            ("127.0.0.1", relay.media_port), to_relay, to_client, seed=42
+        )
         headers = {"Authorization": f"Bearer {relay.key}"}
         httpx.post(f"{relay.api}/v1/rooms", json={"room_id": "lossy"}, headers=headers)
-        red = CallClient(relay.api, relay.key, "lossy", "red",
-                         proxies={"publisher": proxy.address} if leg == "publisher" else None)
-        green = CallClient(relay.api, relay.key, "lossy", "green",
-                           proxies={"subscriber": proxy.address} if leg == "subscriber" else None)
+        red = CallClient(
+            relay.api,
+            relay.key,
+            "lossy",
+            "red",
+            proxies={"publisher": proxy.address} if leg == "publisher" else None,
+        )
+        green = CallClient(
+            relay.api,
+            relay.key,
+            "lossy",
+            "green",
+            proxies={"subscriber": proxy.address} if leg == "subscriber" else None,
+        )
         clients = [red, green]
         for c in clients:
             await c.join()
@@ -49,9 +60,11 @@ async def run_call(tmp_path, leg: str, nack: bool) -> tuple[float, float]:
         end, sent = time.monotonic(), red.video_track.frame_count - sent_before
         decoded = green.received.frames_between("red", start, end)
         freeze = green.received.longest_freeze("red", start, end)
-        print(f"leg={leg} nack={nack}: {decoded}/{sent} frames decoded "
-              f"({decoded / sent:.1%}), longest freeze {freeze:.2f} s, proxy dropped "
-              f"{proxy.dropped} of {proxy.dropped + proxy.forwarded}")
+        print(
+            f"leg={leg} nack={nack}: {decoded}/{sent} frames decoded "
+            f"({decoded / sent:.1%}), longest freeze {freeze:.2f} s, proxy dropped "
+            f"{proxy.dropped} of {proxy.dropped + proxy.forwarded}"
+        )
         return decoded / sent, freeze
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
@@ -67,4 +80,8 @@ async def test_video_survives_loss_with_nack_and_not_without(tmp_path, leg: str)
     assert with_ratio >= 0.90 and with_freeze <= 1.0, (with_ratio, with_freeze)
     # retransmission is what makes the difference
     assert without_ratio < with_ratio - 0.05 or without_freeze > 1.0, (
-        with_ratio, with_freeze, without_ratio, without_freeze)
+        with_ratio,
+        with_freeze,
+        without_ratio,
+        without_freeze,
+    )
