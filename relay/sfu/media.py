@@ -482,14 +482,7 @@ class MediaRouter:
             return
         self.metrics.stun_requests += 1
         if changed:
-            displaced = transport.displaced
-            if displaced is not None and self.by_addr.get(displaced) is transport:
-                del self.by_addr[displaced]
-                self._remember(transport, displaced)
-            self.by_addr[addr] = transport
-            if self.alt_addrs.get(addr) is transport:
-                del self.alt_addrs[addr]
-                transport.alternates.remove(addr)
+            self._latch(transport, addr, transport.displaced)
         elif addr != transport.addr:
             self._remember(transport, addr)
         self.send_all(out, transport)
@@ -508,20 +501,21 @@ class MediaRouter:
 
     def _relatch(self, addr: Address) -> WebRtcTransport | None:
         """Follow a client to an address it authenticated with STUN but did not nominate."""
-        transport = self.alt_addrs.pop(addr, None)
-        if transport is None:
-            return None
-        transport.alternates.remove(addr)
-        self._latch(transport, addr)
+        transport = self.alt_addrs.get(addr)
+        if transport is not None:
+            self._latch(transport, addr, transport.addr)
         return transport
 
-    def _latch(self, transport: WebRtcTransport, addr: Address) -> None:
-        old = transport.addr
+    def _latch(self, transport: WebRtcTransport, addr: Address, old: Address | None) -> None:
+        """Route `addr` to the transport; its previous address `old` becomes an alternate."""
         if old is not None and self.by_addr.get(old) is transport:
             del self.by_addr[old]
             self._remember(transport, old)
         transport.addr = addr
         self.by_addr[addr] = transport
+        if self.alt_addrs.get(addr) is transport:
+            del self.alt_addrs[addr]
+            transport.alternates.remove(addr)
 
     def _dtls(self, data: bytes, addr: Address) -> None:
         transport = self.by_addr.get(addr) or self._relatch(addr)
