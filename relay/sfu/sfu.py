@@ -422,10 +422,7 @@ class Sfu:
         else:
             track.nack = None
         media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
-        for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
-            del p.ssrc_map[ssrc]
-        if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
-            del p.rtx_map[track.rtx_ssrc]
+        _unroute(p, track)
         if media_ssrc is not None:
             p.ssrc_map[media_ssrc] = track
             track.set_ssrc(media_ssrc)
@@ -451,10 +448,7 @@ class Sfu:
         p.tracks.pop(track.track_id, None)
         if p.tracks_by_mid.get(track.mid) is track:
             del p.tracks_by_mid[track.mid]
-        for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
-            del p.ssrc_map[ssrc]
-        if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
-            del p.rtx_map[track.rtx_ssrc]
+        _unroute(p, track)
         for sub in list(track.subscriptions.values()):
             self._drop_subscription(sub)
         track.outputs = []
@@ -795,6 +789,14 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber),
         }
+
+
+def _unroute(p: Participant, track: Track) -> None:
+    """Forget the SSRCs (media and RTX) that lead packets of `p` to `track`."""
+    for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
+        del p.ssrc_map[ssrc]
+    if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
+        del p.rtx_map[track.rtx_ssrc]
 
 
 def _delivery(transport: WebRtcTransport | None) -> dict[str, Any] | None:
