@@ -128,7 +128,9 @@ class Bench:
     def packets(self, count: int, size: int) -> list[bytes]:
         """``count`` SRTP packets of about ``size`` bytes from the publisher, new sequence numbers."""
         pt = 111 if self.kind == "audio" else 96
-        payload = bytes(max(8, size - 36))
+        # a VP8 payload descriptor that starts a keyframe (S=1, then P=0): a new subscription
+        # starts on it, as the load generator's stamped packets do
+        payload = b"\x10" + bytes(max(8, size - 36) - 1)
         out = []
         for _ in range(count):
             self.seq += 1

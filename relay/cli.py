@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from relay import __version__
+from relay.addresses import media_candidate_addresses
 from relay.config import ConfigError, LogSettings, Settings, load_settings, settings_as_dict
 
 __all__ = ["JsonFormatter", "build_parser", "format_toml", "main", "setup_logging"]
@@ -168,5 +169,11 @@ def _check_config(args: argparse.Namespace) -> int:
         print(json.dumps(values, indent=2))
     else:
         print(f"# {args.file}: valid; effective settings (with RELAY_* environment applied)")
+        port = settings.media.port
+        candidates = [
+            f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
+            for a in media_candidate_addresses(settings.media)
+        ]
+        print(f"# ICE host candidates on this machine: {', '.join(candidates)}")
         print(format_toml(values), end="")
     return 0

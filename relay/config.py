@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.rtc.sdp import DEFAULT_VIDEO_PREFERENCE, SUPPORTED_VIDEO
+
 __all__ = [
     "CHECKS",
     "DEV_API_KEY",
@@ -87,15 +89,19 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class MediaSettings:
-    """The single UDP media port shared by all participants."""
+    """The single UDP media port shared by all participants.
 
-    host: str = "127.0.0.1"
+    Bound to every interface by default and announced with this machine's interface addresses
+    (:mod:`relay.addresses`), since browsers such as Firefox skip loopback candidates."""
+
+    host: str = "0.0.0.0"
     port: int = 40000
     announced_addresses: tuple[str, ...] = ()
     certificate: str = "ecdsa"
     srtp_profiles: tuple[str, ...] = ("AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_80")
     receive_buffer_bytes: int = 4194304
     send_buffer_bytes: int = 4194304
+    codec_preference: tuple[str, ...] = DEFAULT_VIDEO_PREFERENCE
 
 
 @dataclass(frozen=True)
@@ -456,6 +462,11 @@ CHECKS: dict[str, dict[str, Check]] = {
         ),
         "receive_buffer_bytes": Integer(1),
         "send_buffer_bytes": Integer(1),
+        "codec_preference": List(
+            Choice(SUPPORTED_VIDEO),
+            "a list of video codec names",
+            non_empty="name at least one video codec",
+        ),
     },
     "session": {
         "consent_timeout": Seconds(),

@@ -29,6 +29,8 @@ DROP_REASONS = (
     "not_publishing",  # media on a subscriber-only connection
     "rtx_padding",  # padding-only packets on a publisher's RTX stream (bandwidth probes)
     "stale_packet",  # older than a source switch
+    "rtx_before_media",  # a retransmission for a track whose media SSRC is not known yet
+    "awaiting_keyframe",  # not forwarded to a subscription waiting to start on a keyframe
 )
 
 
@@ -131,6 +133,12 @@ class Metrics:
             "counter",
             "PLI/FIR sent to publishers.",
             [("", self.keyframe_requests)],
+        )
+        metric(
+            "twcc_feedback_sent_total",
+            "counter",
+            "Transport-wide congestion control feedback packets sent to publishers.",
+            [("", self.twcc_feedback_sent)],
         )
         metric(
             "send_errors_total",

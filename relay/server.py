@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import ipaddress
 import logging
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from relay.addresses import media_candidate_addresses
 from relay.api.app import create_app
 from relay.api.events import EventBus
 from relay.config import Settings
@@ -54,37 +52,6 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
-def local_addresses() -> list[str]:
-    """IPv4 addresses of the interfaces that are up, loopback last."""
-    found: list[str] = []
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for _index, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(
-                    probe.fileno(),
-                    0x8915,  # SIOCGIFADDR
-                    struct.pack("256s", name.encode()[:15]),
-                )
-            except OSError:
-                continue
-            found.append(socket.inet_ntoa(packed[20:24]))
-    finally:
-        probe.close()
-    return sorted(set(found), key=lambda a: (ipaddress.ip_address(a).is_loopback, a))
-
-
-def candidate_addresses(settings: Settings) -> list[str]:
-    media = settings.media
-    if media.announced_addresses:
-        return list(media.announced_addresses)
-    if ipaddress.ip_address(media.host).is_unspecified:
-        return [a for a in local_addresses() if not ipaddress.ip_address(a).is_loopback] or [
-            "127.0.0.1"
-        ]
-    return [media.host]
-
-
 class Relay:
     """One running relay: media plane + control API on one event loop."""
 
@@ -112,6 +79,9 @@ class Relay:
                 socket.SOL_SOCKET, socket.SO_RCVBUF, settings.media.receive_buffer_bytes
             )
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.media.send_buffer_bytes)
+            if settings.media.host == "::":
+                # "::" is announced with the IPv4 addresses too: take IPv4 on the same socket.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((settings.media.host, settings.media.port))
         except OSError as exc:
             sock.close()
@@ -120,7 +90,7 @@ class Relay:
                 f"{settings.media.port}: {exc.strerror}"
             ) from None
         port = sock.getsockname()[1]
-        candidates = [(addr, port) for addr in candidate_addresses(settings)]
+        candidates = [(addr, port) for addr in media_candidate_addresses(settings.media)]
         self.sfu = sfu = Sfu(
             settings,
             certificate=certificate,
@@ -164,7 +134,7 @@ class Relay:
             "media on udp %s:%d, ICE candidates %s",
             settings.media.host,
             port,
-            ", ".join(f"{a}:{p}" for a, p in candidates),
+            ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in candidates),
         )
         log.info("control API on %s/v1  docs %s/docs  metrics %s/metrics", base, base, base)
         log.info(

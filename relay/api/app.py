@@ -98,6 +98,7 @@ class SfuCore(Protocol):
         max_participants: int | None,
         e2ee_required: bool,
         empty_timeout: float | None,
+        codec_preference: Sequence[str] | None,
     ) -> Any: ...
     def list_rooms(self) -> Sequence[Any]: ...
     def get_room(self, room_id: str) -> Any: ...
@@ -320,6 +321,7 @@ async def create_room(
         max_participants=body.max_participants,
         e2ee_required=body.e2ee_required,
         empty_timeout=body.empty_timeout,
+        codec_preference=body.codec_preference,
     )
     return room.to_dict()
 
@@ -493,7 +495,11 @@ async def subscriber_answer(
 async def participant_stats(
     room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
 ) -> Any:
-    """Packets, bytes, loss, jitter, round-trip time and bitrate per track, both directions."""
+    """Packets, bytes, loss, jitter, round-trip time and bitrate per track, both directions.
+
+    Each outbound track also says whether it is `forwarded` now and, when the subscriber's
+    answer did not take it (rejected, or not its codec), the `reason` (also sent as the event
+    `track.unsupported`)."""
     return sfu.participant_stats(room_id, participant_id)
 
 
@@ -519,6 +525,12 @@ async def stream_events(
     ] = None,
 ) -> StreamingResponse:
     """Every event, or those of one room, as they happen. Ends on shutdown or overflow.
+
+    Types: `participant.joined`, `participant.connected`, `participant.left`,
+    `track.published`, `track.unpublished`, `track.muted`, `track.unmuted`,
+    `track.unsupported` (a subscriber's answer did not take a track: `participant_id` of the
+    subscriber, `track_id`, `publisher_id`, `codec`, `reason`), `subscriber.renegotiate`,
+    `speaker.changed`, `room.closed`.
 
     A participant token must name its own room in `room_id`."""
     if not principal.may_access(room_id):

@@ -35,6 +35,7 @@ __all__ = [
     "SubscriberAnswer",
     "SubscriberOffer",
     "Track",
+    "VideoCodec",
     "encoded_json_size",
     "json_depth",
 ]
@@ -42,6 +43,9 @@ __all__ = [
 #: Identifiers (room_id, participant_id, track_id): 1-64 characters of [A-Za-z0-9._-].
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 ID_DESCRIPTION = "Opaque identifier: 1-64 characters of [A-Za-z0-9._-]."
+
+#: A video codec name of a room's ``codec_preference``.
+VideoCodec = Literal["VP8", "H264", "VP9", "AV1"]
 
 #: Deepest nesting of objects and arrays accepted in ``metadata``.
 MAX_METADATA_DEPTH = 32
@@ -164,6 +168,9 @@ class Room(_Response):
     participants: list[Participant]
     max_participants: int
     e2ee_required: bool
+    codec_preference: list[str] = Field(
+        description="Video codecs publishers are answered with, most preferred first."
+    )
 
 
 class RoomList(_Response):
@@ -186,6 +193,24 @@ class CreateRoom(_Request):
         allow_inf_nan=False,
         description="Seconds an empty room lives on; defaults to `rooms.empty_timeout`.",
     )
+    codec_preference: list[VideoCodec] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Video codecs a publisher's video is taken in, most preferred first; defaults to "
+            "`media.codec_preference`. The first one the publisher offers in a form every "
+            "client decodes wins (H264: Constrained Baseline, packetization-mode 1; VP9 and "
+            "AV1: profile 0); other forms of a listed codec (H.264 High) only as a last "
+            "resort; unlisted codecs never."
+        ),
+    )
+
+    @field_validator("codec_preference")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a codec twice")
+        return value
 
 
 class CreateParticipant(_Request):

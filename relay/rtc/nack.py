@@ -188,7 +188,8 @@ class NackGenerator:
     after it went missing (later, the receiver's jitter buffer has moved on). At most
     ``max_missing`` packets are tracked: more missing than that (or one gap larger) cannot be
     repaired by retransmission; the oldest are dropped and :attr:`keyframe_needed` is set —
-    the caller requests a keyframe (PLI) and clears the flag.
+    the caller requests a keyframe (PLI) and clears the flag. Giving up on a packet (retries
+    exhausted or too old) sets the flag too.
     """
 
     __slots__ = (
@@ -330,11 +331,22 @@ class NackGenerator:
                     entry[1] = now
                     entry[2] = sent + 1
                     out.append(ext & 0xFFFF)
-        for ext in expired:
-            del missing[ext]
-        self.lost_unrepaired += len(expired)
+        if expired:
+            for ext in expired:
+                del missing[ext]
+            self.lost_unrepaired += len(expired)
+            # recovery gave up: only a keyframe repairs what depended on these packets
+            self.keyframe_needed = True
         self.nacks_sent += len(out)
         return out
+
+    def is_missing(self, seq: int) -> bool:
+        """Whether the packet with 16-bit sequence number ``seq`` is missing and still being
+        recovered (NACKed, or about to be)."""
+        if not self._missing:
+            return False
+        highest = self._highest
+        return highest + (((seq - highest + 0x8000) & 0xFFFF) - 0x8000) in self._missing
 
     def clear(self) -> None:
         """Forget the missing packets (e.g. a keyframe made them irrelevant, or a new source)."""

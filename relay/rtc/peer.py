@@ -406,6 +406,31 @@ class ClientPeer:
         }
         return "\r\n".join(lines) + "\r\n"
 
+    def adopt_offer(self, template: str, drop: Sequence[str] = ()) -> str:
+        """A publisher offer written from another client's SDP (a captured browser offer, say):
+        its ICE credentials and fingerprint replaced by ours, its candidates and every line
+        starting with one of ``drop`` removed. Its ``a=setup`` becomes our DTLS role; the RTP
+        sent is up to the caller (:meth:`protect_rtp` with explicit ``extensions``)."""
+        algorithm, value = self.fingerprints[0]
+        setup = "actpass"
+        lines = []
+        for line in template.splitlines():
+            if line.startswith(("a=candidate:", "a=end-of-candidates", *drop)):
+                continue
+            if line.startswith("a=ice-ufrag:"):
+                line = f"a=ice-ufrag:{self.local.ufrag}"
+            elif line.startswith("a=ice-pwd:"):
+                line = f"a=ice-pwd:{self.local.pwd}"
+            elif line.startswith("a=fingerprint:"):
+                line = f"a=fingerprint:{algorithm} {value}"
+            elif line.startswith("a=setup:"):
+                setup = line.partition(":")[2].strip()
+            lines.append(line)
+        if setup not in ("actpass", "active", "passive"):
+            raise PeerError(f"bad setup {setup!r} in the template offer")
+        self.local_setup = setup
+        return "\r\n".join(lines) + "\r\n"
+
     def create_answer(self, offer: RemoteDescription, setup: str = "active") -> str:
         """A subscriber answer: recvonly for every sendonly m-line, inactive otherwise.
 

@@ -318,7 +318,7 @@ class SequenceRewriter:
     __slots__ = (
         "clock_rate",
         "_started",
-        "_switch",
+        "starting",
         "_in_start",
         "_in_max",
         "_seq_offset",
@@ -339,7 +339,8 @@ class SequenceRewriter:
         if initial_ts is None:
             initial_ts = random.getrandbits(32)
         self._started = False
-        self._switch = True
+        #: the next packet starts a new input stream (set at creation and by switch_source)
+        self.starting = True
         self._in_start = 0  # extended input seq of the current stream's first packet
         self._in_max = 0  # extended highest input seq of the current stream
         self._seq_offset = 0  # out_ext = in_ext + offset
@@ -350,7 +351,7 @@ class SequenceRewriter:
 
     def switch_source(self) -> None:
         """The next packet starts a new input stream."""
-        self._switch = True
+        self.starting = True
 
     @property
     def last_seq(self) -> int:
@@ -365,15 +366,22 @@ class SequenceRewriter:
     def map_timestamp(self, ts: int) -> int | None:
         """An input RTP timestamp of the current stream in output units (for translating a
         publisher's SR); None until a packet of the current stream has been rewritten."""
-        if self._switch:
+        if self.starting:
             return None
         return (ts + self._ts_offset) & 0xFFFFFFFF
+
+    def input_seq(self, out_seq: int) -> int | None:
+        """The input sequence number (16 bits) of the current stream that an output sequence
+        number stands for; None before the current stream's first packet."""
+        if self.starting:
+            return None
+        return (out_seq - self._seq_offset) & 0xFFFF
 
     def rewrite(self, seq: int, ts: int, now: float) -> tuple[int, int] | None:
         """``(out_seq, out_ts)`` for an input packet, or None for a packet older than the
         current stream's first packet (from before a switch)."""
-        if self._switch:
-            self._switch = False
+        if self.starting:
+            self.starting = False
             self._in_start = self._in_max = seq
             out_max = self._out_max + 1
             self._seq_offset = out_max - seq

@@ -14,9 +14,12 @@ JSEP ``sdpMLineIndex``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEFAULT_VIDEO_PREFERENCE",
+    "H264_PROFILES",
     "MAX_SDP_LENGTH",
     "SUPPORTED_AUDIO",
     "SUPPORTED_EXTENSIONS",
@@ -34,6 +37,7 @@ __all__ = [
     "build_answer",
     "build_offer",
     "check_answer",
+    "parse_profile_level_id",
     "parse_sdp",
     "remote_transport",
 ]
@@ -43,6 +47,9 @@ MAX_SDP_LENGTH = 1 << 20
 
 SUPPORTED_AUDIO = ["opus"]
 SUPPORTED_VIDEO = ["VP8", "H264", "VP9", "AV1"]
+#: Video codecs a publisher is answered with, most preferred first, unless the room says
+#: otherwise: what every WebRTC client decodes comes first (see :func:`_choose_codec`).
+DEFAULT_VIDEO_PREFERENCE: tuple[str, ...] = ("VP8", "H264", "VP9", "AV1")
 SUPPORTED_EXTENSIONS: list[str] = [
     "urn:ietf:params:rtp-hdrext:sdes:mid",
     "urn:ietf:params:rtp-hdrext:ssrc-audio-level",
@@ -68,13 +75,34 @@ def congestion_feedback(offer: SessionDescription, mode: str) -> tuple[set[str],
     bandwidth from per-packet feedback), else REMB (the relay estimates and tells it);
     "remb": REMB only; "none": neither, the client's loss-based estimate alone.
     """
-    offers_twcc = any(e.uri == TWCC_URI for m in offer.media for e in m.extmaps)
+    offers_twcc = any(
+        e.uri == TWCC_URI and _extmap_id_usable(e.id, _allows_mixed(offer, m))
+        for m in offer.media
+        for e in m.extmaps
+    )
     if mode == "auto" and offers_twcc:
         return {"transport-cc"}, {TWCC_URI}
     if mode in ("auto", "remb"):
         return {"goog-remb"}, {ABS_SEND_TIME_URI}
     return set(), set()
 
+
+def _allows_mixed(session: SessionDescription, m: MediaDescription) -> bool:
+    """Whether ``a=extmap-allow-mixed`` applies to an m-line (session or media level)."""
+    return session.extmap_allow_mixed or m.extmap_allow_mixed
+
+
+def _extmap_id_usable(ext_id: int, allow_mixed: bool) -> bool:
+    """Ids 1-14 fit the one-byte header form. Ids 15-255 need the two-byte form (RFC 8285
+    §4.3; 15 is reserved in the one-byte form), which a peer may use only with
+    ``a=extmap-allow-mixed``."""
+    return 1 <= ext_id <= (255 if allow_mixed else 14)
+
+
+#: Why an offered data channel (``m=application`` over SCTP) is rejected.
+DATA_CHANNELS_UNSUPPORTED = (
+    "data channels are not supported yet (the relay carries audio and video only)"
+)
 
 #: RTP profiles answered (DTLS-SRTP with feedback); the answer echoes the offered one.
 RTP_PROTOCOLS = {"UDP/TLS/RTP/SAVPF", "TCP/DTLS/RTP/SAVPF", "TCP/TLS/RTP/SAVPF", "RTP/SAVPF"}
@@ -184,6 +212,8 @@ class MediaDescription:
     ice_options: list[str] = field(default_factory=list)
     sctp_port: int | None = None
     max_message_size: int | None = None
+    #: ``a=extmap-allow-mixed`` at media level (RFC 8285 §6); see also the session's flag.
+    extmap_allow_mixed: bool = False
 
     @property
     def is_rtp(self) -> bool:
@@ -546,6 +576,8 @@ def _media_attr(b: _MediaBuilder, value: str, where: str) -> None:
         desc.end_of_candidates = True
     elif name == "bundle-only":
         desc.bundle_only = True
+    elif name == "extmap-allow-mixed":
+        desc.extmap_allow_mixed = True
     elif name == "sctp-port" and rest and _DIGITS_RE.fullmatch(rest):
         desc.sctp_port = int(rest)
     elif name == "max-message-size" and rest and _DIGITS_RE.fullmatch(rest):
@@ -691,7 +723,9 @@ def _candidate_lines(local: LocalTransport) -> list[str]:
     return lines
 
 
-def _session_lines(local: LocalTransport, bundle: list[str]) -> list[str]:
+def _session_lines(
+    local: LocalTransport, bundle: list[str], extmap_allow_mixed: bool = False
+) -> list[str]:
     lines = [
         "v=0",
         f"o=- {local.session_id} {local.session_version} IN IP4 0.0.0.0",
@@ -700,6 +734,8 @@ def _session_lines(local: LocalTransport, bundle: list[str]) -> list[str]:
     ]
     if bundle:
         lines.append("a=group:BUNDLE " + " ".join(bundle))
+    if extmap_allow_mixed:
+        lines.append("a=extmap-allow-mixed")
     lines += ["a=ice-lite", "a=msid-semantic:WMS *"]
     return lines
 
@@ -803,28 +839,127 @@ def _codec_supported(c: Codec) -> bool:
     return False
 
 
-def _accept_codecs(offered: MediaDescription, extra_fb: set[str] = frozenset()) -> list[Codec]:
-    """The client's most preferred supported codec (with its RTX), and only that one.
+def parse_profile_level_id(value: str | None) -> tuple[str, int] | None:
+    """(profile, level_idc) of an H.264 ``profile-level-id`` (RFC 6184 section 8.1).
+
+    The profile is one of the names of :data:`H264_PROFILES`, classified from profile_idc and
+    the constraint flags of profile-iop as libwebrtc does, so that for example ``42e01f`` and
+    ``4de01f`` are both Constrained Baseline. Level 1b is level_idc 0. Absent (None), the value
+    is taken as Constrained Baseline level 3.1, as libwebrtc does for compatibility. Returns
+    None for a malformed value or a profile or level outside those lists.
+    """
+    if value is None:
+        return "constrained-baseline", 31
+    text = value.strip()
+    if len(text) != 6 or not all(ch in "0123456789abcdefABCDEF" for ch in text):
+        return None
+    number = int(text, 16)
+    profile_idc, profile_iop, level_idc = number >> 16, (number >> 8) & 0xFF, number & 0xFF
+    if level_idc not in _H264_LEVELS:
+        return None
+    if level_idc == 11 and profile_iop & 0x10:
+        level_idc = 0  # constraint_set3 turns level 1.1 into level 1b
+    for idc, mask, bits, profile in _H264_PROFILE_PATTERNS:
+        if idc == profile_idc and profile_iop & mask == bits:
+            return profile, level_idc
+    return None
+
+
+def _pattern(text: str) -> tuple[int, int]:
+    """``"x1xx0000"`` -> (mask of the fixed bits, their values); ``x`` is either bit."""
+    mask = int("".join("0" if ch == "x" else "1" for ch in text), 2)
+    return mask, int(text.replace("x", "0"), 2)
+
+
+#: level_idc values of H.264 levels 1 to 5.2 (level 1b is signalled as 1.1 plus a flag).
+_H264_LEVELS = frozenset({10, 11, 12, 13, 20, 21, 22, 30, 31, 32, 40, 41, 42, 50, 51, 52})
+#: (profile_idc, profile-iop pattern, profile), as in libwebrtc's h264_profile_level_id.
+_H264_PROFILE_PATTERNS = [
+    (idc, *_pattern(bits), profile)
+    for idc, bits, profile in [
+        (0x42, "x1xx0000", "constrained-baseline"),
+        (0x4D, "1xxx0000", "constrained-baseline"),
+        (0x58, "11xx0000", "constrained-baseline"),
+        (0x42, "x0xx0000", "baseline"),
+        (0x58, "10xx0000", "baseline"),
+        (0x4D, "0x0x0000", "main"),
+        (0x64, "00000000", "high"),
+        (0x64, "00001100", "constrained-high"),
+        (0xF4, "00000000", "predictive-high-444"),
+    ]
+]
+#: H.264 profiles :func:`parse_profile_level_id` tells apart.
+H264_PROFILES = tuple(dict.fromkeys(p for _, _, _, p in _H264_PROFILE_PATTERNS))
+
+
+def _decodable_everywhere(c: Codec) -> bool:
+    """Whether every WebRTC client can decode this format of its codec.
+
+    H.264 only in Constrained Baseline, VP9 and AV1 only in profile 0 (8-bit 4:2:0): other
+    profiles (H.264 High, VP9 profile 2, ...) are missing from some decoders.
+    """
+    name = c.name.lower()
+    if name == "h264":
+        parsed = parse_profile_level_id(c.param("profile-level-id"))
+        return parsed is not None and parsed[0] == "constrained-baseline"
+    if name == "vp9":
+        return (c.param("profile-id") or "0").strip() == "0"
+    if name == "av1":
+        return (c.param("profile") or "0").strip() == "0"
+    return True
+
+
+def _choose_codec(offered: MediaDescription, preference: Sequence[str]) -> Codec | None:
+    """The offered codec the relay takes for an m-line, or None.
+
+    Audio: the client's first supported codec (opus). Video: the first codec of
+    ``preference`` that the client offers in a format every client decodes (see
+    :func:`_decodable_everywhere`: VP8, H.264 Constrained Baseline with packetization-mode 1,
+    VP9 and AV1 profile 0), whatever the client's own order; only when it offers none of
+    those, its first offered format of a codec in ``preference`` (H.264 High, say) as a last
+    resort. Codecs missing from ``preference`` are never taken.
+    """
+    supported = [c for c in offered.codecs if _codec_supported(c)]
+    if offered.kind != "video":
+        return supported[0] if supported else None
+    wanted = [name.lower() for name in preference]
+    for name in wanted:
+        for c in supported:
+            if c.name.lower() == name and _decodable_everywhere(c):
+                return c
+    return next((c for c in supported if c.name.lower() in wanted), None)
+
+
+def _accept_codecs(
+    offered: MediaDescription,
+    extra_fb: set[str] = frozenset(),
+    preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
+) -> list[Codec]:
+    """The codec chosen by :func:`_choose_codec` (with its RTX), and only that one.
 
     One codec per published m-line means the client cannot switch payload formats mid-stream,
     so every subscriber of the track is offered exactly the format that will arrive.
     """
-    for c in offered.codecs:
-        if _codec_supported(c):
-            keep_rtx = c.rtx_payload_type is not None and c.has_feedback("nack")
-            return [_copy_codec(c, keep_rtx=keep_rtx, extra_fb=extra_fb)]
-    return []
+    c = _choose_codec(offered, preference)
+    if c is None:
+        return []
+    keep_rtx = c.rtx_payload_type is not None and c.has_feedback("nack")
+    return [_copy_codec(c, keep_rtx=keep_rtx, extra_fb=extra_fb)]
 
 
-def _accept_extmaps(offered: MediaDescription, extra: set[str] = frozenset()) -> list[Extmap]:
-    """Supported extensions with the offer's ids, that the client can send to us."""
+def _accept_extmaps(
+    offered: MediaDescription, extra: set[str] = frozenset(), allow_mixed: bool = False
+) -> list[Extmap]:
+    """Supported extensions with the offer's ids, that the client can send to us; ids above 14
+    only when ``a=extmap-allow-mixed`` applies (``allow_mixed``, see :func:`_extmap_id_usable`).
+    """
     accepted: list[Extmap] = []
     used: set[int] = set()
     for e in offered.extmaps:
         supported = e.uri in extra or (
             e.uri in SUPPORTED_EXTENSIONS and e.uri not in (TWCC_URI, ABS_SEND_TIME_URI)
         )
-        if not supported or not (1 <= e.id <= 255) or e.id == 15:
+        if not supported or not _extmap_id_usable(e.id, allow_mixed):
             continue
         if e.id in used:
             continue
@@ -844,7 +979,11 @@ def _answer_setup(offered: str | None) -> str:
 
 
 def build_answer(
-    offer: SessionDescription, local: LocalTransport, congestion_control: str = "auto"
+    offer: SessionDescription,
+    local: LocalTransport,
+    congestion_control: str = "auto",
+    *,
+    codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
 ) -> tuple[str, list[AnsweredMedia]]:
     """Answer a publisher offer: receive what the client sends, over one bundled transport.
 
@@ -855,6 +994,12 @@ def build_answer(
     The answer's ``a=setup`` follows the offer (``actpass``/``active`` -> ``passive``, so the
     relay is the DTLS server; ``passive`` -> ``active``); ``local.setup`` is not used here.
     ``congestion_control`` picks the feedback accepted (see :func:`congestion_feedback`).
+    ``codec_preference`` lists the video codecs taken, most preferred first (see
+    :func:`_choose_codec`).
+
+    ``a=extmap-allow-mixed`` is answered where it was offered (session or media level), and
+    only then are extension ids above 14 taken (RFC 8285). A data channel (``m=application``)
+    is rejected with port 0 and left out of the answer's BUNDLE group.
     """
     if not offer.bundle_mids:
         raise SdpError("offer has no a=group:BUNDLE (BUNDLE is required)")
@@ -878,22 +1023,36 @@ def build_answer(
     fb, extensions = congestion_feedback(offer, congestion_control)
     answered: list[AnsweredMedia] = []
     for m in offer.media:
-        answered.append(_answer_media(m, bundle, fb, extensions))
+        answered.append(
+            _answer_media(m, bundle, fb, extensions, _allows_mixed(offer, m), codec_preference)
+        )
 
     accepted_mids = {a.mid for a in answered if not a.rejected}
     answer_bundle = [mid for mid in offer.bundle_mids if mid in accepted_mids]
-    lines = _session_lines(local, answer_bundle)
+    # a=extmap-allow-mixed is echoed where it was offered: without it in the answer, libwebrtc
+    # sends no header extension whose id needs the two-byte form.
+    lines = _session_lines(local, answer_bundle, offer.extmap_allow_mixed)
     for a in answered:
         m = a.offer
         if a.rejected:
             lines.append(f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}")
             lines.append("c=IN IP4 0.0.0.0")
             lines.append(f"a=mid:{m.mid}")
+            # The bundle transport's attributes and candidates, ignored by a client that honours
+            # the port 0: aiortc refuses an answer without them and, with max-bundle, takes the
+            # remote candidates of its shared transport from its last m-line, which is where
+            # it puts a data channel.
+            lines += _transport_lines(local, setup)[2:]
+            if m.rtcp_mux:
+                lines.append("a=rtcp-mux")
+            lines += _candidate_lines(local)
             continue
         pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
         lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
         lines += _transport_lines(local, setup)
         lines.append(f"a=mid:{m.mid}")
+        if m.extmap_allow_mixed and not offer.extmap_allow_mixed:
+            lines.append("a=extmap-allow-mixed")
         lines += _extmap_lines(a.extmaps)
         lines.append(f"a={a.direction}")
         lines.append("a=rtcp-mux")
@@ -905,7 +1064,12 @@ def build_answer(
 
 
 def _answer_media(
-    m: MediaDescription, bundle: set[str], fb: set[str], extensions: set[str]
+    m: MediaDescription,
+    bundle: set[str],
+    fb: set[str],
+    extensions: set[str],
+    allow_mixed: bool = False,
+    codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
 ) -> AnsweredMedia:
     def reject(reason: str) -> AnsweredMedia:
         return AnsweredMedia(m.mid, m.kind, True, reason, "inactive", [], [], m)
@@ -914,19 +1078,18 @@ def _answer_media(
         return reject("m-line disabled in the offer (port 0)")
     if m.kind not in ("audio", "video"):
         if "SCTP" in m.protocol.upper():
-            return reject("data channels not supported")
+            return reject(DATA_CHANNELS_UNSUPPORTED)
         return reject(f"unsupported media kind {m.kind!r}")
     if m.protocol.upper() not in RTP_PROTOCOLS:
         return reject(f"unsupported protocol {m.protocol!r}")
     if m.mid not in bundle:
         return reject("not in the BUNDLE group")
-    codecs = _accept_codecs(m, fb)
+    codecs = _accept_codecs(m, fb, codec_preference)
     if not codecs:
         return reject("no supported codec")
     direction = "recvonly" if m.direction in ("sendonly", "sendrecv") else "inactive"
-    return AnsweredMedia(
-        m.mid, m.kind, False, None, direction, codecs, _accept_extmaps(m, extensions), m
-    )
+    extmaps = _accept_extmaps(m, extensions, allow_mixed)
+    return AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, extmaps, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -948,8 +1111,12 @@ class OfferedMedia:
     msid: tuple[str, str] | None = None
 
 
-def build_offer(local: LocalTransport, media: list[OfferedMedia]) -> str:
-    """Make a subscriber offer: BUNDLE of all mids, ICE-lite, rtcp-mux, ``a=setup`` from local.
+def build_offer(
+    local: LocalTransport, media: list[OfferedMedia], extmap_allow_mixed: bool = True
+) -> str:
+    """Make a subscriber offer: BUNDLE of all mids, ICE-lite, rtcp-mux, ``a=setup`` from local,
+    and ``a=extmap-allow-mixed`` (the relay may forward header extensions in the two-byte form,
+    RFC 8285) unless ``extmap_allow_mixed`` is False.
 
     An m-line with ``ssrc=None`` (e.g. an inactive placeholder) keeps its codecs and mid and has
     no ssrc lines. The SSRC's cname is ``cname``, or the msid stream id, or ``"relay"``.
@@ -970,7 +1137,7 @@ def build_offer(local: LocalTransport, media: list[OfferedMedia]) -> str:
         if m.rtx_ssrc is not None and not any(c.rtx_payload_type is not None for c in m.codecs):
             raise SdpError(f"mid {m.mid}: rtx_ssrc but no codec has an rtx payload type")
 
-    lines = _session_lines(local, [m.mid for m in media])
+    lines = _session_lines(local, [m.mid for m in media], extmap_allow_mixed)
     for m in media:
         pts = " ".join(str(pt) for pt in _codec_pts(m.codecs))
         lines.append(f"m={m.kind} {_media_port(local)} UDP/TLS/RTP/SAVPF {pts}")

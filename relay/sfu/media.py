@@ -153,25 +153,34 @@ class MediaRouter:
         publisher: Participant = transport.owner
         track = publisher.ssrc_map.get(ssrc)
         if track is None:
-            track = publisher.rtx_map.get(ssrc)
-            if track is not None:
+            track = publisher.rtx_map.get(ssrc) or self._learn_ssrc(
+                publisher, ssrc, pt, elements, now
+            )
+            if track is None:
+                metrics.drops["unknown_ssrc"] += 1
+                return
+            if ssrc == track.rtx_ssrc:
                 # a retransmission on the publisher's RTX stream: unwrap it and forward it as
                 # the packet it repairs (padding-only probes have nothing to unwrap)
+                if track.ssrc is None:
+                    metrics.drops["rtx_before_media"] += 1
+                    return
                 try:
-                    seq, plain = rtx_unwrap(plain, track.ssrc or 0, track.payload_type)
+                    seq, plain = rtx_unwrap(plain, track.ssrc, track.payload_type)
                     pt, seq, ts, ssrc, _marker, payload_offset, _eo, _el = parse_rtp(plain)
                 except RtpError:
                     metrics.drops["rtx_padding"] += 1
                     return
                 track.rtx_received += 1
-            else:
-                track = self._learn_ssrc(publisher, ssrc, elements)
-                if track is None:
-                    metrics.drops["unknown_ssrc"] += 1
-                    return
         if pt != track.payload_type:
             metrics.drops["unknown_payload_type"] += 1
             return
+        # only the track's newest packet may start a subscription: never a retransmission or
+        # a late packet, whose successors were already forwarded to the others
+        highest = track.highest_seq
+        newest = highest < 0 or 0 < ((seq - highest) & 0xFFFF) < 0x8000
+        if newest:
+            track.highest_seq = seq
         size = len(data)
         metrics.packets_in += 1
         metrics.bytes_in += size
@@ -187,8 +196,19 @@ class MediaRouter:
                     track.level_sum += value[0] & 0x7F
                     track.level_count += 1
         send = self.send
+        startable: bool | None = None
         for sub in track.outputs:
-            rewritten = sub.rewriter.rewrite(seq, ts, now)
+            rewriter = sub.rewriter
+            if rewriter.starting:
+                if startable is None:
+                    keyframe_start = track.keyframe_start
+                    startable = newest and (
+                        keyframe_start is None or keyframe_start(plain, payload_offset)
+                    )
+                if not startable and not (newest and now >= sub.start_by):
+                    metrics.drops["awaiting_keyframe"] += 1
+                    continue
+            rewritten = rewriter.rewrite(seq, ts, now)
             if rewritten is None:
                 metrics.drops["stale_packet"] += 1
                 continue
@@ -248,23 +268,48 @@ class MediaRouter:
         transport.remb.on_packet(size, now, send_time)
 
     def _learn_ssrc(
-        self, publisher: Participant, ssrc: int, elements: list[tuple[int, bytes]]
+        self,
+        publisher: Participant,
+        ssrc: int,
+        pt: int,
+        elements: list[tuple[int, bytes]],
+        now: float,
     ) -> Track | None:
-        """Bind an unsignalled SSRC to a track by the sdes:mid header extension."""
+        """Bind an unsignalled SSRC to a track, in the order of RFC 8843 §9.2: the sdes:mid
+        header extension, else a payload type unique to one m-line. An SSRC whose payload type
+        is the track's RTX payload type, or that carries repaired-rtp-stream-id, binds to the
+        track's RTX slot, never to its media slot. A new binding replaces the old one."""
+        track: Track | None = None
+        is_rtx = False
         mid_id = publisher.mid_ext_id
-        if not mid_id:
-            return None
-        for ext_id, value in elements:
-            if ext_id == mid_id:
-                track = publisher.tracks_by_mid.get(value.decode("ascii", "replace"))
-                if track is None:
-                    return None
-                if track.ssrc is not None and publisher.ssrc_map.get(track.ssrc) is track:
-                    del publisher.ssrc_map[track.ssrc]
-                publisher.ssrc_map[ssrc] = track
-                track.set_ssrc(ssrc)
-                return track
-        return None
+        if mid_id:
+            for ext_id, value in elements:
+                if ext_id == mid_id:
+                    track = publisher.tracks_by_mid.get(value.decode("ascii", "replace"))
+                    break
+        if track is not None:
+            rrid_id = publisher.repaired_rid_ext_id
+            is_rtx = (pt == track.rtx_payload_type and pt != track.payload_type) or (
+                bool(rrid_id) and any(ext_id == rrid_id for ext_id, _ in elements)
+            )
+        else:
+            route = publisher.payload_routes.get(pt)
+            if route is None:
+                return None
+            track, is_rtx = route
+        if is_rtx:
+            if track.rtx_payload_type is None:
+                return None  # no RTX negotiated: nothing to unwrap it with
+            if track.rtx_ssrc is not None and publisher.rtx_map.get(track.rtx_ssrc) is track:
+                del publisher.rtx_map[track.rtx_ssrc]
+            publisher.rtx_map[ssrc] = track
+            track.rtx_ssrc = ssrc
+            return track
+        if track.ssrc is not None and publisher.ssrc_map.get(track.ssrc) is track:
+            del publisher.ssrc_map[track.ssrc]
+        publisher.ssrc_map[ssrc] = track
+        track.set_ssrc(ssrc, now)
+        return track
 
     # -- RTCP -----------------------------------------------------------------------------
     def _rtcp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
@@ -341,7 +386,10 @@ class MediaRouter:
         for seq in lost[:_MAX_NACK_ITEMS]:
             packet = history.resend(seq, now, rtt)
             if packet is None:
-                missed = missed or history.get(seq) is None
+                if not missed and history.get(seq) is None:
+                    # a packet the relay is itself recovering from the publisher reaches every
+                    # subscriber when it arrives: wait for it rather than ask for a keyframe
+                    missed = not self._recovering(sub, seq)
                 continue
             if sub.use_rtx:
                 packet = rtx_wrap(packet, sub.rtx_ssrc, sub.rtx_payload_type, sub.rtx_seq)
@@ -363,6 +411,16 @@ class MediaRouter:
             # what the history no longer has can only be repaired by a keyframe
             metrics.retransmission_misses += 1
             self.request_keyframe(sub.track, now)
+
+    @staticmethod
+    def _recovering(sub: Subscription, out_seq: int) -> bool:
+        """Whether the packet a subscriber's sequence number stands for is missing on the
+        publisher's leg and still being NACKed there."""
+        nack = sub.track.nack
+        if nack is None:
+            return False
+        seq = sub.rewriter.input_seq(out_seq)
+        return seq is not None and nack.is_missing(seq)
 
     def _forward_sender_report(self, track: Track, sr: rtcp.SenderReport, now: float) -> None:
         """Translate a publisher's SR for each subscriber (its SSRC, its timestamps, its counts).

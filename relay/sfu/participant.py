@@ -65,6 +65,12 @@ class Participant:
         self.rtx_map: dict[int, Track] = {}
         #: the publisher's header-extension id of sdes:mid (to learn unsignalled SSRCs)
         self.mid_ext_id: int | None = None
+        #: ... and of repaired-rtp-stream-id, which only RTX packets carry
+        self.repaired_rid_ext_id: int | None = None
+        #: payload types unique to one published m-line of a track with unsignalled SSRCs ->
+        #: (track, is the RTX payload type): the last way to route a packet with an unknown
+        #: SSRC and no mid (RFC 8843 §9.2)
+        self.payload_routes: dict[int, tuple[Track, bool]] = {}
         #: subscriptions by track id
         self.subscriptions: dict[str, Subscription] = {}
         self.slots: list[Slot] = []
@@ -77,6 +83,20 @@ class Participant:
         #: SSRC the relay uses as sender of RTCP towards this participant
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self.connected_once = False
+
+    def route_payload_types(self) -> None:
+        """Recompute :attr:`payload_routes` from the published tracks' payload types: a type
+        used by one m-line only, of a track whose SSRCs the SDP does not name."""
+        seen: dict[int, list[tuple[Track, bool]]] = {}
+        for track in self.tracks.values():
+            seen.setdefault(track.payload_type, []).append((track, False))
+            if track.rtx_payload_type is not None:
+                seen.setdefault(track.rtx_payload_type, []).append((track, True))
+        self.payload_routes = {
+            pt: uses[0]
+            for pt, uses in seen.items()
+            if len(uses) == 1 and not uses[0][0].ssrc_signalled
+        }
 
     @property
     def transports(self) -> list[WebRtcTransport]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from relay.rtc.sdp import DEFAULT_VIDEO_PREFERENCE
+
 if TYPE_CHECKING:
     from relay.sfu.participant import Participant
 
@@ -17,12 +19,15 @@ class Room:
         e2ee_required: bool,
         empty_timeout: float,
         now: float,
+        codec_preference: tuple[str, ...] = DEFAULT_VIDEO_PREFERENCE,
     ) -> None:
         self.room_id = room_id
         self.created_at = created_at
         self.max_participants = max_participants
         self.e2ee_required = e2ee_required
         self.empty_timeout = empty_timeout
+        #: video codecs publishers are answered with, most preferred first
+        self.codec_preference = codec_preference
         self.participants: dict[str, Participant] = {}
         #: monotonic time the room became empty (it starts empty)
         self.empty_since: float | None = now
@@ -36,4 +41,5 @@ class Room:
             "participants": [p.to_dict() for p in self.participants.values()],
             "max_participants": self.max_participants,
             "e2ee_required": self.e2ee_required,
+            "codec_preference": list(self.codec_preference),
         }

@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from relay.sfu.errors import (
 from relay.sfu.media import MediaRouter
 from relay.sfu.participant import OfferState, Participant, Slot
 from relay.sfu.room import Room
-from relay.sfu.subscription import Subscription
+from relay.sfu.subscription import KEYFRAME_WAIT, Subscription
 from relay.sfu.track import Track
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+REPAIRED_RID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
 
 #: Header extensions the relay forwards to subscribers, with the ids it offers them. The same
 #: URI has the same id on every m-line, as BUNDLE requires. Extensions that describe the sender's
@@ -159,7 +160,9 @@ class Sfu:
         max_participants: int | None = None,
         e2ee_required: bool = False,
         empty_timeout: float | None = None,
+        codec_preference: Sequence[str] | None = None,
     ) -> Room:
+        """A new room; values left out come from the settings."""
         if self.draining:
             raise Draining("the relay is draining and accepts no new rooms")
         if room_id is None:
@@ -183,6 +186,9 @@ class Sfu:
             empty_timeout = self.settings.rooms.empty_timeout
         if not empty_timeout > 0:
             raise BadRequest("empty_timeout must be positive", code="invalid_field")
+        preference = _codec_preference(
+            self.settings.media.codec_preference if codec_preference is None else codec_preference
+        )
         room = Room(
             room_id,
             self.wallclock(),
@@ -190,6 +196,7 @@ class Sfu:
             bool(e2ee_required),
             float(empty_timeout),
             self.clock(),
+            preference,
         )
         self.rooms[room_id] = room
         log.info("room %s created", room_id)
@@ -334,12 +341,18 @@ class Sfu:
                 offer,
                 self._local_transport(transport, "passive"),
                 self.settings.rtp.congestion_control,
+                codec_preference=p.room.codec_preference,
             )
         except SdpError as exc:
             raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
         accepted = [m for m in answered if not m.rejected]
         if not accepted:
-            raise BadRequest("bad offer: no m-line the relay can take", code="bad_sdp")
+            # each m-line's reason, e.g. that data channels are not supported
+            reasons = "; ".join(f"m-line {m.offer.index} ({m.kind}): {m.reason}" for m in answered)
+            raise BadRequest(
+                f"bad offer: no m-line the relay can take: {reasons or 'the offer has none'}",
+                code="bad_sdp",
+            )
         first = accepted[0].offer
         if not first.ice_ufrag or not first.ice_pwd or not first.fingerprints:
             raise BadRequest(
@@ -366,17 +379,20 @@ class Sfu:
             first.fingerprints,
             dtls_server=(first.setup or "actpass") != "passive",
         )
-        p.mid_ext_id = None
+        p.mid_ext_id = p.repaired_rid_ext_id = None
         for m in accepted:
             for ext in m.extmaps:
                 if ext.uri == MID_URI:
                     p.mid_ext_id = ext.id
+                elif ext.uri == REPAIRED_RID_URI:
+                    p.repaired_rid_ext_id = ext.id
         self._configure_feedback(transport, accepted)
         for track in list(p.tracks.values()):
             if track.mid not in kept:
                 self._unpublish(track)
         for m in publishing:
             self._publish_mline(p, m)
+        p.route_payload_types()
         out = transport.maybe_start(self.clock())
         self.router.send_all(out, transport)
         return answer_sdp
@@ -422,13 +438,19 @@ class Sfu:
         else:
             track.nack = None
         media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
-        _unroute(p, track)
+        track.ssrc_signalled = media_ssrc is not None
         if media_ssrc is not None:
+            # signalled SSRCs replace whatever was bound; unsignalled ones keep what the media
+            # router learned from packets (by mid or payload type), which may be all there is
+            _unroute(p, track)
             p.ssrc_map[media_ssrc] = track
-            track.set_ssrc(media_ssrc)
-        track.rtx_ssrc = rtx_ssrc
-        if rtx_ssrc is not None and track.rtx_payload_type is not None:
-            p.rtx_map[rtx_ssrc] = track
+            track.set_ssrc(media_ssrc, self.clock())
+            track.rtx_ssrc = rtx_ssrc
+            if rtx_ssrc is not None and track.rtx_payload_type is not None:
+                p.rtx_map[rtx_ssrc] = track
+        elif track.rtx_payload_type is None and track.rtx_ssrc is not None:
+            _unroute(p, track)  # RTX no longer negotiated: its learned SSRC is unknown now
+            track.rtx_ssrc = None
         if new:
             p.tracks[track.track_id] = track
             p.tracks_by_mid[track.mid] = track
@@ -449,6 +471,7 @@ class Sfu:
         if p.tracks_by_mid.get(track.mid) is track:
             del p.tracks_by_mid[track.mid]
         _unroute(p, track)
+        p.route_payload_types()
         for sub in list(track.subscriptions.values()):
             self._drop_subscription(sub)
         track.outputs = []
@@ -627,8 +650,15 @@ class Sfu:
             codec = next((c for c in answered.codecs if c.payload_type == sub.payload_type), None)
             if answered.port == 0 or codec is None:
                 sub.negotiated = False
+                self._declined(
+                    sub,
+                    "rejected by the subscriber"
+                    if answered.port == 0
+                    else f"codec {sub.track.codec.name} not accepted",
+                )
                 continue
             sub.negotiated = True
+            sub.declined = None
             sub.answer_extmaps = {e.uri: e.id for e in answered.extmaps}
             self._configure_extensions(sub)
             nack = sub.rtx_payload_type is not None and "nack" in codec.rtcp_fb
@@ -644,6 +674,30 @@ class Sfu:
             transport.twcc_send = TwccSendHistory()
         self.router.send_all(transport.maybe_start(self.clock()), transport)
         self.refresh_outputs(p)
+
+    def _declined(self, sub: Subscription, reason: str) -> None:
+        """Record that a subscriber's answer did not take a track: an event when that is news."""
+        if sub.declined == reason:
+            return
+        sub.declined = reason
+        p, track = sub.subscriber, sub.track
+        log.info(
+            "participant %s cannot take track %s of %s (%s): %s",
+            p.participant_id,
+            track.track_id,
+            track.participant_id,
+            track.codec.mime_type,
+            reason,
+        )
+        self.emit(
+            "track.unsupported",
+            p.room,
+            participant_id=p.participant_id,
+            track_id=track.track_id,
+            publisher_id=track.participant_id,
+            codec=track.codec.mime_type,
+            reason=reason,
+        )
 
     def _configure_extensions(self, sub: Subscription) -> None:
         negotiated = sub.answer_extmaps
@@ -663,8 +717,11 @@ class Sfu:
             if active != sub.active:
                 sub.active = active
                 sub.track.rebuild_outputs()
-                if active and sub.track.kind == "video":
-                    self.router.request_keyframe(sub.track, now, force=True)
+                if active:
+                    # forwarding starts on the track's next keyframe, asked for now
+                    sub.start_by = now + KEYFRAME_WAIT
+                    if sub.track.kind == "video":
+                        self.router.request_keyframe(sub.track, now, force=True)
 
     # -- transport callbacks (from the media router) --------------------------------------
     def on_transport_connected(self, transport: WebRtcTransport) -> None:
@@ -789,6 +846,28 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber),
         }
+
+
+def _codec_preference(names: Sequence[str]) -> tuple[str, ...]:
+    """A room's video codec preference in canonical spelling; BadRequest if it is not one."""
+    known = {name.lower(): name for name in sdpmod.SUPPORTED_VIDEO}
+    if isinstance(names, str) or not names:
+        raise BadRequest(
+            "codec_preference must be a non-empty list of video codec names", code="invalid_field"
+        )
+    result: list[str] = []
+    for name in names:
+        canonical = known.get(name.lower()) if isinstance(name, str) else None
+        if canonical is None:
+            raise BadRequest(
+                f"codec_preference: unknown video codec {name!r}; known: "
+                + ", ".join(sdpmod.SUPPORTED_VIDEO),
+                code="invalid_field",
+            )
+        if canonical in result:
+            raise BadRequest(f"codec_preference: {canonical} listed twice", code="invalid_field")
+        result.append(canonical)
+    return tuple(result)
 
 
 def _unroute(p: Participant, track: Track) -> None:

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 #: how many of our recent sender reports are remembered to compute RTT from receiver reports
 _SR_MEMORY = 8
+#: seconds a starting video subscription waits for the first packet of a keyframe before it
+#: starts on the newest packet anyway (the subscriber's own keyframe request does the rest)
+KEYFRAME_WAIT = 1.0
 
 
 class Subscription:
@@ -27,6 +30,8 @@ class Subscription:
         self.ssrc = secrets.randbits(32) or 1
         self.payload_type = payload_type
         self.rewriter = SequenceRewriter(track.clock_rate)
+        #: while the rewriter is starting: the time after which any newest packet may start it
+        self.start_by = 0.0
         self.ext = ExtensionRewriter({}, None, None)
         #: header extensions the subscriber's answer accepted: URI -> id
         self.answer_extmaps: dict[str, int] = {}
@@ -41,6 +46,8 @@ class Subscription:
         self.negotiated = False
         #: forwarded right now (negotiated, transport connected, not ended)
         self.active = False
+        #: why the subscriber's latest answer did not take this track, None if it did
+        self.declined: str | None = None
         self.packets_sent = 0
         self.bytes_sent = 0
         self.bitrate = 0.0
@@ -51,6 +58,12 @@ class Subscription:
         self.round_trip_time: float | None = None
         #: middle 32 bits of the NTP time of our sender reports -> when we sent them
         self.sr_sent: dict[int, float] = {}
+
+    def restart(self, now: float) -> None:
+        """Start over on the track's next keyframe (first activation or a new source), with
+        seq and timestamp continuing from what the subscriber already got."""
+        self.rewriter.switch_source()
+        self.start_by = now + KEYFRAME_WAIT
 
     def configure(self, ext_id_map: dict[int, int], mid_id: int | None) -> None:
         """Apply the negotiated header-extension ids (publisher id -> subscriber id)."""
@@ -95,4 +108,6 @@ class Subscription:
             "bitrate": self.bitrate,
             "nacks_received": self.nacks_received,
             "retransmissions": self.history.retransmissions if self.history else 0,
+            "forwarded": self.active,
+            "reason": self.declined,
         }

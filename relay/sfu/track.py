@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from relay.rtc.codecs import KeyframeStart, keyframe_detector
 from relay.rtc.nack import NackGenerator
 from relay.rtc.rtp import ReceiveStatistics
 from relay.rtc.sdp import Codec
@@ -35,6 +36,15 @@ class Track:
         self.payload_type = codec.payload_type
         self.ext_uris = ext_uris
         self.ssrc: int | None = None
+        #: the publisher's SDP names the media SSRC (else it is learned from packets)
+        self.ssrc_signalled = False
+        #: highest sequence number seen on the media SSRC (-1: none yet); a packet that raises
+        #: it is the track's newest, the only kind a subscription may start on
+        self.highest_seq = -1
+        #: whether a packet is the first of a keyframe (None: audio, any newest packet will do)
+        self.keyframe_start: KeyframeStart | None = (
+            keyframe_detector(codec.name) if kind == "video" else None
+        )
         self.rtx_ssrc: int | None = None
         #: the publisher's RTX payload type, when it retransmits on an RTX stream
         self.rtx_payload_type: int | None = None
@@ -66,13 +76,17 @@ class Track:
     def participant_id(self) -> str:
         return self.publisher.participant_id
 
-    def set_ssrc(self, ssrc: int) -> None:
-        """Bind the media SSRC (from SDP or learnt from the mid extension)."""
+    def set_ssrc(self, ssrc: int, now: float) -> None:
+        """Bind the media SSRC (from SDP or learnt from the mid extension or payload type);
+        every subscription switches to the new source at its next keyframe."""
         if self.ssrc != ssrc:
             self.ssrc = ssrc
+            self.highest_seq = -1
             self.stats = ReceiveStatistics(ssrc, self.clock_rate)
+            if self.nack is not None:
+                self.nack.reset()
             for sub in self.subscriptions.values():
-                sub.rewriter.switch_source()
+                sub.restart(now)
 
     def rebuild_outputs(self) -> None:
         """Recompute the hot-path list after any subscription changed state."""

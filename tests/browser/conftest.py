@@ -17,7 +17,6 @@ import pytest
 
 from relay.api.tokens import encode_token
 from tests.browser.harness import (
-    API_KEY,
     Browser,
     Collector,
     EventLog,
@@ -41,8 +40,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     yield from make_world(tmp_path_factory.mktemp("browsers"))
 
 
-def make_world(folder: Path, relay_extra: str = "") -> Iterator[World]:
-    """Namespace, loop, collector and relay (with extra TOML), removed when done."""
+def make_world(folder: Path, relay_extra: str = "", *, config: bool = True) -> Iterator[World]:
+    """Namespace, loop, collector and relay (with extra TOML, or with no config file at all),
+    removed when done."""
     namespace = Namespace()
     loop: NamespaceLoop | None = None
     relay: RelayInNamespace | None = None
@@ -52,7 +52,7 @@ def make_world(folder: Path, relay_extra: str = "") -> Iterator[World]:
         loop.start()
         collector = Collector()
         loop.run(collector.start())
-        relay = start_relay(namespace, loop, folder, relay_extra)
+        relay = start_relay(namespace, loop, folder, relay_extra, config=config)
         yield World(namespace, loop, relay, collector, folder)
     finally:
         if relay is not None:
@@ -127,7 +127,7 @@ class Call:
     # -- API (on the namespace's loop) -------------------------------------------------------
 
     async def _api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
+        headers = {"Authorization": f"Bearer {self.relay.api_key}"}
         async with httpx.AsyncClient(base_url=self.relay.api, headers=headers, timeout=10) as h:
             return await h.request(method, path, **kwargs)
 
@@ -136,7 +136,7 @@ class Call:
         assert r.status_code == 201, r.text
 
     async def _follow_events(self) -> None:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
+        headers = {"Authorization": f"Bearer {self.relay.api_key}"}
         async with httpx.AsyncClient(base_url=self.relay.api, headers=headers, timeout=None) as h:
             async with h.stream("GET", "/v1/events", params={"room_id": self.room}) as stream:
                 self._events_open = True

@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from relay.config import DEV_API_KEY
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,8 +270,10 @@ class Process:
 @dataclass
 class RelayInNamespace:
     process: Process
+    #: Signs the participant tokens the test makes ("" when the relay makes its own secret).
     token_secret: str
     api: str = f"http://127.0.0.1:{API_PORT}"
+    api_key: str = API_KEY
 
     def log(self, tail: int = 6000) -> str:
         return self.process.log(tail)
@@ -301,21 +305,29 @@ enabled = true
 
 
 def start_relay(
-    namespace: Namespace, loop: NamespaceLoop, folder: Path, extra: str = ""
+    namespace: Namespace,
+    loop: NamespaceLoop,
+    folder: Path,
+    extra: str = "",
+    *,
+    config: bool = True,
 ) -> RelayInNamespace:
-    """``relay serve`` inside the namespace: API on its 127.0.0.1, media on the veth address."""
-    secret = secrets.token_urlsafe(32)
-    config = folder / "relay.toml"
-    config.write_text(relay_config(secret, extra))
+    """``relay serve`` inside the namespace: API on its 127.0.0.1, media on the veth address.
+
+    Without ``config``: ``relay serve`` alone, on its embedded defaults (no file, no ``RELAY_*``
+    variable), whose API key is the development key and whose tokens only the relay signs."""
+    command = [*namespace.prefix(), sys.executable, "-m", "relay", "serve"]
+    if config:
+        secret = secrets.token_urlsafe(32)
+        path = folder / "relay.toml"
+        path.write_text(relay_config(secret, extra))
+        command += ["--config", str(path)]
+    else:
+        secret = ""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["PYTHONUNBUFFERED"] = "1"
-    process = Process(
-        [*namespace.prefix(), sys.executable, "-m", "relay", "serve", "--config", str(config)],
-        folder / "relay.log",
-        env=env,
-        cwd=ROOT,
-    )
-    relay = RelayInNamespace(process, secret)
+    process = Process(command, folder / "relay.log", env=env, cwd=ROOT)
+    relay = RelayInNamespace(process, secret, api_key=API_KEY if config else DEV_API_KEY)
 
     async def healthy() -> bool:
         async with httpx.AsyncClient(timeout=2) as http:

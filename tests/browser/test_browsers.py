@@ -245,7 +245,12 @@ def test_closed_tab_times_out_and_the_others_drop_its_tile(call: Call) -> None:
 
 
 def test_h264_between_two_chromiums(call: Call) -> None:
-    """Two Chromium pages that prefer H.264 publish H.264 through the relay and decode it."""
+    """In a room whose codec preference puts H.264 first, two Chromium pages publish H.264
+    through the relay and decode it."""
+    # the relay takes the room's preferred codec, not the order of the page's offer
+    assert call.api("DELETE", f"/v1/rooms/{call.room}").status_code == 204
+    body = {"room_id": call.room, "codec_preference": ["H264", "VP8"]}
+    assert call.api("POST", "/v1/rooms", json=body).status_code == 201
     call.open_page("chromium", "alice", codec="h264")
     first = wait_until(
         lambda: call.report("alice") if "capabilities" in call.report("alice") else None,

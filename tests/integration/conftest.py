@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import json
 import os
 import signal
@@ -58,11 +59,14 @@ class RunningRelay:
 
 
 def start_relay(tmp: Path, extra: str = "") -> RunningRelay:
+    """``relay serve`` with media on loopback only: the test clients (the project's own, bound
+    to 127.0.0.1, and aiortc) reach it there without a network namespace."""
     api_port = free_port(socket.SOCK_STREAM)
     media_port = free_port(socket.SOCK_DGRAM)
     config = tmp / "relay.toml"
     config.write_text(
-        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n[media]\nport = {media_port}\n{extra}\n'
+        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n'
+        f'[media]\nhost = "127.0.0.1"\nport = {media_port}\n{extra}\n'
     )
     log_path = tmp / "relay.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
@@ -230,7 +234,8 @@ def write_config(tmp: Path, extra: str = "") -> tuple[Path, int, int]:
     media_port = free_port(socket.SOCK_DGRAM)
     config = tmp / "relay.toml"
     config.write_text(
-        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n[media]\nport = {media_port}\n{extra}\n'
+        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n'
+        f'[media]\nhost = "127.0.0.1"\nport = {media_port}\n{extra}\n'
     )
     return config, api_port, media_port
 
@@ -290,6 +295,17 @@ def wait_healthy(spawned: SpawnedRelay, api: str, timeout: float = 20.0) -> bool
     return False
 
 
+_room_numbers = itertools.count()
+
+
+def new_room(relay: RunningRelay, prefix: str = "room") -> str:
+    """Create a room with a fresh name (``prefix`` and a number) and return its id."""
+    name = f"{prefix}{next(_room_numbers)}"
+    r = httpx.post(f"{relay.api}/v1/rooms", json={"room_id": name}, headers=auth_headers(relay.key))
+    assert r.status_code == 201, r.text
+    return name
+
+
 async def add_room(http: httpx.AsyncClient, room_id: str) -> None:
     r = await http.post("/v1/rooms", json={"room_id": room_id})
     assert r.status_code == 201, r.text
@@ -342,6 +358,9 @@ class RtpSender:
         self.tracks = tracks
         self.interval = interval
         self.payload = bytes(range(256))[:size]
+        # video payloads read as the first packet of a VP8 keyframe (descriptor S=1, payload
+        # header P=0), so that a new subscription starts on the very next packet
+        self.video_payload = b"\x10\x00\x9d\x01\x2a" + self.payload[5:]
         self.seq = {t.ssrc: 1000 for t in tracks}
         self.sent = 0
         self.errors: list[BaseException] = []
@@ -371,7 +390,8 @@ class RtpSender:
                 self.seq[t.ssrc] = seq + 1
                 step = 960 if t.kind == "audio" else 3000
                 try:
-                    self.udp.send_rtp(t.ssrc, t.payload_type, seq, seq * step, self.payload)
+                    payload = self.payload if t.kind == "audio" else self.video_payload
+                    self.udp.send_rtp(t.ssrc, t.payload_type, seq, seq * step, payload)
                     self.sent += 1
                 except Exception as exc:  # a closed peer: keep the reason for the test
                     self.errors.append(exc)

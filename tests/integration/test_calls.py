@@ -7,27 +7,14 @@ other participants' colours and tones.
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import httpx
 import pytest
 
 from tests.integration.clients import CallClient, wait_for
+from tests.integration.conftest import new_room
 
 pytestmark = pytest.mark.integration
-
-_rooms = itertools.count()
-
-
-def _room(relay) -> str:
-    name = f"call{next(_rooms)}"
-    r = httpx.post(
-        f"{relay.api}/v1/rooms",
-        json={"room_id": name},
-        headers={"Authorization": f"Bearer {relay.key}"},
-    )
-    assert r.status_code == 201, r.text
-    return name
 
 
 async def _start(relay, room: str, identities: list[str]) -> list[CallClient]:
@@ -50,7 +37,7 @@ async def _close(clients: list[CallClient]) -> None:
 
 
 async def test_one_to_one_call_both_ways(relay) -> None:
-    room = _room(relay)
+    room = new_room(relay, "call")
     alice, bob = clients = await _start(relay, room, ["red", "green"])
     try:
         assert await wait_for(lambda: _decodes(alice, {"green"}) and _decodes(bob, {"red"}), 30), (
@@ -74,7 +61,7 @@ async def test_one_to_one_call_both_ways(relay) -> None:
 
 
 async def test_three_party_call(relay) -> None:
-    room = _room(relay)
+    room = new_room(relay, "call")
     clients = await _start(relay, room, ["red", "green", "blue"])
     try:
         everyone = {"red", "green", "blue"}
@@ -88,7 +75,7 @@ async def test_three_party_call(relay) -> None:
 
 
 async def test_late_joiner_gets_media_fast(relay) -> None:
-    room = _room(relay)
+    room = new_room(relay, "call")
     early = await _start(relay, room, ["red", "green"])
     late: list[CallClient] = []
     try:
@@ -105,7 +92,7 @@ async def test_late_joiner_gets_media_fast(relay) -> None:
 
 
 async def test_participant_leaving(relay) -> None:
-    room = _room(relay)
+    room = new_room(relay, "call")
     clients = await _start(relay, room, ["red", "green", "blue"])
     red, green, blue = clients
     headers = {"Authorization": f"Bearer {relay.key}"}

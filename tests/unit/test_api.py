@@ -22,6 +22,7 @@ from relay.api.events import EventBus
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc.dtls import Certificate
+from relay.sfu.errors import BadRequest
 from relay.sfu.sfu import Sfu
 
 KEY = "devkey"
@@ -911,3 +912,108 @@ async def test_fuzz_bodies_never_500(world: World) -> None:
                 await client.post(
                     "/v1/rooms/r1/participants", json={"participant_id": "alice"}, headers=AUTH
                 )
+
+
+async def test_data_channel_only_offer_is_400_bad_sdp_that_says_why(
+    client: httpx.AsyncClient,
+) -> None:
+    await setup_room(client, "alice")
+    head, *sections = fixture_sdp("chrome_offer.sdp").split("m=")
+    sdp = head.replace("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 2") + "m=" + sections[2]
+    assert sdp.count("m=") == 1 and "m=application" in sdp
+    r = await client.post(f"{P}/publisher", json={"type": "offer", "sdp": sdp}, headers=AUTH)
+    error = assert_error(r, 400, "bad_sdp")
+    assert set(r.json()) == {"error"}
+    assert "data channels are not supported yet" in error["message"]
+    assert "audio and video only" in error["message"]
+    # the same offer with its audio and video is answered, the data channel rejected
+    body = {"type": "offer", "sdp": fixture_sdp("chrome_offer.sdp")}
+    r = await client.post(f"{P}/publisher", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert "m=application 0 UDP/DTLS/SCTP webrtc-datachannel" in r.json()["sdp"]
+
+
+async def test_metrics_count_transport_cc_feedback(client: httpx.AsyncClient) -> None:
+    r = await client.get("/metrics")
+    assert re.search(r"^relay_twcc_feedback_sent_total 0$", r.text, re.M)
+
+
+# --------------------------------------------------------------------------------------------
+# Video codec preference
+
+
+def answered_video(sdp: str) -> tuple[str, str]:
+    """(payload type, rtpmap and fmtp lines) of the video m-line of an answer."""
+    section = sdp[sdp.index("m=video") :]
+    pt = section.split("\r\n", 1)[0].split()[3]
+    lines = [
+        line
+        for line in section.split("\r\n")
+        if line.startswith((f"a=rtpmap:{pt} ", f"a=fmtp:{pt} "))
+    ]
+    return pt, " ".join(lines)
+
+
+async def test_room_codec_preference_is_set_shown_and_used(
+    world: World, client: httpx.AsyncClient
+) -> None:
+    r = await client.post(
+        "/v1/rooms", json={"room_id": "r1", "codec_preference": ["H264", "VP8"]}, headers=AUTH
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["codec_preference"] == ["H264", "VP8"]
+    assert (await client.get("/v1/rooms/r1", headers=AUTH)).json()["codec_preference"] == [
+        "H264",
+        "VP8",
+    ]
+    r = await client.post("/v1/rooms", json={"room_id": "r2"}, headers=AUTH)
+    assert r.json()["codec_preference"] == ["VP8", "H264", "VP9", "AV1"]  # media.codec_preference
+
+    # Safari lists H.264 High (96) first, then Constrained Baseline (98), ..., VP8 (102).
+    for room, expected in (("r1", ("98", "profile-level-id=42e01f")), ("r2", ("102", "VP8/90000"))):
+        r = await client.post(
+            f"/v1/rooms/{room}/participants", json={"participant_id": "safari"}, headers=AUTH
+        )
+        assert r.status_code == 201
+        r = await client.post(
+            f"/v1/rooms/{room}/participants/safari/publisher",
+            json={"type": "offer", "sdp": fixture_sdp("safari_offer.sdp")},
+            headers=AUTH,
+        )
+        assert r.status_code == 200, r.text
+        pt, lines = answered_video(r.json()["sdp"])
+        assert pt == expected[0] and expected[1] in lines, (room, lines)
+        tracks = (await client.get(f"/v1/rooms/{room}/participants/safari", headers=AUTH)).json()
+        video = next(t for t in tracks["tracks"] if t["kind"] == "video")
+        assert video["codec"] == ("video/H264" if room == "r1" else "video/VP8")
+
+
+@pytest.mark.parametrize(
+    "value", [["H265"], [], ["VP8", "VP8"], ["vp8"], "VP8", [1], None, {"VP8": 1}]
+)
+async def test_room_codec_preference_checks(client: httpx.AsyncClient, value: Any) -> None:
+    r = await client.post(
+        "/v1/rooms", json={"room_id": "r1", "codec_preference": value}, headers=AUTH
+    )
+    if value is None:  # null: the configured default
+        assert r.status_code == 201 and r.json()["codec_preference"][0] == "VP8"
+        return
+    error = assert_error(r, 422, "invalid_request")
+    assert error["message"].startswith("body.codec_preference")
+    assert_error(await client.get("/v1/rooms/r1", headers=AUTH), 404, "room_not_found")
+
+
+async def test_room_codec_preference_is_documented(client: httpx.AsyncClient) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    field = schemas["CreateRoom"]["properties"]["codec_preference"]
+    assert "VP8" in json.dumps(field) and "H264" in json.dumps(field)
+    assert "codec_preference" in schemas["Room"]["required"]
+
+
+def test_sfu_refuses_an_unknown_codec_preference() -> None:
+    sfu = World(make_settings()).sfu
+    for value in (["H265"], [], ["VP8", "vp8"], "VP8"):
+        with pytest.raises(BadRequest) as info:
+            sfu.create_room("r1", codec_preference=value)
+        assert info.value.code == "invalid_field" and "codec_preference" in str(info.value)
+    assert sfu.create_room("r1", codec_preference=["h264"]).codec_preference == ("H264",)

@@ -84,6 +84,24 @@ def test_check_config_good_file(good_file: Path, capsys: pytest.CaptureFixture[s
     assert "topsecret" not in out
 
 
+def test_check_config_shows_the_ice_host_candidates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "media.toml"
+    path.write_text('[media]\nhost = "127.0.0.1"\nport = 40100\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "# ICE host candidates on this machine: 127.0.0.1:40100\n" in out
+    path.write_text('[media]\nannounced_addresses = ["203.0.113.10", "2001:db8::10"]\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "candidates on this machine: 203.0.113.10:40000, [2001:db8::10]:40000\n" in out
+    path.write_text("")  # the embedded default: every interface, loopback last
+    assert main(["check-config", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "ICE host candidates" in x)
+    assert line.endswith(" 127.0.0.1:40000"), line
+
+
 def test_check_config_json(good_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--json", str(good_file)]) == 0
     values = json.loads(capsys.readouterr().out)

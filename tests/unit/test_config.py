@@ -52,6 +52,7 @@ def test_no_file_no_environment_gives_embedded_defaults() -> None:
     assert settings.api.host == "127.0.0.1"
     assert settings.api.port == 8080
     assert settings.api.keys == ("devkey",)
+    assert settings.media.host == "0.0.0.0"  # every interface; the API stays on loopback
     assert settings.media.port == 40000
     assert settings.media.announced_addresses == ()
     assert settings.log.level == "info"
@@ -244,6 +245,10 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
         ('[media]\nsrtp_profiles = ["NULL"]', "media.srtp_profiles", "AEAD_AES_128_GCM"),
         ('[media]\nsrtp_profiles = ["AEAD_AES_256_GCM"]', "media.srtp_profiles", "expected"),
         ("[media]\nsrtp_profiles = []", "media.srtp_profiles", "must not be empty"),
+        ('[media]\ncodec_preference = ["H265"]', "media.codec_preference", "'VP8', 'H264'"),
+        ("[media]\ncodec_preference = []", "media.codec_preference", "must not be empty"),
+        ('[media]\ncodec_preference = ["VP8", "vp8"]', "media.codec_preference", "duplicate"),
+        ('[media]\ncodec_preference = "VP8"', "media.codec_preference", "list"),
         ("[media]\nreceive_buffer_bytes = -1", "media.receive_buffer_bytes", "positive"),
         ("[session]\nconsent_timeout = 0", "session.consent_timeout", "positive number"),
         ("[session]\nconnect_timeout = -1.5", "session.connect_timeout", "positive number"),
@@ -474,3 +479,20 @@ def test_token_secret_and_demo_switch(write) -> None:
     assert load_settings(None, {}).auth.token_secret == ""  # tokens off by default
     assert load_settings(None, {}).demo.enabled is True
     assert settings_as_dict(settings)["auth"]["token_secret"] == "<redacted 32 chars>"
+
+
+# -- video codec preference --------------------------------------------------------------------
+
+
+def test_codec_preference_from_file_and_environment(write) -> None:
+    assert load_settings(None, {}).media.codec_preference == ("VP8", "H264", "VP9", "AV1")
+    path = write('[media]\ncodec_preference = ["h264", "VP8"]\n')
+    assert load_settings(path, {}).media.codec_preference == ("H264", "VP8")
+    environ = {"RELAY_MEDIA__CODEC_PREFERENCE": "vp9, av1"}
+    assert load_settings(path, environ).media.codec_preference == ("VP9", "AV1")
+
+
+def test_unknown_codec_in_the_environment_stops_start_up() -> None:
+    message = error_of(environ={"RELAY_MEDIA__CODEC_PREFERENCE": "VP8,H265"})
+    assert message.startswith("media.codec_preference (RELAY_MEDIA__CODEC_PREFERENCE): ")
+    assert "'H265'" in message

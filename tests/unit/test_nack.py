@@ -237,7 +237,17 @@ def test_retries_are_bounded_then_given_up() -> None:
         sent += gen.poll(now, rtt=0.02)
     assert sent == [2, 2, 2]
     assert gen.missing == 0 and gen.lost_unrepaired == 1
-    assert not gen.keyframe_needed
+    # recovery gave up: the caller asks the publisher for one keyframe
+    assert gen.keyframe_needed
+
+
+def test_is_missing_while_recovery_is_in_flight() -> None:
+    gen = NackGenerator()
+    feed(gen, [65534, 1], now=0.0)  # 65535 and 0 missing, across the wrap
+    assert gen.is_missing(65535) and gen.is_missing(0)
+    assert not gen.is_missing(1) and not gen.is_missing(65534) and not gen.is_missing(2)
+    gen.on_packet(0, 0.03)
+    assert not gen.is_missing(0) and gen.is_missing(65535)
 
 
 def test_max_age_forgets() -> None:
@@ -247,6 +257,7 @@ def test_max_age_forgets() -> None:
     assert gen.poll(0.45, rtt=0.4) == []  # retry due at 0.62, but too old by then
     assert gen.poll(0.62, rtt=0.4) == []
     assert gen.missing == 0 and gen.lost_unrepaired == 1
+    assert gen.keyframe_needed
 
 
 def test_too_many_missing_drops_oldest_and_asks_for_keyframe() -> None:

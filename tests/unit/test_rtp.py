@@ -22,6 +22,7 @@ from relay.rtc.rtp import (
     parse_rtp,
     rewrite_packet,
 )
+from relay.rtc.twcc import write_transport_seq
 
 
 def make_packet(
@@ -682,4 +683,86 @@ def test_extension_rewriter_extra_elements_match_the_generic_encoding() -> None:
     wide = [(20, b"\x01\x02")]
     assert rewriter.block(elements, wide) == build_extension_block(
         [(1, b"\x85"), (14, b"\x00\x10"), (4, b"12"), wide[0]]
+    )
+
+
+# --- two-byte header extensions (RFC 8285 §4.3) through the forwarding path --------------------
+
+#: A publisher packet in the two-byte form, as libwebrtc sends it once an extension id above 14
+#: is negotiated with a=extmap-allow-mixed: audio level (id 1), mid "0" (id 16), transport-wide
+#: sequence number 0x0102 (id 17), two bytes of padding.
+TWO_BYTE_BODY = bytes([1, 1, 0x85, 16, 1, 0x30, 17, 2, 0x01, 0x02, 0, 0])
+
+
+def two_byte_publisher_packet() -> tuple[bytes, int, list[tuple[int, bytes]]]:
+    """(packet, payload offset, parsed elements) of a packet with :data:`TWO_BYTE_BODY`."""
+    data = make_packet(pt=111, seq=7, ts=960, ssrc=0x01020304, ext=(0x1000, TWO_BYTE_BODY))
+    *_, off, ext_off, ext_len = parse_rtp(data)
+    assert data[12:16] == b"\x10\x00\x00\x03"
+    assert extension_profile(data) == TWO_BYTE_PROFILE
+    elements = parse_extensions(data, ext_off, ext_len, TWO_BYTE_PROFILE)
+    return data, off, elements
+
+
+def test_two_byte_publisher_elements_parsed() -> None:
+    _, off, elements = two_byte_publisher_packet()
+    assert off == 12 + 4 + 12
+    assert elements == [(1, b"\x85"), (16, b"0"), (17, b"\x01\x02")]
+
+
+def test_two_byte_elements_mixed_down_to_one_byte_with_twcc_stamp() -> None:
+    data, off, elements = two_byte_publisher_packet()
+    # subscriber: audio level at 1, mid "a1" at 4, transport-wide sequence number at 3
+    rewriter = ExtensionRewriter({1: 1}, mid_id=4, mid="a1", publisher_mid_id=16)
+    block = rewriter.block(elements, [(3, b"\x00\x07")])
+    assert block == bytes.fromhex("bede0002 1085 416131 310007")
+    out = rewrite_packet(data, off, 0xAABBCCDD, 96, 1, 2, block)
+    # X set, the one-byte block, payload unchanged
+    assert out == bytes.fromhex("9060 0001 00000002 aabbccdd") + block + data[off:]
+
+
+def test_two_byte_elements_remapped_to_ids_above_14() -> None:
+    data, off, elements = two_byte_publisher_packet()
+    # a subscriber that negotiated audio level at 21 (and a=extmap-allow-mixed)
+    rewriter = ExtensionRewriter({1: 21}, mid_id=4, mid="a1", publisher_mid_id=16)
+    block = rewriter.block(elements, [(3, b"\x00\x07")])
+    assert block == bytes.fromhex("10000003 150185 04026131 03020007 00")
+    out = rewrite_packet(data, off, 0xAABBCCDD, 96, 1, 2, block)
+    *_, out_off, ext_off, ext_len = parse_rtp(out)
+    assert extension_profile(out) == TWO_BYTE_PROFILE and out[out_off:] == data[off:]
+    assert parse_extensions(out, ext_off, ext_len, TWO_BYTE_PROFILE) == [
+        (21, b"\x85"),
+        (4, b"a1"),
+        (3, b"\x00\x07"),
+    ]
+
+
+def test_two_byte_element_value_kept_when_it_cannot_be_one_byte() -> None:
+    # an empty value (valid only in the two-byte form) keeps the output in the two-byte form
+    rewriter = ExtensionRewriter({1: 1, 20: 2}, mid_id=4, mid="a1")
+    block = rewriter.block([(1, b"\x85"), (20, b"")], [(3, b"\x00\x07")])
+    assert block == bytes.fromhex("10000004 010185 0200 04026131 03020007 000000")
+
+
+def test_twcc_stamp_written_into_a_two_byte_packet() -> None:
+    data, off, elements = two_byte_publisher_packet()
+    # the subscriber's transport-wide sequence number at 18: the two-byte form is needed
+    rewriter = ExtensionRewriter({1: 1}, mid_id=4, mid="a1", publisher_mid_id=16)
+    block = rewriter.block(elements, [(18, b"\xbe\xef")])
+    assert block == bytes.fromhex("10000003 010185 04026131 1202beef 00")
+    out = rewrite_packet(data, off, 0xAABBCCDD, 96, 1, 2, block)
+    # a retransmission from the history gets a fresh transport-wide sequence number
+    again = write_transport_seq(out, 18, 0x1234)
+    assert len(again) == len(out)
+    assert again == out.replace(b"\x12\x02\xbe\xef", b"\x12\x02\x12\x34")
+    *_, again_off, ext_off, ext_len = parse_rtp(again)
+    assert again[again_off:] == data[off:]
+    assert parse_extensions(again, ext_off, ext_len, extension_profile(again)) == [
+        (1, b"\x85"),
+        (4, b"a1"),
+        (18, b"\x12\x34"),
+    ]
+    # and into the publisher's own two-byte packet, at its id 17
+    assert write_transport_seq(data, 17, 0xFFFF) == data.replace(
+        b"\x11\x02\x01\x02", b"\x11\x02\xff\xff"
     )

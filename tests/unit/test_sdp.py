@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from relay.rtc.sdp import (
+    DATA_CHANNELS_UNSUPPORTED,
     SUPPORTED_EXTENSIONS,
     SUPPORTED_RTCP_FB,
     Codec,
@@ -255,12 +256,13 @@ def test_parse_rids_and_simulcast() -> None:
 # ---------------------------------------------------------------------------------------------
 # Answering the fixtures
 
-# Only the client's first supported codec is accepted (with its RTX): Safari prefers H264.
+# One codec is accepted (with its RTX), the first of the default preference the client offers:
+# VP8 everywhere, even from Safari, which lists H.264 High first.
 EXPECTED_VIDEO = {
     "chrome": [(96, 97)],
     "firefox": [(120, 124)],
     "aiortc": [(97, 98)],
-    "safari": [(96, 97)],
+    "safari": [(102, 103)],
 }
 EXPECTED_OPUS_PT = {"chrome": 111, "firefox": 109, "aiortc": 96, "safari": 111}
 
@@ -290,7 +292,8 @@ def test_answer_fixture(name: str) -> None:
     lines = answer_lines(sdp)
     assert lines[:4] == ["v=0", "o=- 4242 7 IN IP4 0.0.0.0", "s=-", "t=0 0"]
     assert "a=ice-lite" in lines
-    assert lines.count("a=setup:passive") == sum(not a.rejected for a in answered)
+    # every m-line, rejected ones too, carries the bundle transport's attributes
+    assert lines.count("a=setup:passive") == len(answered)
     assert "a=setup:actpass" not in lines and "a=setup:active" not in lines
 
     parsed = parse_sdp(sdp)
@@ -321,12 +324,20 @@ def test_answer_rejects_data_channel(name: str) -> None:
     sdp, answered = build_answer(offer, local_transport())
     app = answered[2]
     assert app.kind == "application" and app.rejected
-    assert app.reason == "data channels not supported"
+    assert app.reason == DATA_CHANNELS_UNSUPPORTED
+    assert "audio and video only" in app.reason and "not supported yet" in app.reason
     assert "m=application 0 UDP/DTLS/SCTP webrtc-datachannel" in answer_lines(sdp)
     assert "a=group:BUNDLE 0 1" in answer_lines(sdp)
     parsed = parse_sdp(sdp)
     assert parsed.media[2].mid == "2" and parsed.media[2].port == 0
     assert "2" not in parsed.bundle_mids
+    # with the transport's attributes and candidates, as aiortc requires of every m-line
+    app_answer, video_answer = parsed.media[2], parsed.media[1]
+    assert app_answer.connection_address == "0.0.0.0"
+    assert (app_answer.ice_ufrag, app_answer.ice_pwd) == ("rlyU", "relaypasswordrelaypasswd")
+    assert app_answer.fingerprints == [FINGERPRINT] and app_answer.setup == "passive"
+    assert app_answer.candidates == video_answer.candidates and app_answer.end_of_candidates
+    assert not app_answer.rtcp_mux and app_answer.sctp_port is None
 
 
 def test_answer_drops_recvonly_extensions_and_unsupported_feedback() -> None:
@@ -828,3 +839,107 @@ def test_answer_falls_back_to_remb_without_twcc_offer() -> None:
     )
     _, answered = build_answer(parse_sdp(text), local_transport(), "auto")
     assert "goog-remb" in answered[1].codecs[0].rtcp_fb
+
+
+# ---------------------------------------------------------------------------------------------
+# a=extmap-allow-mixed and extension ids above 14 (RFC 8285)
+
+
+def session_part(sdp: str) -> list[str]:
+    """The session-level lines of an SDP (before the first m=)."""
+    return answer_lines(sdp.split("\r\nm=", 1)[0])
+
+
+def test_answer_echoes_session_level_extmap_allow_mixed() -> None:
+    sdp, _ = build_answer(parse_sdp(load("chrome")), local_transport())
+    assert "a=extmap-allow-mixed" in session_part(sdp)
+    assert answer_lines(sdp).count("a=extmap-allow-mixed") == 1
+    assert parse_sdp(sdp).extmap_allow_mixed
+
+
+def test_answer_echoes_media_level_extmap_allow_mixed() -> None:
+    # Firefox writes it in each m-line: answered in each accepted m-line, not the rejected one
+    sdp, answered = build_answer(parse_sdp(load("firefox")), local_transport())
+    assert "a=extmap-allow-mixed" not in session_part(sdp)
+    parsed = parse_sdp(sdp)
+    assert not parsed.extmap_allow_mixed
+    assert [m.extmap_allow_mixed for m in parsed.media] == [not a.rejected for a in answered]
+    assert [a.rejected for a in answered] == [False, False, True]
+
+
+def test_answer_without_extmap_allow_mixed_when_not_offered() -> None:
+    sdp, _ = build_answer(parse_sdp(load("aiortc")), local_transport())
+    assert "a=extmap-allow-mixed" not in answer_lines(sdp)
+    parsed = parse_sdp(sdp)
+    assert not parsed.extmap_allow_mixed
+    assert not any(m.extmap_allow_mixed for m in parsed.media)
+
+
+def test_subscriber_offer_carries_extmap_allow_mixed() -> None:
+    sdp = build_offer(local_transport(), subscriber_media())
+    assert "a=extmap-allow-mixed" in session_part(sdp)
+    assert parse_sdp(sdp).extmap_allow_mixed
+    plain = build_offer(local_transport(), subscriber_media(), extmap_allow_mixed=False)
+    assert "a=extmap-allow-mixed" not in answer_lines(plain)
+
+
+def chrome_with_wide_ids(allow_mixed: bool) -> str:
+    """Chrome's offer with transport-cc at id 17, mid at 16 and audio level at 15."""
+    text = (
+        load("chrome")
+        .replace(f"a=extmap:3 {TWCC}", f"a=extmap:17 {TWCC}")
+        .replace(f"a=extmap:4 {MID_URI}", f"a=extmap:16 {MID_URI}")
+        .replace(f"a=extmap:1 {AUDIO_LEVEL}", f"a=extmap:15 {AUDIO_LEVEL}")
+    )
+    assert text.count("a=extmap:17 ") == 2 and text.count("a=extmap:16 ") == 2
+    if not allow_mixed:
+        text = text.replace("a=extmap-allow-mixed\r\n", "")
+    return text
+
+
+def test_answer_takes_ids_above_14_with_extmap_allow_mixed() -> None:
+    sdp, answered = build_answer(parse_sdp(chrome_with_wide_ids(True)), local_transport())
+    audio, video = answered[0], answered[1]
+    assert {(e.id, e.uri) for e in audio.extmaps} >= {(15, AUDIO_LEVEL), (16, MID_URI), (17, TWCC)}
+    assert {(e.id, e.uri) for e in video.extmaps} >= {(16, MID_URI), (17, TWCC)}
+    assert "transport-cc" in video.codecs[0].rtcp_fb
+    lines = answer_lines(sdp)
+    assert f"a=extmap:17 {TWCC}" in lines and "a=extmap-allow-mixed" in lines
+
+
+def test_answer_drops_ids_above_14_without_extmap_allow_mixed() -> None:
+    _, answered = build_answer(parse_sdp(chrome_with_wide_ids(False)), local_transport())
+    audio, video = answered[0], answered[1]
+    for a in (audio, video):
+        assert all(1 <= e.id <= 14 for e in a.extmaps)
+        assert not {e.uri for e in a.extmaps} & {TWCC, MID_URI}
+    # transport-cc cannot be carried: the relay estimates the bandwidth itself (REMB)
+    assert "transport-cc" not in video.codecs[0].rtcp_fb
+    assert "goog-remb" in video.codecs[0].rtcp_fb
+    assert (2, ABS_SEND_TIME) in {(e.id, e.uri) for e in video.extmaps}
+
+
+@pytest.mark.parametrize("ext_id", [0, 256, 4096])
+def test_answer_never_takes_ids_outside_1_to_255(ext_id: int) -> None:
+    text = load("chrome").replace(f"a=extmap:4 {MID_URI}", f"a=extmap:{ext_id} {MID_URI}")
+    _, answered = build_answer(parse_sdp(text), local_transport())
+    assert MID_URI not in {e.uri for a in answered for e in a.extmaps}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data channels
+
+
+def data_channel_only_offer() -> str:
+    """Chrome's offer with only its m=application (a page that made a data channel only)."""
+    head, *sections = load("chrome").split("m=")
+    return head.replace("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 2") + "m=" + sections[2]
+
+
+def test_answer_data_channel_only_offer_rejects_it() -> None:
+    sdp, answered = build_answer(parse_sdp(data_channel_only_offer()), local_transport())
+    assert [(a.kind, a.rejected, a.reason) for a in answered] == [
+        ("application", True, DATA_CHANNELS_UNSUPPORTED)
+    ]
+    assert "m=application 0 UDP/DTLS/SCTP webrtc-datachannel" in answer_lines(sdp)
+    assert not any(line.startswith("a=group:BUNDLE") for line in answer_lines(sdp))

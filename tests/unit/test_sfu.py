@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import struct
 from pathlib import Path
 
@@ -97,6 +99,11 @@ def aiortc_offer(audio: bool = True, video: bool = True) -> str:
         _, sep2, video_part = tail.partition("m=video")
         text = head.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 1") + "m=video" + video_part
     return text
+
+
+#: a VP8 payload that starts a keyframe (S=1, partition 0; P=0 in the payload header): a new
+#: subscription starts forwarding on one of these
+VP8_KEYFRAME = b"\x10\x00\x9d\x01\x2akeyframe"
 
 
 def rtp(
@@ -282,13 +289,30 @@ def _sent_to(h: Harness, addr: tuple[str, int]) -> list[bytes]:
     return [d for d, a in h.sent if a == addr]
 
 
+def _twcc_feedback(h: Harness, addr: tuple[str, int]) -> list[tuple[int, bool]]:
+    """(sequence number, received) of the one transport-cc feedback packet sent to ``addr``."""
+    from relay.rtc.twcc import parse_feedback
+
+    feedback = [
+        p
+        for d in _sent_to(h, addr)
+        for p in rtcp.parse_rtcp(d)
+        if isinstance(p, rtcp.TransportFeedback)
+    ]
+    assert len(feedback) == 1, feedback
+    return [(seq, received) for seq, received, _t in parse_feedback(feedback[0].fci).packets]
+
+
 def test_subscriber_nack_is_answered_on_the_rtx_stream() -> None:
     h = Harness()
     _alice, _bob, video = _video_call(h)
     assert video.history is not None and video.use_rtx
     h.sent.clear()
     for seq in range(100, 105):
-        h.sfu.router.handle_datagram(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, []), ("10.0.0.1", 4000))
+        payload = VP8_KEYFRAME if seq == 100 else b"\x90\x10payload-bytes"
+        h.sfu.router.handle_datagram(
+            rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000)
+        )
     originals = {parse_rtp(d)[1]: d for d in _sent_to(h, ("10.0.0.2", 5000))}
     lost = sorted(originals)[2]
     h.sent.clear()
@@ -309,7 +333,10 @@ def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
     alice, _bob, video = _video_call(h)
     track = video.track
     for seq in (200, 201, 203):  # 202 goes missing
-        h.sfu.router.handle_datagram(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, []), ("10.0.0.1", 4000))
+        payload = VP8_KEYFRAME if seq == 200 else b"\x90\x10payload-bytes"
+        h.sfu.router.handle_datagram(
+            rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000)
+        )
     h.sent.clear()
     h.now += 0.05
     h.sfu.router.poll_feedback(h.now)
@@ -362,17 +389,7 @@ def test_transport_cc_feedback_goes_to_a_chrome_publisher() -> None:
         )
     h.sent.clear()
     h.sfu.router.poll_feedback(h.now)
-    feedback = [
-        p
-        for d in _sent_to(h, ("10.0.0.3", 6000))
-        for p in rtcp.parse_rtcp(d)
-        if isinstance(p, rtcp.TransportFeedback)
-    ]
-    assert len(feedback) == 1
-    from relay.rtc.twcc import parse_feedback
-
-    parsed = parse_feedback(feedback[0].fci)
-    assert [(seq, received) for seq, received, _t in parsed.packets] == [
+    assert _twcc_feedback(h, ("10.0.0.3", 6000)) == [
         (10, True),
         (11, True),
         (12, False),
@@ -428,3 +445,222 @@ def test_track_silent_for_a_while_is_reported_muted_then_unmuted() -> None:
     h.now += 1
     h.sfu.tick(h.now)
     assert h.events_of("track.unmuted")[-1]["participant_id"] == "alice"
+
+
+# --- data channels and two-byte header extensions ----------------------------------------------
+
+TWCC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+CHROME_AUDIO_SSRC = 457497428
+
+
+def chrome_offer() -> str:
+    return (FIXTURES / "chrome_offer.sdp").read_text()
+
+
+def test_chrome_offer_with_a_data_channel_publishes_audio_and_video() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "carol")
+    answer = parse_sdp(h.sfu.publisher_offer("r", "carol", chrome_offer()))
+    assert [(m.kind, m.port != 0) for m in answer.media] == [
+        ("audio", True),
+        ("video", True),
+        ("application", False),
+    ]
+    assert answer.bundle_mids == ["0", "1"]
+    assert answer.extmap_allow_mixed
+    carol = h.sfu.get_participant("r", "carol")
+    assert sorted(t.kind for t in carol.tracks.values()) == ["audio", "video"]
+
+
+def test_data_channel_only_offer_is_a_bad_sdp_that_says_why() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "carol")
+    head, *sections = chrome_offer().split("m=")
+    offer = head.replace("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 2") + "m=" + sections[2]
+    with pytest.raises(BadRequest) as exc:
+        h.sfu.publisher_offer("r", "carol", offer)
+    assert exc.value.code == "bad_sdp"
+    message = str(exc.value)
+    assert "data channels are not supported yet" in message
+    assert "audio and video only" in message
+    carol = h.sfu.get_participant("r", "carol")
+    assert carol.publisher is None and carol.tracks == {}
+
+
+def test_subscriber_offer_carries_extmap_allow_mixed() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "bob")
+    offer_sdp, _ = h.sfu.subscriber_offer("r", "bob")
+    assert parse_sdp(offer_sdp).extmap_allow_mixed
+
+
+def test_two_byte_extensions_from_a_publisher_are_fed_back_and_forwarded() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "carol")
+    h.sfu.add_participant("r", "bob")
+    # Chrome's offer with audio level at 15, mid at 16 and transport-cc at 17
+    offer = (
+        chrome_offer()
+        .replace(f"a=extmap:3 {TWCC_URI}", f"a=extmap:17 {TWCC_URI}")
+        .replace(
+            "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+            "a=extmap:16 urn:ietf:params:rtp-hdrext:sdes:mid",
+        )
+        .replace(
+            "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+            "a=extmap:15 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        )
+    )
+    answer = parse_sdp(h.sfu.publisher_offer("r", "carol", offer))
+    assert answer.extmap_allow_mixed
+    assert (17, TWCC_URI) in {(e.id, e.uri) for e in answer.media[0].extmaps}
+    h.answer("bob")
+    carol, bob = (h.sfu.get_participant("r", p) for p in ("carol", "bob"))
+    assert carol.publisher.twcc_id == 17 and carol.mid_ext_id == 16
+    h.connect(carol.publisher, ("10.0.0.3", 6000))
+    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    audio = next(s for s in bob.subscriptions.values() if s.track.kind == "audio")
+    h.sent.clear()
+    for i, seq in enumerate((10, 11, 13)):
+        h.now += 0.01
+        packet = rtp(
+            CHROME_AUDIO_SSRC,
+            111,
+            500 + i,
+            960 * i,
+            [(15, b"\x85"), (16, b"0"), (17, seq.to_bytes(2, "big"))],
+        )
+        assert packet[12:14] == b"\x10\x00"  # the two-byte form
+        h.sfu.router.handle_datagram(packet, ("10.0.0.3", 6000))
+
+    # forwarded to bob in the one-byte form, with bob's ids: audio level 1, mid 4, twcc 3
+    out = _sent_to(h, ("10.0.0.2", 5000))
+    assert len(out) == 3
+    stamps = []
+    for data in out:
+        *_, offset, ext_offset, ext_length = parse_rtp(data)
+        assert extension_profile(data) == 0xBEDE
+        assert data[offset:] == b"\x90\x10payload-bytes"
+        elements = dict(parse_extensions(data, ext_offset, ext_length, 0xBEDE))
+        stamps.append(int.from_bytes(elements.pop(3), "big"))
+        assert elements == {1: b"\x85", 4: audio.mid.encode()}
+    assert stamps == [stamps[0], stamps[0] + 1, stamps[0] + 2]
+
+    # and carol gets transport-cc feedback for the sequence numbers of her id 17
+    h.sfu.router.poll_feedback(h.now)
+    assert h.sfu.metrics.twcc_feedback_sent == 1
+    assert _twcc_feedback(h, ("10.0.0.3", 6000)) == [
+        (10, True),
+        (11, True),
+        (12, False),
+        (13, True),
+    ]
+
+
+# -- tracks a subscriber cannot take ------------------------------------------------------------
+
+
+def answer_declining(h: Harness, pid: str, reject: str = "", wrong_codec: str = "") -> int:
+    """Answer the current subscriber offer, rejecting (port 0) the m-line with mid ``reject``
+    and answering the one with mid ``wrong_codec`` with a payload type the relay did not offer,
+    the way a client that cannot decode a codec does."""
+    offer_sdp, revision = h.sfu.subscriber_offer("r", pid)
+    media = []
+    for m in parse_sdp(offer_sdp).media:
+        codecs = m.codecs
+        if m.mid == wrong_codec:
+            codecs = [dataclasses.replace(c, payload_type=c.payload_type + 1) for c in codecs]
+        media.append(
+            OfferedMedia(
+                mid=m.mid,
+                kind=m.kind,
+                direction="recvonly" if m.direction == "sendonly" else "inactive",
+                codecs=codecs,
+                extmaps=m.extmaps,
+                ssrc=None,
+            )
+        )
+    local = LocalTransport(
+        "clnt",
+        "clientpassword0123456789",
+        ("sha-256", "AA:BB"),
+        [("10.0.0.2", 5000)],
+        "active",
+        1,
+        1,
+    )
+    sections = build_offer(local, media).split("m=")
+    for i, section in enumerate(sections[1:], start=1):
+        if f"a=mid:{reject}\r\n" in section and reject:
+            kind = section.split(" ", 1)[0]
+            sections[i] = section.replace(f"{kind} 5000 ", f"{kind} 0 ", 1)
+    h.sfu.subscriber_answer("r", pid, "m=".join(sections), revision)
+    return revision
+
+
+def test_subscriber_rejecting_a_track_is_an_event_and_in_the_stats() -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice")
+    h.sfu.add_participant("r", "bob")
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    alice = h.sfu.get_participant("r", "alice")
+    video = next(t for t in alice.tracks.values() if t.kind == "video")
+    bob = h.sfu.get_participant("r", "bob")
+    video_mid = bob.subscriptions[video.track_id].mid
+
+    answer_declining(h, "bob", reject=video_mid)
+    events = h.events_of("track.unsupported")
+    assert events == [
+        {
+            "type": "track.unsupported",
+            "room_id": "r",
+            "at": 1.7e9,
+            "participant_id": "bob",
+            "track_id": video.track_id,
+            "publisher_id": "alice",
+            "codec": "video/VP8",
+            "reason": "rejected by the subscriber",
+        }
+    ]
+    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    outbound = {s["track_id"]: s for s in h.sfu.participant_stats("r", "bob")["outbound"]}
+    assert outbound[video.track_id]["forwarded"] is False
+    assert outbound[video.track_id]["reason"] == "rejected by the subscriber"
+    audio = next(s for s in outbound.values() if s["kind"] == "audio")
+    assert audio["forwarded"] is True and audio["reason"] is None
+    assert video.track_id not in {s.track.track_id for s in _outputs(alice)}
+
+    # the same answer again (a renegotiation for something else) says nothing new
+    answer_declining(h, "bob", reject=video_mid)
+    assert len(h.events_of("track.unsupported")) == 1
+
+    # a codec the answer does not take is another reason; taking the track clears it
+    answer_declining(h, "bob", wrong_codec=video_mid)
+    assert [e["reason"] for e in h.events_of("track.unsupported")] == [
+        "rejected by the subscriber",
+        "codec VP8 not accepted",
+    ]
+    answer_declining(h, "bob")
+    outbound = {s["track_id"]: s for s in h.sfu.participant_stats("r", "bob")["outbound"]}
+    assert outbound[video.track_id]["forwarded"] is True
+    assert outbound[video.track_id]["reason"] is None
+    answer_declining(h, "bob", reject=video_mid)
+    assert len(h.events_of("track.unsupported")) == 3
+
+
+def test_track_unsupported_is_logged_with_ids_only(caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness()
+    h.sfu.add_participant("r", "alice", metadata={"name": "Alice Example"})
+    h.sfu.add_participant("r", "bob", metadata={"phone": "+15551234567"})
+    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    bob = h.sfu.get_participant("r", "bob")
+    video_mid = next(s.mid for s in bob.subscriptions.values() if s.track.kind == "video")
+    with caplog.at_level(logging.INFO, logger="relay.sfu.sfu"):
+        answer_declining(h, "bob", reject=video_mid)
+    lines = [r.getMessage() for r in caplog.records if "cannot take" in r.getMessage()]
+    assert len(lines) == 1 and "bob" in lines[0] and "alice" in lines[0]
+    assert "Alice Example" not in caplog.text and "+15551234567" not in caplog.text
+
+
+def _outputs(p) -> list:
+    return [out for t in p.tracks.values() for out in t.subscriptions.values() if out.active]

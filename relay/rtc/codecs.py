@@ -1,0 +1,131 @@
+"""Codec payload descriptors, read only as far as forwarding needs: where a keyframe starts.
+
+A subscription starts (and a source switch takes effect) on the first packet of a keyframe, so
+that a subscriber's decoder never gets a picture it cannot decode and its numbering has no gap.
+Each function looks at the RTP payload descriptor (RFC 7741 VP8, RFC 9628 VP9, RFC 6184 H.264,
+the AV1 RTP specification's aggregation header) and, for VP8, the first byte of the payload
+header; never at the picture itself. The descriptors stay in the clear under end-to-end
+encryption, which leaves the codec header bytes the SFU needs unencrypted.
+
+Every function takes the plain RTP packet and the offset of its payload, and returns whether
+that packet is the first packet of a keyframe. Malformed or truncated payloads give False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = [
+    "KeyframeStart",
+    "av1_keyframe_start",
+    "h264_keyframe_start",
+    "keyframe_detector",
+    "vp8_keyframe_start",
+    "vp9_keyframe_start",
+]
+
+KeyframeStart = Callable[[bytes, int], bool]
+
+# H.264 NAL unit types (RFC 6184 §5.2 and H.264 Table 7-1)
+_NAL_IDR = 5
+_NAL_SPS = 7
+_NAL_STAP_A = 24
+_NAL_FU_A = 28
+
+
+def _payload_end(packet: bytes) -> int:
+    """End of the payload: the packet's length less its RTP padding (P bit)."""
+    if packet[0] & 0x20:
+        return len(packet) - packet[-1]
+    return len(packet)
+
+
+def vp8_keyframe_start(packet: bytes, offset: int) -> bool:
+    """First packet of a VP8 keyframe: S=1 and PID=0 in the payload descriptor, and the
+    inverse key-frame flag P=0 in the payload header (RFC 7741 §4.2, §4.3)."""
+    end = _payload_end(packet)
+    if offset >= end:
+        return False
+    first = packet[offset]
+    if first & 0x17 != 0x10:  # S set, partition index 0
+        return False
+    i = offset + 1
+    if first & 0x80:  # X: extension byte follows
+        if i >= end:
+            return False
+        ext = packet[i]
+        i += 1
+        if ext & 0x80:  # I: PictureID, 7 or 15 bits
+            if i >= end:
+                return False
+            i += 2 if packet[i] & 0x80 else 1
+        if ext & 0x40:  # L: TL0PICIDX
+            i += 1
+        if ext & 0x30:  # T or K: TID/Y/KEYIDX byte
+            i += 1
+    return i < end and not packet[i] & 0x01
+
+
+def vp9_keyframe_start(packet: bytes, offset: int) -> bool:
+    """First packet of a VP9 keyframe: B=1 (start of a frame) and P=0 (not inter-predicted),
+    of spatial layer 0 when layer indices are present (RFC 9628 §4.2)."""
+    end = _payload_end(packet)
+    if offset >= end:
+        return False
+    first = packet[offset]
+    if first & 0x48 != 0x08:  # B set, P clear
+        return False
+    if not first & 0x20:  # L: no layer indices, a single spatial layer
+        return True
+    i = offset + 1
+    if first & 0x80:  # I: picture ID, 7 or 15 bits
+        if i >= end:
+            return False
+        i += 2 if packet[i] & 0x80 else 1
+    if i >= end:
+        return False
+    return (packet[i] >> 1) & 0x07 == 0  # SID
+
+
+def h264_keyframe_start(packet: bytes, offset: int) -> bool:
+    """First packet of an H.264 IDR access unit: a single SPS or IDR NAL unit, a STAP-A that
+    holds one, or the start fragment of an FU-A of one (RFC 6184 §5.6-5.8)."""
+    end = _payload_end(packet)
+    if offset >= end:
+        return False
+    nal = packet[offset] & 0x1F
+    if nal == _NAL_SPS or nal == _NAL_IDR:
+        return True
+    if nal == _NAL_STAP_A:
+        i = offset + 1
+        while i + 2 < end:
+            size = (packet[i] << 8) | packet[i + 1]
+            inner = packet[i + 2] & 0x1F
+            if inner == _NAL_SPS or inner == _NAL_IDR:
+                return True
+            i += 2 + size
+        return False
+    if nal == _NAL_FU_A and offset + 1 < end:
+        header = packet[offset + 1]
+        return bool(header & 0x80) and (header & 0x1F) in (_NAL_SPS, _NAL_IDR)
+    return False
+
+
+def av1_keyframe_start(packet: bytes, offset: int) -> bool:
+    """First packet of a new AV1 coded video sequence (a keyframe): N=1 in the aggregation
+    header (AV1 RTP specification §4.4)."""
+    return offset < _payload_end(packet) and bool(packet[offset] & 0x08)
+
+
+_DETECTORS: dict[str, KeyframeStart] = {
+    "vp8": vp8_keyframe_start,
+    "vp9": vp9_keyframe_start,
+    "h264": h264_keyframe_start,
+    "av1": av1_keyframe_start,
+}
+
+
+def keyframe_detector(codec_name: str) -> KeyframeStart | None:
+    """The keyframe-start test of a video codec (by its rtpmap name), or None (audio, or a
+    codec the relay cannot read: any newest packet is a good start)."""
+    return _DETECTORS.get(codec_name.lower())
