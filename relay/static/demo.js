@@ -452,8 +452,8 @@
           notice(`${name} connection failed`, true);
           if (onlyLoopback(pc.remoteDescription)) {
             notice('the relay offers only a loopback media address (127.0.0.1), which some ' +
-              'browsers (Firefox) do not connect to: start it with RELAY_MEDIA__HOST=0.0.0.0 ' +
-              'or with your machine\'s network address', true);
+              'browsers (Firefox) do not connect to: set [media] host to 0.0.0.0 (the default) ' +
+              'or to your machine\'s network address', true);
           }
         }
       });
