@@ -1,4 +1,4 @@
-"""``python -m bench {hotpath,load,compare,all}``: see ``--help`` and bench/README.md."""
+"""``python -m bench {hotpath,load,compare,all,soak}``: see ``--help`` and bench/README.md."""
 
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ from bench.suite import (
     run_compare,
     run_hotpath,
     run_load,
+    run_soak_command,
 )
 
 SCHEMA = "relay-bench/1"
-COMMANDS = ("hotpath", "load", "compare", "all")
+COMMANDS = ("hotpath", "load", "compare", "all", "soak")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -67,12 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--scenarios", type=_names, help="load: subset of the scenarios")
     parser.add_argument("--fanouts", type=_ints, help="hotpath and compare: fan-outs to run")
-    parser.add_argument("--duration", type=float, help="seconds of each measurement window")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help="seconds of each measurement window (soak: of the whole soak, default 600)",
+    )
     parser.add_argument("--samples", type=int, help="hotpath: samples per stage")
     parser.add_argument(
         "--profile",
         action="store_true",
         help="load/compare: py-spy profile of the relay in every window (OUT/profiles)",
+    )
+    soak = parser.add_argument_group("soak")
+    soak.add_argument(
+        "--subscribers", type=int, help="soak: subscribers of the one publisher (1 Mbit/s video)"
+    )
+    soak.add_argument(
+        "--rate", type=float, metavar="PPS", help="soak: forwarded packets per second to hold"
+    )
+    soak.add_argument(
+        "--capacity",
+        type=float,
+        metavar="PPS",
+        help="soak: capacity in forwarded packets/s (default: measured by a short ramp)",
+    )
+    soak.add_argument(
+        "--fraction", type=float, default=0.7, help="soak: share of the capacity held (0.7)"
+    )
+    soak.add_argument(
+        "--slice", type=float, default=10.0, help="soak: seconds of each reported slice (10)"
+    )
+    soak.add_argument(
+        "--warmup",
+        type=float,
+        default=12.0,
+        help="soak: seconds of load before the first slice, to fill packet histories (12)",
     )
     parser.add_argument(
         "--wait-idle",
@@ -168,6 +198,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data["compare"] = compare
             data["ratios"].update(compare["ratios"])
             data["skipped"].update(compare["skipped"])
+        if args.command == "soak":
+            data["soak"] = run_soak_command(
+                reporter,
+                subscribers=args.subscribers,
+                rate=args.rate,
+                capacity=args.capacity,
+                fraction=args.fraction,
+                duration=args.duration or 600.0,
+                slice_seconds=args.slice,
+                warmup=args.warmup,
+            )
     data["targets"] = evaluate_targets(data)
     data["load_average_after"] = load_average()
     data["seconds"] = elapsed(started)

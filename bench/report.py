@@ -67,7 +67,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines += _load(data["load"])
     if "compare" in data:
         lines += _compare(data["compare"])
-    if "targets" in data:
+    if "soak" in data:
+        lines += _soak(data["soak"])
+    if "targets" in data and data.get("command") != "soak":
         lines += [
             "## Targets (measured, not asserted)",
             "",
@@ -176,6 +178,54 @@ def _load(load: dict[str, Any]) -> list[str]:
         lines.append("")
     for name, error in load.get("errors", {}).items():
         lines.append(f"- {name}: {error}")
+    return lines
+
+
+def _soak(soak: dict[str, Any]) -> list[str]:
+    plan, totals, rss = soak["plan"], soak["totals"], soak["rss"]
+    basis = plan["basis"]
+    if plan.get("capacity_pps"):
+        basis += (
+            f": {plan['fraction_of_capacity']:.0%} of {plan['capacity_pps']:,.0f} forwarded "
+            "packets/s"
+        )
+
+    def mib(value: Any) -> str:
+        return "–" if not value else f"{value / 2**20:.1f}"
+
+    lines = [
+        "## Soak: one publisher (1 Mbit/s video) held at a steady load",
+        "",
+        f"{plan['subscribers']} subscribers ({basis}; target "
+        f"{plan['target_forwarded_pps']:,.0f} forwarded packets/s) for "
+        f"{soak['duration_s']:g} s after {soak['warmup_s']:g} s of warm-up, in slices of "
+        f"{soak['slice_s']:g} s. Loss {_pct(totals['loss'], 3)} "
+        f"({totals['lost']} of {totals['expected']} packets; worst slice "
+        f"{_pct(totals['worst_slice_loss'], 3)}); latency p99 median slice "
+        f"{_f(totals['latency_p99_ms_median_slice'], 2)} ms, worst "
+        f"{_f(totals['latency_p99_ms_worst_slice'], 2)} ms. Relay RSS "
+        f"{mib(rss['start_bytes'])} MiB after warm-up, {mib(rss['end_bytes'])} MiB at the end "
+        f"({_pct(rss['growth_fraction'], 1)}); {totals['busy_slices']} slice(s) disturbed by "
+        "other processes (over 30 % of a core); participants in the relay "
+        f"{_f(totals.get('participants_start'), 0)} at the first slice, "
+        f"{_f(totals.get('participants_end'), 0)} at the last; load shed in "
+        f"{totals.get('shedding_slices', 0)} slice(s).",
+        "",
+        "| t (s) | forwarded pkt/s | loss | latency p50 / p90 / p99 / p99.9 / max (ms) "
+        "| relay CPU | RSS (MiB) | loop lag (ms) | other procs CPU |",
+        "|---" * 8 + "|",
+    ]
+    for s in soak["slices"]:
+        lat = s.get("latency_ms") or {}
+        lag = (s.get("relay_metrics") or {}).get("event_loop_lag_s")
+        lines.append(
+            f"| {s['t_s']:g} | {_f(s['forwarded_pps'], 0)} | {_pct(s['loss'], 3)} | "
+            + " / ".join(_f(lat.get(k), 2) for k in ("p50", "p90", "p99", "p99.9", "max"))
+            + f" | {_pct(s['server_cpu_fraction'], 0)} | {mib(s['rss_bytes'])} "
+            f"| {_f(None if lag is None else lag * 1e3, 1)} "
+            f"| {_pct(s['background_cpu_fraction'], 0)} |"
+        )
+    lines.append("")
     return lines
 
 

@@ -424,3 +424,60 @@ def load_average() -> list[float]:
 
 def elapsed(started: float) -> float:
     return round(time.monotonic() - started, 1)
+
+
+def run_soak_command(
+    reporter: Reporter,
+    *,
+    subscribers: int | None = None,
+    rate: float | None = None,
+    capacity: float | None = None,
+    fraction: float = 0.7,
+    duration: float = 600.0,
+    slice_seconds: float = 10.0,
+    warmup: float = 12.0,
+) -> dict[str, Any]:
+    """``soak``: the load from ``subscribers``, ``rate`` or a fraction of the capacity (given,
+    or measured by a short ramp on its own relay), held on a fresh relay for ``duration``."""
+    from bench import soak
+
+    with pinned(GENERATOR_CORE):
+        if subscribers:
+            plan = soak.SoakPlan(subscribers, "subscribers")
+        elif rate:
+            plan = soak.SoakPlan(soak.subscribers_for_rate(rate), "rate")
+        else:
+            basis = "capacity (given)"
+            ramp = None
+            if not capacity:
+                basis = "capacity (measured)"
+                update = reporter.stage("capacity")
+                ramp = _with_server(
+                    "relay", lambda s, u=update: _loop_run(soak.measure_capacity(s, u))
+                )
+                found = ramp.get("capacity")
+                if not found:
+                    raise RuntimeError(f"no capacity measured: {ramp['stop_reason']}")
+                capacity = float(found["forwarded_pps"])
+                update(f"done: {capacity:,.0f} pkt/s", 1.0)
+            plan = soak.SoakPlan(
+                soak.subscribers_for_rate(fraction * capacity),
+                basis,
+                fraction=fraction,
+                capacity_pps=capacity,
+                capacity_run=ramp,
+            )
+        update = reporter.stage("soak")
+        result = _with_server(
+            "relay",
+            lambda s, u=update: _loop_run(
+                soak.run_soak(s, plan.subscribers, duration, slice_seconds, warmup, u)
+            ),
+            max_participants=max(1000, plan.subscribers + 2),
+        )
+        loss = result["totals"]["loss"]
+        update(f"done: loss {loss:.3%}" if loss is not None else "done", 1.0)
+    result["plan"] = plan.describe()
+    if plan.capacity_run is not None:
+        result["capacity_run"] = plan.capacity_run
+    return result

@@ -36,6 +36,7 @@ __all__ = [
     "LimitSettings",
     "LogSettings",
     "MediaSettings",
+    "OverloadSettings",
     "RoomSettings",
     "SessionSettings",
     "Settings",
@@ -78,6 +79,10 @@ class ApiSettings:
     keys: tuple[str, ...] = (DEV_API_KEY,)
     max_body_bytes: int = 262144
     public_url: str = ""
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class RtpSettings:
 
     nack: bool = True
     history_size: int = 1024
+    retransmission_budget: float = 0.5
     congestion_control: str = "auto"
     feedback_interval: float = 0.05
 
@@ -134,6 +140,22 @@ class LimitSettings:
     max_metadata_bytes: int = 4096
     max_sdp_bytes: int = 65536
     event_queue_size: int = 1000
+    event_streams_per_key: int = 100
+    event_streams_per_token: int = 4
+
+
+@dataclass(frozen=True)
+class OverloadSettings:
+    """Load shedding: when new sessions are refused (503 with ``Retry-After``)."""
+
+    enabled: bool = True
+    loop_lag_high: float = 0.2
+    loop_lag_low: float = 0.05
+    packet_rate_high: int = 0
+    packet_rate_low: int = 0
+    smoothing: float = 2.0
+    recover_after: float = 2.0
+    retry_after: int = 5
 
 
 @dataclass(frozen=True)
@@ -178,6 +200,7 @@ class Settings:
     session: SessionSettings = field(default_factory=SessionSettings)
     rtp: RtpSettings = field(default_factory=RtpSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    overload: OverloadSettings = field(default_factory=OverloadSettings)
     rooms: RoomSettings = field(default_factory=RoomSettings)
     events: EventSettings = field(default_factory=EventSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -264,6 +287,20 @@ class Seconds(Check):
         if not math.isfinite(value) or value <= 0:
             raise self.fail(value)
         return float(value)
+
+
+class Share(Seconds):
+    """A number above 0 and at most ``high``: a share of something (TOML integers accepted)."""
+
+    def __init__(self, high: float) -> None:
+        self.high = high
+        self.expected = f"a number above 0 and at most {high:g}"
+
+    def validate(self, value: object) -> float:
+        value = super().validate(value)
+        if value > self.high:
+            raise self.fail(value)
+        return value
 
 
 class Boolean(Check):
@@ -448,6 +485,10 @@ CHECKS: dict[str, dict[str, Check]] = {
         "keys": List(ApiKey(), "a list of API keys", non_empty="set api.keys or RELAY_API__KEYS"),
         "max_body_bytes": Integer(1),
         "public_url": HttpUrl(),
+        "max_connections": Integer(1),
+        "header_timeout": Seconds(),
+        "body_timeout": Seconds(),
+        "keep_alive_timeout": Seconds(),
     },
     "auth": {
         "token_secret": TokenSecret(),
@@ -477,6 +518,7 @@ CHECKS: dict[str, dict[str, Check]] = {
     "rtp": {
         "nack": Boolean(),
         "history_size": Integer(16, 32768),
+        "retransmission_budget": Share(2.0),
         "congestion_control": Choice(CONGESTION_CONTROL),
         "feedback_interval": Seconds(),
     },
@@ -487,6 +529,18 @@ CHECKS: dict[str, dict[str, Check]] = {
         "max_metadata_bytes": Integer(1),
         "max_sdp_bytes": Integer(1),
         "event_queue_size": Integer(1),
+        "event_streams_per_key": Integer(1),
+        "event_streams_per_token": Integer(1),
+    },
+    "overload": {
+        "enabled": Boolean(),
+        "loop_lag_high": Seconds(),
+        "loop_lag_low": Seconds(),
+        "packet_rate_high": Integer(0),
+        "packet_rate_low": Integer(0),
+        "smoothing": Seconds(),
+        "recover_after": Seconds(),
+        "retry_after": Integer(1, 3600),
     },
     "rooms": {
         "empty_timeout": Seconds(),
@@ -670,6 +724,29 @@ def _cross_checks(settings: Settings) -> list[str]:
         problems.append(
             f"rooms.default_max_participants: {rooms.default_max_participants} is more than "
             f"limits.max_participants_per_room ({limits.max_participants_per_room})"
+        )
+    problems.extend(_overload_checks(settings.overload))
+    return problems
+
+
+def _overload_checks(overload: OverloadSettings) -> list[str]:
+    """Each lower (resume) threshold under its upper (shed) one."""
+    problems = []
+    if overload.loop_lag_low >= overload.loop_lag_high:
+        problems.append(
+            f"overload.loop_lag_low: {overload.loop_lag_low:g} must be less than "
+            f"overload.loop_lag_high ({overload.loop_lag_high:g})"
+        )
+    if overload.packet_rate_high:
+        if not 0 < overload.packet_rate_low < overload.packet_rate_high:
+            problems.append(
+                f"overload.packet_rate_low: {overload.packet_rate_low} must be more than 0 and "
+                f"less than overload.packet_rate_high ({overload.packet_rate_high})"
+            )
+    elif overload.packet_rate_low:
+        problems.append(
+            "overload.packet_rate_low: set only with overload.packet_rate_high "
+            "(0: no packet-rate ceiling)"
         )
     return problems
 

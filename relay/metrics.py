@@ -18,7 +18,9 @@ DROP_REASONS = (
     "stun_malformed",  # not a parseable Binding request
     "stun_unknown_ufrag",  # USERNAME names no session
     "stun_unauthorized",  # MESSAGE-INTEGRITY does not match
+    "stun_replayed",  # a recent transaction id again: answered, but moves nothing
     "dtls_failed",  # DTLS record on a failed or closed transport
+    "dtls_unlatched",  # DTLS after the handshake from an address media is not sent to
     "srtp_not_ready",  # SRTP before the DTLS handshake finished
     "srtp_unprotect",  # authentication / replay failure
     "rtp_malformed",
@@ -30,7 +32,6 @@ DROP_REASONS = (
     "rtx_padding",  # padding-only packets on a publisher's RTX stream (bandwidth probes)
     "stale_packet",  # older than a source switch
     "rtx_before_media",  # a retransmission for a track whose media SSRC is not known yet
-    "awaiting_keyframe",  # not forwarded to a subscription waiting to start on a keyframe
 )
 
 
@@ -68,6 +69,12 @@ class Metrics:
         self.nacks_received = 0
         self.retransmissions = 0
         self.retransmission_misses = 0
+        #: packets held back from subscriptions waiting to start on a keyframe (per copy)
+        self.keyframe_waits = 0
+        self.retransmission_bytes = 0
+        #: NACKed packets not resent: "repeat" (resent too recently or too often), "budget"
+        #: (the subscriber's retransmission budget was spent)
+        self.retransmissions_suppressed: dict[str, int] = {"repeat": 0, "budget": 0}
         self.twcc_feedback_sent = 0
         self.remb_sent = 0
         self.send_errors = 0
@@ -76,6 +83,7 @@ class Metrics:
         self.loop_lag_max = 0.0
         self.events_dropped = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def drop(self, reason: str) -> None:
         self.drops[reason] += 1
@@ -83,6 +91,10 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a gauge read at scrape time."""
         self.gauges[name] = (help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Register a counter kept elsewhere and read at scrape time."""
+        self.counters[name] = (help_text, read)
 
     def render(self) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
@@ -96,6 +108,8 @@ class Metrics:
 
         for name, (help_text, read) in sorted(self.gauges.items()):
             metric(name, "gauge", help_text, [("", read())])
+        for name, (help_text, read) in sorted(self.counters.items()):
+            metric(name, "counter", help_text, [("", read())])
         metric(
             "packets_in_total",
             "counter",
@@ -133,6 +147,50 @@ class Metrics:
             "counter",
             "PLI/FIR sent to publishers.",
             [("", self.keyframe_requests)],
+        )
+        metric(
+            "nacks_received_total",
+            "counter",
+            "Sequence numbers subscribers asked for in NACKs.",
+            [("", self.nacks_received)],
+        )
+        metric(
+            "nacks_sent_total",
+            "counter",
+            "Sequence numbers asked of publishers in NACKs.",
+            [("", self.nacks_sent)],
+        )
+        metric(
+            "retransmissions_total",
+            "counter",
+            "Packets resent to subscribers in answer to NACKs.",
+            [("", self.retransmissions)],
+        )
+        metric(
+            "retransmission_bytes_total",
+            "counter",
+            "Bytes resent to subscribers in answer to NACKs (SRTP size).",
+            [("", self.retransmission_bytes)],
+        )
+        metric(
+            "retransmissions_suppressed_total",
+            "counter",
+            "NACKed packets not resent, by reason (repeat: resent too recently or too often; "
+            "budget: the subscriber's retransmission budget was spent).",
+            [(f'{{reason="{r}"}}', n) for r, n in self.retransmissions_suppressed.items()],
+        )
+        metric(
+            "retransmission_misses_total",
+            "counter",
+            "NACKs naming packets no longer in the history (answered with a keyframe request).",
+            [("", self.retransmission_misses)],
+        )
+        metric(
+            "keyframe_wait_packets_total",
+            "counter",
+            "Packets not forwarded to a subscription because it waits to start on a keyframe "
+            "(one per subscription and packet).",
+            [("", self.keyframe_waits)],
         )
         metric(
             "twcc_feedback_sent_total",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ import uvicorn
 from relay.addresses import media_candidate_addresses
 from relay.api.app import create_app
 from relay.api.events import EventBus
+from relay.api.http import bounded_protocol
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc.dtls import Certificate
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 #: DTLS retransmission timer resolution, seconds.
 TIMER_RESOLUTION = 0.05
+#: Event-loop lag sampling period, seconds.
+LOOP_LAG_INTERVAL = 0.25
 #: Everything is closed within this many seconds of SIGINT/SIGTERM.
 SHUTDOWN_GRACE = 3.0
 
@@ -112,6 +116,8 @@ class Relay:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=1,
+            timeout_keep_alive=settings.api.keep_alive_timeout,  # type: ignore[arg-type]
+            http=bounded_protocol(settings.api.max_connections, settings.api.header_timeout),
         )
         self.api = _ApiServer(config)
         self.events.start()
@@ -169,13 +175,36 @@ class Relay:
                 log.exception("timers failed")
 
     async def _loop_lag(self) -> None:
+        """Sample the event loop's lag; feed it and the forwarded packets to load shedding."""
+        assert self.sfu is not None
+        overload = self.sfu.overload
         loop = asyncio.get_running_loop()
         while True:
             before = loop.time()
-            await asyncio.sleep(0.25)
-            lag = max(0.0, loop.time() - before - 0.25)
+            await asyncio.sleep(LOOP_LAG_INTERVAL)
+            now = loop.time()
+            lag = max(0.0, now - before - LOOP_LAG_INTERVAL)
             self.metrics.loop_lag = lag
             self.metrics.loop_lag_max = max(self.metrics.loop_lag_max, lag)
+            change = overload.sample(now, lag, self.metrics.packets_out)
+            if change is None:
+                continue
+            if change.shedding:
+                log.warning(
+                    "overloaded (%s): refusing new sessions; loop lag %.0f ms, "
+                    "forwarding %.0f packets/s",
+                    change.reason,
+                    change.loop_lag * 1000,
+                    change.packet_rate,
+                )
+            else:
+                log.info(
+                    "load back to normal: accepting new sessions; loop lag %.0f ms, "
+                    "forwarding %.0f packets/s (%d sessions refused so far)",
+                    change.loop_lag * 1000,
+                    change.packet_rate,
+                    overload.refused,
+                )
 
     async def stop(self) -> None:
         """Stop accepting, close every session, stop the API; bounded by SHUTDOWN_GRACE."""
@@ -209,8 +238,32 @@ class Relay:
         return 0
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every API connection is a descriptor),
+    and warn when it stays below ``wanted``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+        else:
+            log.info("raised the open-file limit RLIMIT_NOFILE from %d to %d", soft, hard)
+            soft = hard
+    else:
+        log.info("open-file limit RLIMIT_NOFILE %d", soft)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "RLIMIT_NOFILE %d is below api.max_connections plus room for media and files "
+            "(%d): raise the hard limit (e.g. LimitNOFILE= in the systemd unit)",
+            soft,
+            wanted,
+        )
+
+
 def run(settings: Settings) -> int:
     """Run the relay until SIGINT or SIGTERM; the exit code."""
+    raise_open_file_limit(settings.api.max_connections + 256)
     try:
         import uvloop
 

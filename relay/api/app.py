@@ -8,6 +8,7 @@ failure to ``{"error": {"code", "message"}}``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -62,6 +63,8 @@ __all__ = ["API_DESCRIPTION", "BodyLimitMiddleware", "SfuCore", "create_app"]
 log = logging.getLogger("relay.api")
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Largest request line plus headers, in bytes (h11's limit for a head still arriving).
+MAX_HEADER_BYTES = 16384
 
 API_DESCRIPTION = """\
 Rooms, participants and WebRTC negotiation of the relay (see API.md).
@@ -91,6 +94,7 @@ class SfuCore(Protocol):
     """What the API needs from the SFU core (:class:`relay.sfu.sfu.Sfu`)."""
 
     draining: bool
+    overload: Any  # relay.sfu.admission.OverloadDetector: shedding, retry_after
 
     def create_room(
         self,
@@ -135,16 +139,40 @@ class BodyLimitMiddleware:
 
     The declared ``Content-Length`` is checked first; the body is then read (bounded) and
     counted as it streams in, so a chunked or mis-declared body cannot get past the limit.
-    The handler receives the body already read.
+    A body that takes longer than ``body_timeout`` seconds to arrive gets 408; a client that
+    disconnects mid-body gets no answer (no handler runs). A request line and headers larger
+    than ``max_header_bytes`` get 431 (the HTTP server refuses a head that size while it is
+    still arriving; this catches one that arrived whole). The handler receives the body
+    already read.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout: float | None = None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if head > self.max_header_bytes:
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                431,
+                "headers_too_large",
+                f"request line and headers larger than {self.max_header_bytes} bytes",
+            )
             return
         limit = self.max_body_bytes
         for name, value in scope.get("headers", ()):
@@ -164,20 +192,32 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         first: Message
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                first = message  # disconnected while sending the body
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # disconnected while sending the body: nobody to answer
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        await self._too_large(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        body = b"".join(chunks)
+                        first = {"type": "http.request", "body": body, "more_body": False}
+                        break
+        except TimeoutError:
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                408,
+                "request_timeout",
+                f"request body not received within {self.body_timeout:g} s",
+            )
+            return
         pending: list[Message] = [first]
 
         async def replay() -> Message:
@@ -244,7 +284,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body, metadata or SDP over its configured limit.",
         422: "The body or a parameter does not match the schema.",
         429: "A configured limit is reached.",
-        503: "The relay is draining.",
+        503: "The relay is draining, or overloaded (code `overloaded`, with Retry-After).",
     }
     codes = sorted({401, 422, *statuses})
     return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
@@ -277,12 +317,24 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     summary="Readiness",
-    responses={503: {"model": Readiness, "description": "Draining: no new sessions."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Draining, or overloaded (with Retry-After): no new sessions.",
+        }
+    },
 )
 async def readyz(sfu: Core) -> Any:
-    """200 while the relay accepts new sessions, 503 while it drains."""
+    """200 while the relay accepts new sessions, 503 while it drains or sheds load."""
     if sfu.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    overload = sfu.overload
+    if overload.shedding:
+        return JSONResponse(
+            {"status": "overloaded"},
+            status_code=503,
+            headers={"Retry-After": str(overload.retry_after)},
+        )
     return Readiness(status="ready")
 
 
@@ -432,7 +484,7 @@ async def delete_participant(
     response_model=PublisherAnswer,
     tags=["negotiation"],
     summary="Offer the publisher connection",
-    responses=_errors(400, 403, 404, 413, 429),
+    responses=_errors(400, 403, 404, 413, 429, 503),
 )
 async def publisher_offer(
     room_id: RoomId,
@@ -453,7 +505,7 @@ async def publisher_offer(
     response_model=SubscriberOffer,
     tags=["negotiation"],
     summary="Get an offer for the subscriber connection",
-    responses=_errors(403, 404),
+    responses=_errors(403, 404, 503),
 )
 async def subscriber_offer(
     room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: SubscriberAccess
@@ -513,11 +565,12 @@ async def participant_stats(
             "content": {"text/event-stream": {}},
             "description": "`event: <type>` and `data: <JSON>` per event; keepalive comments.",
         },
-        **_errors(403),
+        **_errors(403, 429),
     },
 )
 async def stream_events(
     events: Bus,
+    settings: Config,
     principal: Annotated[Principal, Depends(authenticate)],
     room_id: Annotated[
         str | None,
@@ -532,10 +585,17 @@ async def stream_events(
     subscriber, `track_id`, `publisher_id`, `codec`, `reason`), `subscriber.renegotiate`,
     `speaker.changed`, `room.closed`.
 
-    A participant token must name its own room in `room_id`."""
+    A participant token must name its own room in `room_id`. Open streams are limited per API
+    key (`limits.event_streams_per_key`) and per participant token
+    (`limits.event_streams_per_token`); one more is `429 too_many_streams` with `Retry-After`."""
     if not principal.may_access(room_id):
         raise Forbidden("these credentials are not valid for every room")
-    subscription = events.subscribe(room_id)
+    if principal.is_admin:
+        owner, limit = principal.subject, settings.limits.event_streams_per_key
+    else:
+        owner = f"token:{principal.room_id}/{principal.participant_id}"
+        limit = settings.limits.event_streams_per_token
+    subscription = events.subscribe(room_id, owner=owner, limit=limit)
     return StreamingResponse(
         sse_stream(subscription),
         media_type="text/event-stream",
@@ -608,5 +668,9 @@ def create_app(
             )
         else:
             log.info("demo page on /demo (no development tokens: api.host is not loopback)")
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.api.max_body_bytes,
+        body_timeout=settings.api.body_timeout,
+    )
     return app

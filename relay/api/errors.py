@@ -38,11 +38,13 @@ HTTP_CODES: dict[int, str] = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "limit_reached",
+    431: "headers_too_large",
     503: "unavailable",
 }
 

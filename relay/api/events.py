@@ -5,6 +5,12 @@ blocks and never awaits. Each subscriber (one ``GET /v1/events`` stream) has a b
 subscriber that falls behind is dropped (its stream ends, the client reconnects and re-reads
 the state) and counted. The webhook has its own bounded queue drained by one background task.
 Event metadata is never logged.
+
+One event costs O(1) per stream that receives it: subscriptions are indexed by room (a
+publish touches only the streams of the event's room and the unfiltered ones), and the SSE
+frame is encoded once per event and shared by every stream. The number of open streams is
+bounded per owner (an API key, or one participant's token): one more is refused with
+:class:`TooManyStreams` (429).
 """
 
 from __future__ import annotations
@@ -16,20 +22,23 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from relay import __version__
 from relay.config import Settings
 from relay.metrics import Metrics
+from relay.sfu.errors import LimitReached
 
 __all__ = [
     "KEEPALIVE_INTERVAL",
+    "Delivery",
     "RETRY_MS",
     "WEBHOOK_RETRIES",
     "EventBus",
     "Subscription",
+    "TooManyStreams",
     "encode_event",
     "format_sse",
     "sign",
@@ -48,6 +57,31 @@ WEBHOOK_RETRIES = 2
 WEBHOOK_BACKOFF = 0.5
 
 _END = None  # queue sentinel: the subscription is over
+
+
+class TooManyStreams(LimitReached):
+    """The caller already holds as many event streams as its limit allows."""
+
+    code = "too_many_streams"
+    headers = {"Retry-After": str(max(1, RETRY_MS // 1000))}
+
+
+class Delivery:
+    """One published event as queued to every stream: its SSE frame is encoded once, on first
+    use, and shared."""
+
+    __slots__ = ("_frame", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        """The event as one SSE message (:func:`format_sse`)."""
+        if self._frame is None:
+            self._frame = format_sse(self.event)
+        return self._frame
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
@@ -73,11 +107,15 @@ def format_sse(event: dict[str, Any]) -> bytes:
 
 
 class Subscription:
-    """One consumer of events, optionally limited to one room."""
+    """One consumer of events, optionally limited to one room; ``owner`` names who holds it
+    (for the per-owner stream limit)."""
 
-    def __init__(self, bus: EventBus, room_id: str | None, maxsize: int) -> None:
+    def __init__(
+        self, bus: EventBus, room_id: str | None, maxsize: int, owner: str | None = None
+    ) -> None:
         self.room_id = room_id
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize)
+        self.owner = owner
+        self.queue: asyncio.Queue[Delivery | None] = asyncio.Queue(maxsize)
         #: True once ended by overflow, shutdown or :meth:`close`
         self.closed = False
         #: True if it ended because the consumer fell behind
@@ -87,10 +125,10 @@ class Subscription:
     def matches(self, event: dict[str, Any]) -> bool:
         return self.room_id is None or event.get("room_id") == self.room_id
 
-    def _offer(self, event: dict[str, Any]) -> bool:
+    def _offer(self, delivery: Delivery) -> bool:
         """Queue an event; False (and the subscription ends) if the queue is full."""
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(delivery)
         except asyncio.QueueFull:
             self.overflowed = True
             self._end()
@@ -114,13 +152,27 @@ class Subscription:
 
     async def get(self) -> dict[str, Any] | None:
         """The next event, or None once the subscription has ended."""
+        delivery = await self.next_delivery()
+        return None if delivery is None else delivery.event
+
+    def next_ready(self) -> Delivery | None | Literal[False]:
+        """The next event if one is queued (None once ended), else False; never waits."""
+        if self.queue.empty():
+            return None if self.closed else False
+        delivery = self.queue.get_nowait()
+        if delivery is _END:
+            self.queue.put_nowait(_END)
+        return delivery
+
+    async def next_delivery(self) -> Delivery | None:
+        """The next event with its shared SSE frame, or None once the subscription has ended."""
         if self.closed and self.queue.empty():
             return None
-        event = await self.queue.get()
-        if event is _END:
+        delivery = await self.queue.get()
+        if delivery is _END:
             # Keep the marker for any later call.
             self.queue.put_nowait(_END)
-        return event
+        return delivery
 
     def close(self) -> None:
         """Stop receiving events (idempotent)."""
@@ -156,7 +208,13 @@ class EventBus:
         self.webhook_url = settings.events.webhook_url
         self.webhook_secret = settings.events.webhook_secret
         self.webhook_timeout = settings.events.webhook_timeout
-        self._subscriptions: set[Subscription] = set()
+        self.streams_per_key = settings.limits.event_streams_per_key
+        self.streams_per_token = settings.limits.event_streams_per_token
+        #: subscriptions by the room they follow (None: every room)
+        self._by_room: dict[str | None, set[Subscription]] = {}
+        self._count = 0
+        #: open subscriptions per owner
+        self._owned: dict[str, int] = {}
         self._webhook_queue: asyncio.Queue[dict[str, Any]] | None = (
             asyncio.Queue(self.queue_size) if self.webhook_url else None
         )
@@ -182,11 +240,17 @@ class EventBus:
         if self.closed:
             return
         self.published += 1
-        for subscription in [s for s in self._subscriptions if s.matches(event)]:
-            if not subscription._offer(event):
-                self._subscriptions.discard(subscription)
-                self.subscribers_dropped += 1
-                self._dropped()
+        room = self._by_room.get(event.get("room_id"))
+        everything = self._by_room.get(None)
+        if room or everything:
+            delivery = Delivery(event)
+            for targets in (room, everything):
+                if not targets:
+                    continue
+                for subscription in [s for s in targets if not s._offer(delivery)]:
+                    self._remove(subscription)
+                    self.subscribers_dropped += 1
+                    self._dropped()
         if self._webhook_queue is not None:
             try:
                 self._webhook_queue.put_nowait(event)
@@ -205,21 +269,53 @@ class EventBus:
 
     # -- subscribers ---------------------------------------------------------------------
 
-    def subscribe(self, room_id: str | None = None) -> Subscription:
-        """A new subscription to every event, or to those of one room."""
-        subscription = Subscription(self, room_id, self.queue_size)
+    def subscribe(
+        self, room_id: str | None = None, owner: str | None = None, limit: int | None = None
+    ) -> Subscription:
+        """A new subscription to every event, or to those of one room.
+
+        With an ``owner`` and a ``limit``, raises :class:`TooManyStreams` if that owner already
+        holds ``limit`` open subscriptions.
+        """
+        if owner is not None and limit is not None and self._owned.get(owner, 0) >= limit:
+            raise TooManyStreams(
+                f"{limit} event stream{'s' if limit != 1 else ''} already open for these "
+                "credentials; close one first"
+            )
+        subscription = Subscription(self, room_id, self.queue_size, owner)
         if self.closed:
             subscription._end()
-        else:
-            self._subscriptions.add(subscription)
+            return subscription
+        self._by_room.setdefault(room_id, set()).add(subscription)
+        self._count += 1
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
         return subscription
 
     def _remove(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        """Forget a subscription (idempotent) and give its owner's slot back."""
+        targets = self._by_room.get(subscription.room_id)
+        if targets is None or subscription not in targets:
+            return
+        targets.discard(subscription)
+        if not targets:
+            del self._by_room[subscription.room_id]
+        self._count -= 1
+        owner = subscription.owner
+        if owner is not None:
+            left = self._owned[owner] - 1
+            if left:
+                self._owned[owner] = left
+            else:
+                del self._owned[owner]
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscriptions)
+        return self._count
+
+    def streams_of(self, owner: str) -> int:
+        """Open subscriptions held by ``owner``."""
+        return self._owned.get(owner, 0)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -236,9 +332,12 @@ class EventBus:
     def close(self) -> None:
         """End every subscriber stream and stop accepting events; idempotent."""
         self.closed = True
-        for subscription in list(self._subscriptions):
-            subscription._end()
-        self._subscriptions.clear()
+        for targets in list(self._by_room.values()):
+            for subscription in list(targets):
+                subscription._end()
+        self._by_room.clear()
+        self._owned.clear()
+        self._count = 0
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """:meth:`close`, then let the webhook task send what is queued (up to ``timeout``)."""
@@ -330,15 +429,20 @@ async def sse_stream(
     try:
         yield f"retry: {retry_ms}\n\n".encode()
         while True:
-            try:
-                event = await asyncio.wait_for(subscription.get(), keepalive)
-            except TimeoutError:
-                yield b": keepalive\n\n"
-                continue
-            if event is None:
+            delivery = subscription.next_ready()
+            if delivery is False:
+                try:
+                    # Only a stream that has to wait arms a timer; asyncio.timeout, unlike
+                    # wait_for, costs no extra task.
+                    async with asyncio.timeout(keepalive):
+                        delivery = await subscription.next_delivery()
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+            if delivery is None:
                 if subscription.overflowed:
                     yield b": dropped: events were produced faster than this stream read them\n\n"
                 return
-            yield format_sse(event)
+            yield delivery.frame
     finally:
         subscription.close()

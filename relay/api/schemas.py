@@ -35,14 +35,19 @@ __all__ = [
     "SubscriberAnswer",
     "SubscriberOffer",
     "Track",
+    "TrackIdParam",
     "VideoCodec",
     "encoded_json_size",
     "json_depth",
 ]
 
-#: Identifiers (room_id, participant_id, track_id): 1-64 characters of [A-Za-z0-9._-].
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-ID_DESCRIPTION = "Opaque identifier: 1-64 characters of [A-Za-z0-9._-]."
+#: Identifiers (room_id, participant_id, track_id): 1-64 characters of [A-Za-z0-9._-], not
+#: starting or ending with ``.``, so that no id is ``.`` or ``..`` (a path segment that HTTP
+#: clients collapse: ``DELETE .../participants/..`` would otherwise address the room).
+ID_PATTERN = r"^[A-Za-z0-9_-](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?$"
+ID_DESCRIPTION = (
+    "Opaque identifier: 1-64 characters of [A-Za-z0-9._-], not starting or ending with `.`."
+)
 
 #: A video codec name of a room's ``codec_preference``.
 VideoCodec = Literal["VP8", "H264", "VP9", "AV1"]
@@ -59,6 +64,10 @@ RoomIdParam = Annotated[
     str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
 ]
 ParticipantIdParam = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]
+#: The ``{track_id}`` path parameter (routes on one track, API.md's planned additions).
+TrackIdParam = Annotated[
     str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
 ]
 
@@ -129,7 +138,7 @@ class Health(_Response):
 
 
 class Readiness(_Response):
-    status: Literal["ready", "draining"]
+    status: Literal["ready", "draining", "overloaded"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from relay.rtc.rtp import RtpError, parse_rtp
 
 __all__ = [
     "PacketHistory",
+    "RetransmissionBudget",
     "NackGenerator",
     "rtx_wrap",
     "rtx_unwrap",
@@ -21,6 +22,13 @@ __all__ = [
 
 _FIXED = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence number, timestamp, SSRC
 _OSN = struct.Struct("!H")
+
+#: a packet is resent at most this many times, however often it is NACKed
+MAX_RESENDS = 3
+#: the least time between two resends of one packet (seconds), whatever the RTT estimate says
+MIN_RESEND_INTERVAL = 0.01
+#: bytes a retransmission adds to the stored packet: RTX OSN (2) and the SRTP tag (16 at most)
+RESEND_OVERHEAD = 18
 
 
 # --- responder side: what was sent, to resend it -------------------------------------------
@@ -49,6 +57,8 @@ class PacketHistory:
         "_packets",
         "_times",
         "_resent",
+        "repeats_suppressed",
+        "budget_suppressed",
     )
 
     def __init__(self, capacity: int, max_age: float | None = None) -> None:
@@ -65,13 +75,17 @@ class PacketHistory:
         self.retransmissions = 0
         #: requests for packets not (or no longer) in the history
         self.misses = 0
+        #: requests refused because the packet was resent too recently or too often
+        self.repeats_suppressed = 0
+        #: requests refused because the subscriber's retransmission budget was spent
+        self.budget_suppressed = 0
         self._mask = size - 1
         self._seqs = [-1] * size
         self._packets: list[bytes | None] = [None] * size
         self._times = [0.0] * size
-        # (packet object, time) of the last resend per slot: a newer packet stored in the slot
-        # is told apart by identity, so store() does not have to reset it
-        self._resent: list[tuple[bytes | None, float]] = [(None, 0.0)] * size
+        # (packet object, time of the last resend, resends) per slot: a newer packet stored in
+        # the slot is told apart by identity, so store() does not have to reset it
+        self._resent: list[tuple[bytes | None, float, int]] = [(None, 0.0, 0)] * size
 
     def store(self, seq: int, packet: bytes, now: float) -> None:
         """Remember ``packet`` (plain RTP, as sent) under its 16-bit sequence number."""
@@ -90,20 +104,36 @@ class PacketHistory:
             return None
         return self._packets[i]
 
-    def resend(self, seq: int, now: float, min_interval: float = 0.0) -> bytes | None:
-        """Like :meth:`get`, for answering a NACK: None as well when this packet was already
-        resent less than ``min_interval`` ago (pass about one RTT: a NACK repeated before our
-        retransmission could have arrived must not double the repair traffic). Counts
+    def resend(
+        self,
+        seq: int,
+        now: float,
+        min_interval: float = 0.0,
+        max_resends: int = MAX_RESENDS,
+        budget: RetransmissionBudget | None = None,
+    ) -> bytes | None:
+        """Like :meth:`get`, for answering a NACK. None as well when this packet was already
+        resent less than ``max(min_interval, MIN_RESEND_INTERVAL)`` ago (pass about one RTT: a
+        NACK repeated before our retransmission could have arrived must not double the repair
+        traffic) or ``max_resends`` times already (:attr:`repeats_suppressed`), and when
+        ``budget`` cannot pay for it (:attr:`budget_suppressed`). Counts
         :attr:`retransmissions` and :attr:`misses`."""
         packet = self.get(seq, now)
         if packet is None:
             self.misses += 1
             return None
         i = seq & self._mask
-        resent, when = self._resent[i]
-        if resent is packet and now - when < min_interval:
+        resent, when, count = self._resent[i]
+        if resent is packet:
+            if count >= max_resends or now - when < max(min_interval, MIN_RESEND_INTERVAL):
+                self.repeats_suppressed += 1
+                return None
+        else:
+            count = 0
+        if budget is not None and not budget.take(len(packet) + RESEND_OVERHEAD):
+            self.budget_suppressed += 1
             return None
-        self._resent[i] = (packet, now)
+        self._resent[i] = (packet, now, count + 1)
         self.retransmissions += 1
         return packet
 
@@ -112,7 +142,58 @@ class PacketHistory:
         for i in range(self.capacity):
             self._seqs[i] = -1
             self._packets[i] = None
-            self._resent[i] = (None, 0.0)
+            self._resent[i] = (None, 0.0, 0)
+
+
+class RetransmissionBudget:
+    """What one subscriber's NACKs may make the relay resend: a token bucket in bytes.
+
+    It fills with ``fraction`` of the bytes forwarded to the subscription (so the repair
+    traffic is at most that share of the stream) plus ``floor`` bytes per second (so a stream
+    that just started, or a low-rate one, can still be repaired), up to ``burst`` bytes; it
+    starts full. Sans-I/O: :meth:`refill` takes the subscription's forwarded-bytes counter and
+    the time, :meth:`take` spends.
+    """
+
+    __slots__ = ("fraction", "floor", "burst", "tokens", "_forwarded", "_last")
+
+    #: default ``floor``, bytes per second
+    FLOOR = 8000.0
+    #: default ``burst``, bytes: a few dozen full-size packets
+    BURST = 48000.0
+
+    def __init__(self, fraction: float, floor: float = FLOOR, burst: float = BURST) -> None:
+        if fraction < 0 or floor < 0 or burst <= 0:
+            raise ValueError("retransmission budget needs fraction, floor >= 0 and burst > 0")
+        self.fraction = fraction
+        self.floor = floor
+        self.burst = burst
+        #: bytes that may be resent right now
+        self.tokens = burst
+        self._forwarded: int | None = None
+        self._last = 0.0
+
+    def refill(self, forwarded: int, now: float) -> None:
+        """Add the share of what was forwarded since the last call (``forwarded``: the
+        subscription's running total of bytes sent) and the floor for the time elapsed."""
+        last = self._forwarded
+        if last is None:
+            # the bucket starts full: what was forwarded before the first NACK is not credited
+            self._forwarded = forwarded
+            self._last = now
+            return
+        elapsed = now - self._last
+        added = self.fraction * max(0, forwarded - last) + self.floor * max(0.0, elapsed)
+        self.tokens = min(self.burst, self.tokens + added)
+        self._forwarded = forwarded
+        self._last = now
+
+    def take(self, size: int) -> bool:
+        """Spend ``size`` bytes if the bucket holds them; False (nothing spent) if not."""
+        if self.tokens < size:
+            return False
+        self.tokens -= size
+        return True
 
 
 # --- RTX (RFC 4588 §4) ---------------------------------------------------------------------

@@ -349,6 +349,10 @@ def _parse(text: str) -> SessionDescription:
         line = raw.strip()
         if not line:
             continue
+        if "\r" in line or "\x00" in line:
+            # RFC 8866 §9 byte-string: a value echoed into an answer or another participant's
+            # offer would otherwise carry a line break into it
+            raise SdpError(f"line {lineno}: CR or NUL inside a line")
         m = _LINE_RE.fullmatch(line)
         if m is None:
             raise SdpError(f"line {lineno}: not of the form <type>=<value>: {line[:60]!r}")

@@ -8,6 +8,7 @@ media plane hands it datagrams and sends what it returns.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from typing import Any
 
 from relay.rtc.bwe import RembEstimator
@@ -17,6 +18,10 @@ from relay.rtc.srtp import SrtpSession
 from relay.rtc.twcc import TwccRecorder, TwccSendHistory
 
 Address = tuple[str, int]
+
+#: transaction ids of authenticated checks remembered per transport, to tell a fresh check
+#: from a replayed one (a client sends a few checks per second at most)
+RECENT_CHECKS = 64
 
 
 class TransportState(enum.Enum):
@@ -55,6 +60,11 @@ class WebRtcTransport:
         self.displaced: Address | None = None
         #: other addresses that passed a check (bounded by the media router)
         self.alternates: list[Address] = []
+        #: transaction ids of recent authenticated checks, oldest first (bounded)
+        self.recent_checks: OrderedDict[bytes, None] = OrderedDict()
+        #: the last authenticated check repeated a recent transaction id: a retransmission or
+        #: a replay, answered but moving nothing (no latch, no alternate, no consent)
+        self.check_replayed = False
         self.state = TransportState.NEW
         self.failure_reason: str | None = None
         #: set on every authenticated datagram; the consent check clears it
@@ -93,14 +103,25 @@ class WebRtcTransport:
         """Answer a Binding request already routed to us by our ufrag.
 
         Returns (response, authenticated, address_changed, dtls_datagrams_to_send).
-        Unauthenticated requests get a 401 and change nothing.
+        Unauthenticated requests get a 401 and change nothing; an authenticated request whose
+        transaction id was seen recently gets its success response and changes nothing either
+        (:attr:`check_replayed` says so).
         """
         if not request.authenticate(self.local.pwd) or (
             self.remote_ufrag is not None and request.remote_ufrag != self.remote_ufrag
         ):
             return binding_error(request, 401, "Unauthorized"), False, False, []
-        self.rx_seen = True
-        self.last_activity = now
+        response = binding_success(request, addr, self.local.pwd)
+        transaction_id = request.message.transaction_id
+        recent = self.recent_checks
+        self.check_replayed = transaction_id in recent
+        if self.check_replayed:
+            # RFC 8489 §6.3.4: a retransmission gets the same answer. Whoever copied a check
+            # can resend it from anywhere, so it authenticates neither an address nor consent.
+            return response, True, False, []
+        recent[transaction_id] = None
+        if len(recent) > RECENT_CHECKS:
+            recent.popitem(last=False)
         changed = False
         priority = request.priority or 0
         if self.addr is None:
@@ -117,10 +138,15 @@ class WebRtcTransport:
         if request.use_candidate and addr == self.addr:
             self.nominated = True
             self.nominated_priority = priority
+        if addr == self.addr:
+            # consent freshness (RFC 7675) is per address: a check from an address media is
+            # not sent to says nothing about the one it is sent to
+            self.rx_seen = True
+            self.last_activity = now
         out: list[bytes] = []
         if self.state is TransportState.NEW and self.dtls_server is not None:
             out = self._start_dtls(now)
-        return binding_success(request, addr, self.local.pwd), True, changed, out
+        return response, True, changed, out
 
     # -- DTLS ---------------------------------------------------------------------------
     def _start_dtls(self, now: float) -> list[bytes]:
@@ -151,7 +177,6 @@ class WebRtcTransport:
             # A client hello that overtook our knowledge of the role cannot happen: we learn the
             # role from SDP before any check. Without DTLS state the record is dropped.
             return [], False
-        self.rx_seen = True
         out = dtls.receive(data, now)
         return out, self._after_dtls()
 

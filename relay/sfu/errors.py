@@ -49,3 +49,15 @@ class LimitReached(SfuError):
 class Draining(SfuError):
     status = 503
     code = "draining"
+
+
+class Overloaded(SfuError):
+    """The relay sheds load: no new sessions for now; ``Retry-After`` says when to try again."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from relay.metrics import Metrics
 from relay.rtc import rtcp
 from relay.rtc.ice import StunError, parse_binding_request
-from relay.rtc.nack import rtx_unwrap, rtx_wrap
+from relay.rtc.nack import RetransmissionBudget, rtx_unwrap, rtx_wrap
 from relay.rtc.rtp import (
     RtpError,
     extension_profile,
@@ -55,8 +55,9 @@ class MediaRouter:
         self.clock = sfu.clock
         self.by_ufrag: dict[str, WebRtcTransport] = {}
         self.by_addr: dict[Address, WebRtcTransport] = {}
-        #: addresses that passed an authenticated STUN check but are not latched; media or DTLS
-        #: from one of them moves the latch there (NAT rebinding without re-nomination)
+        #: addresses that passed a fresh authenticated STUN check but are not latched; SRTP or
+        #: SRTCP from one of them that authenticates moves the latch there (NAT rebinding
+        #: without re-nomination), as does a DTLS handshake completed from one
         self.alt_addrs: dict[Address, WebRtcTransport] = {}
         self.handshaking: set[WebRtcTransport] = set()
         #: publisher transports to send feedback to (transport-cc, NACK, REMB)
@@ -105,9 +106,9 @@ class MediaRouter:
             return
         first = data[0]
         if 127 < first < 192:
-            transport = self.by_addr.get(addr) or self._relatch(addr)
+            transport = self.by_addr.get(addr)
             if transport is None:
-                self.metrics.drops["unknown_address"] += 1
+                self._from_alternate(data, addr)
                 return
             srtp = transport.srtp
             if srtp is None:
@@ -124,15 +125,43 @@ class MediaRouter:
         else:
             self.metrics.drops["unknown_first_byte"] += 1
 
-    # -- RTP: the hot path --------------------------------------------------------------------
-    def _rtp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
-        now = self.clock()
+    def _from_alternate(self, data: bytes, addr: Address) -> None:
+        """SRTP or SRTCP from an address that passed a STUN check but is not latched (a client
+        whose NAT rebound). It is unprotected first: only a packet whose authentication tag
+        and replay window pass moves the latch there; anything else is a counted drop."""
         metrics = self.metrics
+        transport = self.alt_addrs.get(addr)
+        if transport is None:
+            metrics.drops["unknown_address"] += 1
+            return
+        srtp = transport.srtp
+        if srtp is None:
+            metrics.drops["srtp_not_ready"] += 1
+            return
+        rtcp_packet = is_rtcp(data)
         try:
-            plain = srtp.unprotect(data)
+            plain = srtp.unprotect_rtcp(data) if rtcp_packet else srtp.unprotect(data)
         except SrtpError:
             metrics.drops["srtp_unprotect"] += 1
             return
+        self._latch(transport, addr, transport.addr)
+        if rtcp_packet:
+            self._rtcp(transport, srtp, data, plain)
+        else:
+            self._rtp(transport, srtp, data, plain)
+
+    # -- RTP: the hot path --------------------------------------------------------------------
+    def _rtp(
+        self, transport: WebRtcTransport, srtp: Any, data: bytes, plain: bytes | None = None
+    ) -> None:
+        now = self.clock()
+        metrics = self.metrics
+        if plain is None:
+            try:
+                plain = srtp.unprotect(data)
+            except SrtpError:
+                metrics.drops["srtp_unprotect"] += 1
+                return
         transport.rx_seen = True
         if transport.role != "publisher":
             metrics.drops["not_publishing"] += 1
@@ -206,7 +235,7 @@ class MediaRouter:
                         keyframe_start is None or keyframe_start(plain, payload_offset)
                     )
                 if not startable and not (newest and now >= sub.start_by):
-                    metrics.drops["awaiting_keyframe"] += 1
+                    metrics.keyframe_waits += 1
                     continue
             rewritten = rewriter.rewrite(seq, ts, now)
             if rewritten is None:
@@ -312,13 +341,16 @@ class MediaRouter:
         return track
 
     # -- RTCP -----------------------------------------------------------------------------
-    def _rtcp(self, transport: WebRtcTransport, srtp: Any, data: bytes) -> None:
+    def _rtcp(
+        self, transport: WebRtcTransport, srtp: Any, data: bytes, plain: bytes | None = None
+    ) -> None:
         metrics = self.metrics
-        try:
-            plain = srtp.unprotect_rtcp(data)
-        except SrtpError:
-            metrics.drops["srtp_unprotect"] += 1
-            return
+        if plain is None:
+            try:
+                plain = srtp.unprotect_rtcp(data)
+            except SrtpError:
+                metrics.drops["srtp_unprotect"] += 1
+                return
         try:
             packets = rtcp.parse_rtcp(plain)
         except rtcp.RtcpError:
@@ -374,17 +406,27 @@ class MediaRouter:
     def _retransmit(
         self, transport: WebRtcTransport, sub: Subscription, lost: list[int], now: float
     ) -> None:
-        """Answer a subscriber's NACK from the history (on its RTX stream when negotiated)."""
+        """Answer a subscriber's NACK from the history (on its RTX stream when negotiated),
+        within the subscription's retransmission budget: each packet at most once per RTT
+        (10 ms at least) and a few times in all, and no more bytes than the budget's share of
+        what the subscription was forwarded."""
         metrics = self.metrics
         history = sub.history
         metrics.nacks_received += len(lost)
         sub.nacks_received += len(lost)
         if history is None or transport.srtp is None or transport.addr is None:
             return
+        budget = sub.retransmission_budget
+        if budget is None:
+            budget = sub.retransmission_budget = RetransmissionBudget(
+                self.sfu.settings.rtp.retransmission_budget
+            )
+        budget.refill(sub.bytes_sent, now)
         rtt = sub.round_trip_time or 0.0
         missed = False
+        repeats, over_budget = history.repeats_suppressed, history.budget_suppressed
         for seq in lost[:_MAX_NACK_ITEMS]:
-            packet = history.resend(seq, now, rtt)
+            packet = history.resend(seq, now, rtt, budget=budget)
             if packet is None:
                 if not missed and history.get(seq) is None:
                     # a packet the relay is itself recovering from the publisher reaches every
@@ -402,11 +444,16 @@ class MediaRouter:
                 except RtpError:
                     pass
             try:
-                self.send(transport.srtp.protect(packet), transport.addr)
+                protected = transport.srtp.protect(packet)
             except SrtpError:
                 metrics.send_errors += 1
                 continue
+            self.send(protected, transport.addr)
             metrics.retransmissions += 1
+            metrics.retransmission_bytes += len(protected)
+            sub.retransmission_bytes += len(protected)
+        metrics.retransmissions_suppressed["repeat"] += history.repeats_suppressed - repeats
+        metrics.retransmissions_suppressed["budget"] += history.budget_suppressed - over_budget
         if missed:
             # what the history no longer has can only be repaired by a keyframe
             metrics.retransmission_misses += 1
@@ -538,6 +585,11 @@ class MediaRouter:
         if not ok:
             self.metrics.drops["stun_unauthorized"] += 1
             return
+        if transport.check_replayed:
+            # answered (a lost response is retransmitted this way), but a copied check from
+            # another address must not become a latch or an alternate
+            self.metrics.drops["stun_replayed"] += 1
+            return
         self.metrics.stun_requests += 1
         if changed:
             self._latch(transport, addr, transport.displaced)
@@ -557,13 +609,6 @@ class MediaRouter:
         alternates.append(addr)
         self.alt_addrs[addr] = transport
 
-    def _relatch(self, addr: Address) -> WebRtcTransport | None:
-        """Follow a client to an address it authenticated with STUN but did not nominate."""
-        transport = self.alt_addrs.get(addr)
-        if transport is not None:
-            self._latch(transport, addr, transport.addr)
-        return transport
-
     def _latch(self, transport: WebRtcTransport, addr: Address, old: Address | None) -> None:
         """Route `addr` to the transport; its previous address `old` becomes an alternate."""
         if old is not None and self.by_addr.get(old) is transport:
@@ -576,14 +621,26 @@ class MediaRouter:
             transport.alternates.remove(addr)
 
     def _dtls(self, data: bytes, addr: Address) -> None:
-        transport = self.by_addr.get(addr) or self._relatch(addr)
+        """A DTLS record. From an alternate address it is only heard during the handshake, and
+        the latch moves there only when that record completes the handshake (the Finished MAC
+        and the certificate fingerprint authenticate it): a record that merely looks like
+        DTLS authenticates nothing."""
+        transport = self.by_addr.get(addr)
+        latched = transport is not None
         if transport is None:
-            self.metrics.drops["unknown_address"] += 1
-            return
+            transport = self.alt_addrs.get(addr)
+            if transport is None:
+                self.metrics.drops["unknown_address"] += 1
+                return
+            if transport.state is not TransportState.CONNECTING:
+                self.metrics.drops["dtls_unlatched"] += 1
+                return
         if transport.state in (TransportState.FAILED, TransportState.CLOSED, TransportState.NEW):
             self.metrics.drops["dtls_failed"] += 1
             return
         out, connected = transport.handle_dtls(data, self.clock())
+        if connected and not latched:
+            self._latch(transport, addr, transport.addr)
         self.send_all(out, transport)
         self._after_dtls(transport, connected)
 

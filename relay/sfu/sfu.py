@@ -26,6 +26,7 @@ from relay.rtc.nack import NackGenerator, PacketHistory
 from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
 from relay.rtc.transport import TransportState, WebRtcTransport
 from relay.rtc.twcc import TwccRecorder, TwccSendHistory
+from relay.sfu.admission import OverloadDetector
 from relay.sfu.errors import (
     BadRequest,
     Conflict,
@@ -43,7 +44,9 @@ from relay.sfu.track import Track
 
 log = logging.getLogger(__name__)
 
-IDENTIFIER = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Room, participant and track ids: 1-64 characters of [A-Za-z0-9._-], no leading or trailing
+#: ``.`` (so never ``.`` or ``..``, which HTTP clients collapse as path segments).
+IDENTIFIER = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?\Z")
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
@@ -114,9 +117,37 @@ class Sfu:
         self.metrics = metrics or Metrics()
         self.rooms: dict[str, Room] = {}
         self.draining = False
+        #: Load shedding: fed by the asyncio layer, consulted before every new session.
+        self.overload = OverloadDetector(settings.overload)
         self.router = MediaRouter(self, send, self.metrics)
         self._session_id = secrets.randbits(62)
         self._last_housekeeping = clock()
+        overload = self.overload
+        self.metrics.gauge(
+            "overload_shedding",
+            "1 while new sessions are refused because the relay is overloaded, else 0.",
+            lambda: float(overload.shedding),
+        )
+        self.metrics.gauge(
+            "event_loop_lag_smoothed_seconds",
+            "Event-loop lag, moving average (the load-shedding signal).",
+            lambda: overload.loop_lag,
+        )
+        self.metrics.gauge(
+            "forwarded_packet_rate",
+            "RTP packets forwarded per second, moving average (the load-shedding signal).",
+            lambda: overload.packet_rate,
+        )
+        self.metrics.counter(
+            "overload_refused_sessions_total",
+            "New sessions refused with 503 overloaded.",
+            lambda: overload.refused,
+        )
+        self.metrics.counter(
+            "overload_episodes_total",
+            "Times load shedding started.",
+            lambda: overload.episodes,
+        )
         self.metrics.gauge("rooms", "Rooms open.", lambda: len(self.rooms))
         self.metrics.gauge(
             "participants",
@@ -151,7 +182,9 @@ class Sfu:
     def _check_id(self, value: str, field: str) -> None:
         if not isinstance(value, str) or not IDENTIFIER.match(value):
             raise BadRequest(
-                f"{field} must be 1-64 characters of [A-Za-z0-9._-]", code="invalid_identifier"
+                f"{field} must be 1-64 characters of [A-Za-z0-9._-], not starting or ending "
+                "with '.'",
+                code="invalid_identifier",
             )
 
     def create_room(
@@ -232,6 +265,7 @@ class Sfu:
         if self.draining:
             raise Draining("the relay is draining and accepts no new participants")
         room = self.get_room(room_id)
+        self.overload.check()
         if participant_id is None:
             participant_id = _new_id("PA_")
         self._check_id(participant_id, "participant_id")
@@ -324,6 +358,8 @@ class Sfu:
     def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
         """Answer the client's offer for what it publishes; tracks are (un)published to match."""
         p = self.get_participant(room_id, participant_id)
+        if p.publisher is None:
+            self.overload.check()  # a new connection; renegotiations are always answered
         self._check_sdp(sdp)
         try:
             offer = sdpmod.parse_sdp(sdp)
@@ -591,6 +627,7 @@ class Sfu:
         if not p.can_subscribe:
             raise Forbidden("this participant may not subscribe", code="cannot_subscribe")
         if p.subscriber is None:
+            self.overload.check()  # a new connection; new offers on a live one are not refused
             transport = WebRtcTransport(
                 self.certificate,
                 list(self.settings.media.srtp_profiles),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from relay.rtc.nack import PacketHistory
+from relay.rtc.nack import PacketHistory, RetransmissionBudget
 from relay.rtc.rtcp import ntp_middle32
 from relay.rtc.rtp import ExtensionRewriter, SequenceRewriter
 
@@ -42,6 +42,11 @@ class Subscription:
         self.use_rtx = False
         self.rtx_seq = secrets.randbits(15)
         self.nacks_received = 0
+        #: what this subscriber's NACKs may make the relay resend; made by the media router on
+        #: the first NACK, from ``[rtp] retransmission_budget``
+        self.retransmission_budget: RetransmissionBudget | None = None
+        #: bytes resent to answer NACKs (SRTP size)
+        self.retransmission_bytes = 0
         #: the subscriber's answer covering this subscription was applied
         self.negotiated = False
         #: forwarded right now (negotiated, transport connected, not ended)
@@ -108,6 +113,13 @@ class Subscription:
             "bitrate": self.bitrate,
             "nacks_received": self.nacks_received,
             "retransmissions": self.history.retransmissions if self.history else 0,
+            "retransmission_bytes": self.retransmission_bytes,
+            "retransmissions_repeat_suppressed": (
+                self.history.repeats_suppressed if self.history else 0
+            ),
+            "retransmissions_budget_suppressed": (
+                self.history.budget_suppressed if self.history else 0
+            ),
             "forwarded": self.active,
             "reason": self.declined,
         }

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,25 +57,51 @@ class RunningRelay:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def api_port(self) -> int:
+        return int(self.api.rsplit(":", 1)[1])
 
-def start_relay(tmp: Path, extra: str = "") -> RunningRelay:
+
+def stop_process(
+    process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> int:
+    """Signal the process (if still running) and reap it; kill it if it lingers (-9)."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return -9
+    return process.returncode
+
+
+def start_relay(
+    tmp: Path,
+    extra: str = "",
+    api: str = "",
+    preexec_fn: Callable[[], None] | None = None,
+) -> RunningRelay:
     """``relay serve`` with media on loopback only: the test clients (the project's own, bound
     to 127.0.0.1, and aiortc) reach it there without a network namespace."""
     api_port = free_port(socket.SOCK_STREAM)
     media_port = free_port(socket.SOCK_DGRAM)
     config = tmp / "relay.toml"
     config.write_text(
-        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n'
+        f'[api]\nport = {api_port}\nkeys = ["testkey"]\n{api}\n'
         f'[media]\nhost = "127.0.0.1"\nport = {media_port}\n{extra}\n'
     )
     log_path = tmp / "relay.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", str(config)],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=env,
+        preexec_fn=preexec_fn,
     )
     log_file.close()
     api = f"http://127.0.0.1:{api_port}"
@@ -93,16 +119,8 @@ def start_relay(tmp: Path, extra: str = "") -> RunningRelay:
     raise RuntimeError(f"relay did not start: {log_path.read_text()}")
 
 
-def stop_relay(relay: RunningRelay) -> int:
-    if relay.process.poll() is None:
-        relay.process.send_signal(signal.SIGTERM)
-        try:
-            return relay.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            relay.process.kill()
-            relay.process.wait()
-            return -9
-    return relay.process.returncode
+def stop_relay(relay: RunningRelay, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    return stop_process(relay.process, sig, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +274,7 @@ class SpawnedRelay:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal the process (if still running) and reap it; kill it if it lingers."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                return self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return -9
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
 
 def spawn_relay(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> SpawnedRelay:

@@ -162,7 +162,7 @@ def test_subscription_starts_on_a_keyframe_and_asks_for_one() -> None:
     send(h, AIORTC_VIDEO_SSRC, 97, 50, DELTA)
     send(h, AIORTC_VIDEO_SSRC, 97, 51, DELTA)
     assert forwarded(h) == []
-    assert h.sfu.metrics.drops["awaiting_keyframe"] == 2
+    assert h.sfu.metrics.keyframe_waits == 2
     send(h, AIORTC_VIDEO_SSRC, 97, 52, VP8_KEYFRAME)
     send(h, AIORTC_VIDEO_SSRC, 97, 53, DELTA)
     out = h.sent[:]
