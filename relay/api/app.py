@@ -1,4 +1,4 @@
-"""The HTTP control API (API.md): rooms, participants, negotiation, events, health, metrics.
+"""The HTTP control API: rooms, participants, negotiation, events, health, metrics.
 
 Handlers are thin: they validate the request (schemas, size limits, credentials), call the
 synchronous SFU core on the event loop and shape its result. The core raises
@@ -67,7 +67,7 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEADER_BYTES = 16384
 
 API_DESCRIPTION = """\
-Rooms, participants and WebRTC negotiation of the relay (see API.md).
+Rooms, participants and WebRTC negotiation of the relay.
 
 ## Credentials
 Every `/v1` call carries `Authorization: Bearer <credential>`:

@@ -1,4 +1,4 @@
-"""Request and response bodies of the control API (see API.md).
+"""Request and response bodies of the control API (served as /openapi.json).
 
 Request models are strict (no type coercion) and reject unknown fields, so that a misspelt
 flag such as ``canPublish`` is an error rather than a silently applied default. Size limits that
@@ -66,7 +66,7 @@ RoomIdParam = Annotated[
 ParticipantIdParam = Annotated[
     str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
 ]
-#: The ``{track_id}`` path parameter (routes on one track, API.md's planned additions).
+#: The ``{track_id}`` path parameter (for routes on one track).
 TrackIdParam = Annotated[
     str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
 ]

@@ -42,7 +42,7 @@ __all__ = [
     "remote_transport",
 ]
 
-#: Longest SDP text :func:`parse_sdp` accepts (bounded input, see DESIGN.md).
+#: Longest SDP text :func:`parse_sdp` accepts (bounded input).
 MAX_SDP_LENGTH = 1 << 20
 
 SUPPORTED_AUDIO = ["opus"]

@@ -1,5 +1,5 @@
 /*
- * relay demo: a group call in the browser through the relay's control API (API.md).
+ * relay demo: a group call in the browser through the relay's control API.
  *
  * Two peer connections per participant: the publisher (this page offers sendonly audio and
  * video, POST .../publisher) and the subscriber (the relay offers one m-line per forwarded
