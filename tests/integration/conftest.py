@@ -308,9 +308,14 @@ def wait_healthy(spawned: SpawnedRelay, api: str, timeout: float = 20.0) -> bool
 _room_numbers = itertools.count()
 
 
+def room_name(prefix: str = "room") -> str:
+    """A room id no other test of this run uses: ``prefix`` and a number."""
+    return f"{prefix}{next(_room_numbers)}"
+
+
 def new_room(relay: RunningRelay, prefix: str = "room") -> str:
-    """Create a room with a fresh name (``prefix`` and a number) and return its id."""
-    name = f"{prefix}{next(_room_numbers)}"
+    """Create a room with a fresh name (see :func:`room_name`) and return its id."""
+    name = room_name(prefix)
     r = httpx.post(f"{relay.api}/v1/rooms", json={"room_id": name}, headers=auth_headers(relay.key))
     assert r.status_code == 201, r.text
     return name

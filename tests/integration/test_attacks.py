@@ -26,18 +26,14 @@ from tests.integration.conftest import (
     api_client,
     peer_publisher,
     peer_subscriber,
+    room_name,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
-_rooms = itertools.count()
 TRACKS = [TrackSpec("audio", 0x0A0A0A0A), TrackSpec("video", 0x0B0B0B0B)]
 _SEQ_SSRC = struct.Struct("!2xH4xI")
-
-
-def _room() -> str:
-    return f"attack{next(_rooms)}-{os.getpid()}"
 
 
 def _subscribed_ssrcs(remote, publisher_id: str) -> dict[str, int]:
@@ -115,7 +111,7 @@ def _forgeries(ssrc: int, seq: int) -> list[bytes]:
 
 
 async def test_replayed_binding_request_does_not_hijack_media(relay: RunningRelay) -> None:
-    room = _room()
+    room = room_name("attack")
     loop = asyncio.get_running_loop()
     async with api_client(relay) as http:
         await add_room(http, room)
@@ -220,7 +216,7 @@ class Storm:
 
 
 async def test_nack_storm_is_held_to_the_retransmission_budget(relay: RunningRelay) -> None:
-    storm_room, quiet_room = _room(), _room()
+    storm_room, quiet_room = room_name("attack"), room_name("attack")
     loop = asyncio.get_running_loop()
     async with api_client(relay) as http:
         await add_room(http, storm_room)

@@ -5,7 +5,6 @@ embedded defaults."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from tests.integration.conftest import (
     peer_subscriber,
     read_drops,
     read_metrics,
+    room_name,
     spawn_relay,
     start_relay,
     stop_relay,
@@ -38,13 +38,8 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-_rooms = itertools.count()
 TRACKS = [TrackSpec("audio", 0x0A0A0A0A), TrackSpec("video", 0x0B0B0B0B)]
 CONSENT_TIMEOUT = 2.0
-
-
-def _room() -> str:
-    return f"life{next(_rooms)}"
 
 
 def _subscribed_ssrcs(remote, publisher_id: str) -> dict[str, int]:
@@ -63,7 +58,7 @@ def _received(sub: UdpClientPeer, ssrcs: dict[str, int]) -> dict[str, int]:
 async def test_consent_timeout_removes_a_silent_participant(tmp_path: Path) -> None:
     relay = start_relay(tmp_path, f"[session]\nconsent_timeout = {CONSENT_TIMEOUT}")
     try:
-        room = _room()
+        room = room_name("life")
         async with api_client(relay) as http:
             await add_room(http, room)
             async with (
@@ -103,7 +98,7 @@ async def test_consent_timeout_removes_a_silent_participant(tmp_path: Path) -> N
 
 
 async def test_nat_rebinding_keeps_media_flowing(relay: RunningRelay) -> None:
-    room = _room()
+    room = room_name("life")
     async with api_client(relay) as http:
         await add_room(http, room)
         async with (
@@ -150,7 +145,7 @@ async def test_nat_rebinding_keeps_media_flowing(relay: RunningRelay) -> None:
 
 async def test_nat_rebinding_without_renomination(relay: RunningRelay) -> None:
     """A client that only keeps up consent checks (no USE-CANDIDATE) after its NAT rebinds."""
-    room = _room()
+    room = room_name("life")
     async with api_client(relay) as http:
         await add_room(http, room)
         async with (
@@ -183,7 +178,7 @@ async def test_nat_rebinding_without_renomination(relay: RunningRelay) -> None:
 
 
 async def test_relay_as_dtls_client(relay: RunningRelay) -> None:
-    room = _room()
+    room = room_name("life")
     async with api_client(relay) as http:
         await add_room(http, room)
         async with (
@@ -214,7 +209,7 @@ async def test_sigterm_during_a_call(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{api_port}"
         assert wait_healthy(spawned, api), spawned.stderr()
         relay = RunningRelay(api, media_port, "testkey", spawned.process, spawned.stderr_path)
-        room = _room()
+        room = room_name("life")
         async with api_client(relay) as http:
             await add_room(http, room)
             async with (
