@@ -39,7 +39,7 @@ from relay.sfu.errors import (
 from relay.sfu.media import MediaRouter
 from relay.sfu.participant import OfferState, Participant, Slot
 from relay.sfu.room import Room
-from relay.sfu.subscription import KEYFRAME_WAIT, Subscription
+from relay.sfu.subscription import Subscription
 from relay.sfu.track import Track
 
 log = logging.getLogger(__name__)
@@ -755,8 +755,8 @@ class Sfu:
                 sub.active = active
                 sub.track.rebuild_outputs()
                 if active:
-                    # forwarding starts on the track's next keyframe, asked for now
-                    sub.start_by = now + KEYFRAME_WAIT
+                    # forwarding (re)starts on the track's next keyframe, asked for now
+                    sub.restart(now)
                     if sub.track.kind == "video":
                         self.router.request_keyframe(sub.track, now, force=True)
 
