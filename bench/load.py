@@ -34,8 +34,8 @@ from bench.loadgen import (
 )
 from bench.servers import Server
 from bench.systems import SYSTEMS, RelaySystem, System
+from relay.client.peer import TrackSpec
 from relay.rtc.dtls import Certificate
-from relay.rtc.peer import TrackSpec
 
 #: Quantiles (percent) kept for latency CDF plots.
 CDF_QUANTILES = np.concatenate(

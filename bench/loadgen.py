@@ -2,7 +2,7 @@
 schedule, receivers that count and time packets without decoding them.
 
 Each connection (:class:`Conn`) owns one UDP socket bound to 127.0.0.1 with kernel receive
-timestamps (``SO_TIMESTAMPNS``). The handshake is :class:`relay.rtc.peer.ClientPeer` (ICE,
+timestamps (``SO_TIMESTAMPNS``). The handshake is :class:`relay.client.peer.ClientPeer` (ICE,
 DTLS, SRTP); two things a full ICE agent on the other side (Janus, aiortc) needs and the
 client does not do are added here: answering the server's own Binding requests, and a host
 candidate line in our SDP. The client always takes the controlling role (largest
@@ -38,8 +38,7 @@ import numpy as np
 from aioice import stun
 
 from bench import netns
-from relay.rtc.dtls import Certificate
-from relay.rtc.peer import (
+from relay.client.peer import (
     AUDIO_PT,
     MID_EXT_ID,
     VIDEO_PT,
@@ -47,6 +46,7 @@ from relay.rtc.peer import (
     RemoteDescription,
     build_rtp,
 )
+from relay.rtc.dtls import Certificate
 from relay.rtc.rtp import build_extension_block
 from relay.rtc.srtp import SrtpError
 

@@ -2,7 +2,7 @@
 
 py-spy attaches to the running ``relay serve`` for one measurement window (``--nonblocking``:
 the relay is never paused; with ``BENCH_PROFILE_NATIVE=1``, ``--native`` instead, which pauses
-it at each sample but also shows C frames such as ``sendmsg`` and libsrtp) and writes
+it at each sample but also shows C frames such as ``sendmmsg`` and libsrtp) and writes
 collapsed stacks; this module turns them into the
 functions that take the relay's time, self and inclusive, as fractions of the samples of its
 main thread that were not idle.
@@ -48,7 +48,7 @@ def start(pid: int, seconds: float, output: Path, rate: int = 250) -> subprocess
             str(rate),
             "--format",
             "raw",
-            # native frames (sendmsg, libsrtp) need the process paused while sampled
+            # native frames (sendmmsg, libsrtp) need the process paused while sampled
             *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else ["--nonblocking"]),
             "--output",
             str(output),

@@ -1,7 +1,7 @@
 """Signalling for each system under test: how a generator connection publishes or subscribes.
 
-- relay: the control API (``/v1``) through :func:`relay.rtc.peer.negotiate_publisher` and
-  :func:`relay.rtc.peer.negotiate_subscriber`;
+- relay: the control API (``/v1``) through :func:`relay.client.peer.negotiate_publisher` and
+  :func:`relay.client.peer.negotiate_subscriber`;
 - janus: the videoroom plugin over Janus's HTTP API (session, handles, long poll);
 - naive_aiortc: the same REST shape as the relay, served by :mod:`bench.naive_aiortc`;
 - ceiling: two registration datagrams, no WebRTC at all.
@@ -20,7 +20,7 @@ import httpx
 from bench import netns
 from bench.loadgen import Conn
 from bench.servers import Server
-from relay.rtc.peer import (
+from relay.client.peer import (
     RemoteDescription,
     TrackSpec,
     negotiate_publisher,

@@ -207,7 +207,13 @@ class Settings:
     demo: DemoSettings = field(default_factory=DemoSettings)
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Settings)}  # type: ignore[misc]
+def _sections() -> dict[str, type]:
+    defaults = Settings()
+    return {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}
+
+
+#: The settings class of every section, by section name, in declaration order.
+SECTIONS: dict[str, type] = _sections()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -22,14 +22,13 @@ from relay.api.http import bounded_protocol
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc.dtls import Certificate
+from relay.sfu.port import MediaPort
 from relay.sfu.sfu import Sfu
+from relay.sfu.timers import Timers
+from relay.udp import BatchSender
 
 log = logging.getLogger(__name__)
 
-#: Housekeeping period (consent, reports, stats), seconds.
-TICK = 1.0
-#: DTLS retransmission timer resolution, seconds.
-TIMER_RESOLUTION = 0.05
 #: Event-loop lag sampling period, seconds.
 LOOP_LAG_INTERVAL = 0.25
 #: Everything is closed within this many seconds of SIGINT/SIGTERM.
@@ -37,15 +36,56 @@ SHUTDOWN_GRACE = 3.0
 
 
 class MediaProtocol(asyncio.DatagramProtocol):
-    """The shared UDP port: every datagram goes straight to the media router."""
+    """The shared UDP port: every datagram goes straight to the media port (dropped and
+    counted until the SFU around the socket exists)."""
 
-    def __init__(self, sfu: Sfu) -> None:
-        self.datagram_received = sfu.router.handle_datagram  # type: ignore[method-assign]
-        self.metrics = sfu.metrics
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.port: MediaPort | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        port = self.port
+        if port is None:
+            self.metrics.drops["unknown_address"] += 1
+            return
+        port.datagram_received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a client that went away, and the like.
         self.metrics.send_errors += 1
+
+
+class TimerDriver:
+    """Keeps one ``loop.call_at`` armed for the earliest deadline of the media plane's timers
+    (the SFU's clock is ``time.monotonic``; the loop's own clock may differ by an offset)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
+        self.loop = loop
+        self.clock = clock
+        self.timers = Timers(on_earlier=self.arm)
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
+
+    def arm(self, when: float) -> None:
+        if self._armed_for is not None and self._armed_for <= when:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_for = when
+        delay = max(0.0, when - self.clock())
+        self._handle = self.loop.call_at(self.loop.time() + delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_for = None
+        deadline = self.timers.run(self.clock())
+        if deadline is not None:
+            self.arm(deadline)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class _ApiServer(uvicorn.Server):
@@ -68,6 +108,7 @@ class Relay:
         self.api: _ApiServer | None = None
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.timer_driver: TimerDriver | None = None
 
     def _event_dropped(self) -> None:
         self.metrics.events_dropped += 1
@@ -95,16 +136,23 @@ class Relay:
             ) from None
         port = sock.getsockname()[1]
         candidates = [(addr, port) for addr in media_candidate_addresses(settings.media)]
+        self.timer_driver = driver = TimerDriver(loop, time.monotonic)
+        protocol = MediaProtocol(self.metrics)
+        self.udp, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        # direct sends wait while uvloop still queues datagrams, so none overtakes another
+        # (asyncio's DatagramTransport type lacks the method; uvloop's transport has it)
+        queued = self.udp.get_write_buffer_size  # type: ignore[attr-defined]
         self.sfu = sfu = Sfu(
             settings,
             certificate=certificate,
             candidates=candidates,
-            send=lambda data, addr: None,
+            sender=BatchSender(sock, self.udp.sendto, queued),
+            clock=time.monotonic,
             emit=self.events.publish,
             metrics=self.metrics,
+            timers=driver.timers,
         )
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: MediaProtocol(sfu), sock=sock)
-        sfu.router.send = self.udp.sendto
+        protocol.port = sfu.port
         self.media_port = port
         app = create_app(sfu, settings, self.events, self.metrics)
         config = uvicorn.Config(
@@ -121,8 +169,6 @@ class Relay:
         )
         self.api = _ApiServer(config)
         self.events.start()
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-        self._tasks.append(asyncio.create_task(self._timers(), name="dtls-timers"))
         self._tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
         self._api_task = asyncio.create_task(self.api.serve(), name="api")
         while not self.api.started:
@@ -148,31 +194,6 @@ class Relay:
             settings.media.certificate,
             certificate.fingerprint,
         )
-
-    async def _housekeeping(self) -> None:
-        assert self.sfu is not None
-        while True:
-            await asyncio.sleep(TICK)
-            try:
-                self.sfu.tick(self.sfu.clock())
-            except Exception:  # keep the relay alive; a bug here must not stop every call
-                log.exception("housekeeping failed")
-
-    async def _timers(self) -> None:
-        """DTLS retransmissions and publisher feedback (transport-cc, NACK, REMB)."""
-        assert self.sfu is not None
-        router = self.sfu.router
-        interval = min(TIMER_RESOLUTION, self.settings.rtp.feedback_interval)
-        while True:
-            await asyncio.sleep(interval)
-            now = self.sfu.clock()
-            try:
-                if router.handshaking:
-                    router.poll_timers(now)
-                if router.feedback_transports:
-                    router.poll_feedback(now)
-            except Exception:  # keep the relay alive; a bug here must not stop every call
-                log.exception("timers failed")
 
     async def _loop_lag(self) -> None:
         """Sample the event loop's lag; feed it and the forwarded packets to load shedding."""
@@ -213,6 +234,8 @@ class Relay:
             self.sfu.drain()
         for task in self._tasks:
             task.cancel()
+        if self.timer_driver is not None:
+            self.timer_driver.close()
         await self.events.aclose()
         if self.api is not None:
             self.api.should_exit = True

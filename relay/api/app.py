@@ -43,13 +43,13 @@ from relay.api.schemas import (
     CreateRoom,
     ErrorResponse,
     Health,
-    Participant,
     ParticipantIdParam,
+    ParticipantInfo,
     PublisherAnswer,
     PublisherOffer,
     Readiness,
-    Room,
     RoomIdParam,
+    RoomInfo,
     RoomList,
     SubscriberAnswer,
     SubscriberOffer,
@@ -68,6 +68,9 @@ MAX_HEADER_BYTES = 16384
 
 API_DESCRIPTION = """\
 Rooms, participants and WebRTC negotiation of the relay.
+
+The full reference (every endpoint, error code, event and limit, and how a signaling server
+uses them) is `docs/api.md` in the relay's source tree.
 
 ## Credentials
 Every `/v1` call carries `Authorization: Bearer <credential>`:
@@ -356,10 +359,10 @@ v1 = APIRouter(prefix="/v1")
 @v1.post(
     "/rooms",
     status_code=status.HTTP_201_CREATED,
-    response_model=Room,
+    response_model=RoomInfo,
     tags=["rooms"],
     summary="Create a room",
-    responses=_errors(400, 409, 413, 429, 503),
+    responses=_errors(400, 403, 409, 413, 429, 503),
 )
 async def create_room(
     sfu: Core,
@@ -379,7 +382,11 @@ async def create_room(
 
 
 @v1.get(
-    "/rooms", response_model=RoomList, tags=["rooms"], summary="List rooms", responses=_errors()
+    "/rooms",
+    response_model=RoomList,
+    tags=["rooms"],
+    summary="List rooms",
+    responses=_errors(403),
 )
 async def list_rooms(sfu: Core, principal: Admin) -> Any:
     return {"rooms": [room.to_dict() for room in sfu.list_rooms()]}
@@ -387,7 +394,7 @@ async def list_rooms(sfu: Core, principal: Admin) -> Any:
 
 @v1.get(
     "/rooms/{room_id}",
-    response_model=Room,
+    response_model=RoomInfo,
     tags=["rooms"],
     summary="Get a room",
     responses=_errors(403, 404),
@@ -414,7 +421,7 @@ async def delete_room(room_id: RoomId, sfu: Core, principal: Admin) -> Response:
 @v1.post(
     "/rooms/{room_id}/participants",
     status_code=status.HTTP_201_CREATED,
-    response_model=Participant,
+    response_model=ParticipantInfo,
     tags=["participants"],
     summary="Add a participant",
     responses=_errors(400, 403, 404, 409, 413, 429, 503),
@@ -445,7 +452,7 @@ async def create_participant(
 
 @v1.get(
     "/rooms/{room_id}/participants/{participant_id}",
-    response_model=Participant,
+    response_model=ParticipantInfo,
     tags=["participants"],
     summary="Get a participant",
     responses=_errors(403, 404),

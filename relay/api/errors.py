@@ -86,7 +86,7 @@ def _location(loc: Sequence[Any]) -> str:
 
 def _details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Validation errors reduced to JSON-safe fields; the offending input is never echoed."""
-    details = []
+    details: list[dict[str, Any]] = []
     for error in errors:
         if not isinstance(error, Mapping):
             details.append({"loc": [], "msg": str(error), "type": "invalid"})

@@ -1,16 +1,17 @@
 """Event delivery: fan-out to Server-Sent Events subscribers and to an optional webhook.
 
-The SFU core calls :meth:`EventBus.publish` synchronously on the event loop; publishing never
-blocks and never awaits. Each subscriber (one ``GET /v1/events`` stream) has a bounded queue; a
-subscriber that falls behind is dropped (its stream ends, the client reconnects and re-reads
-the state) and counted. The webhook has its own bounded queue drained by one background task.
-Event metadata is never logged.
+The SFU core calls :meth:`EventBus.publish` synchronously on the event loop with one
+:class:`relay.sfu.events.Event`; publishing never blocks and never awaits. Each subscriber
+(one ``GET /v1/events`` stream) has a bounded queue; a subscriber that falls behind is dropped
+(its stream ends, the client reconnects and re-reads the state) and counted. The webhook has
+its own bounded queue drained by one background task. Event metadata is never logged.
 
 One event costs O(1) per stream that receives it: subscriptions are indexed by room (a
-publish touches only the streams of the event's room and the unfiltered ones), and the SSE
-frame is encoded once per event and shared by every stream. The number of open streams is
-bounded per owner (an API key, or one participant's token): one more is refused with
-:class:`TooManyStreams` (429).
+publish touches only the streams of the event's room and the unfiltered ones), and an event is
+serialised once per publish (:class:`Delivery`: its JSON object, the JSON bytes and the SSE
+frame), shared by every stream and the webhook; nothing is serialised when nobody listens.
+The number of open streams is bounded per owner (an API key, or one participant's token): one
+more is refused with :class:`TooManyStreams` (429).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import httpx
@@ -30,6 +31,7 @@ from relay import __version__
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.sfu.errors import LimitReached
+from relay.sfu.events import Event
 
 __all__ = [
     "KEEPALIVE_INTERVAL",
@@ -67,29 +69,29 @@ class TooManyStreams(LimitReached):
 
 
 class Delivery:
-    """One published event as queued to every stream: its SSE frame is encoded once, on first
-    use, and shared."""
+    """One published event, serialised once and shared by every stream and the webhook.
 
-    __slots__ = ("_frame", "event")
+    ``data`` is the JSON object consumers receive (:meth:`Event.to_dict`), ``body`` its compact
+    JSON (an SSE ``data:`` line, a webhook body) and ``frame`` the whole SSE message.
+    """
 
-    def __init__(self, event: dict[str, Any]) -> None:
+    __slots__ = ("body", "data", "event", "frame", "kind")
+
+    def __init__(self, event: Event) -> None:
         self.event = event
-        self._frame: bytes | None = None
-
-    @property
-    def frame(self) -> bytes:
-        """The event as one SSE message (:func:`format_sse`)."""
-        if self._frame is None:
-            self._frame = format_sse(self.event)
-        return self._frame
+        self.data = event.to_dict()
+        self.body = encode_event(self.data)
+        #: the event type as a header value (``X-Relay-Event``, log lines)
+        self.kind = _kind(event.type)
+        self.frame = _sse_frame(event.type, self.body)
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
-    """Compact JSON of an event, as sent in SSE ``data:`` lines and webhook bodies."""
+def encode_event(data: Mapping[str, Any]) -> bytes:
+    """Compact JSON of an event's object, as sent in SSE ``data:`` lines and webhook bodies."""
     try:
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
     except UnicodeEncodeError:  # a lone surrogate somewhere: escape everything instead
-        return json.dumps(event, separators=(",", ":"), default=str).encode()
+        return json.dumps(data, separators=(",", ":"), default=str).encode()
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -98,12 +100,19 @@ def sign(body: bytes, secret: str) -> str:
     return f"sha256={digest}"
 
 
-def format_sse(event: dict[str, Any]) -> bytes:
+def format_sse(event: Event) -> bytes:
     """One SSE message: ``event: <type>`` and a single ``data:`` line of JSON."""
-    kind = str(event.get("type", "message"))
-    kind = "".join(ch for ch in kind if ch not in "\r\n") or "message"
+    return Delivery(event).frame
+
+
+def _sse_frame(kind: str, body: bytes) -> bytes:
+    name = "".join(ch for ch in kind if ch not in "\r\n") or "message"
     # Compact JSON never contains a raw newline: no data line has to be split.
-    return b"event: " + kind.encode() + b"\ndata: " + encode_event(event) + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + body + b"\n\n"
+
+
+def _kind(kind: object) -> str:
+    return kind if isinstance(kind, str) and kind.isprintable() else "unknown"
 
 
 class Subscription:
@@ -122,8 +131,8 @@ class Subscription:
         self.overflowed = False
         self._bus = bus
 
-    def matches(self, event: dict[str, Any]) -> bool:
-        return self.room_id is None or event.get("room_id") == self.room_id
+    def matches(self, event: Event) -> bool:
+        return self.room_id is None or event.room_id == self.room_id
 
     def _offer(self, delivery: Delivery) -> bool:
         """Queue an event; False (and the subscription ends) if the queue is full."""
@@ -150,7 +159,7 @@ class Subscription:
         self.queue.get_nowait()
         self.queue.put_nowait(_END)
 
-    async def get(self) -> dict[str, Any] | None:
+    async def get(self) -> Event | None:
         """The next event, or None once the subscription has ended."""
         delivery = await self.next_delivery()
         return None if delivery is None else delivery.event
@@ -165,7 +174,7 @@ class Subscription:
         return delivery
 
     async def next_delivery(self) -> Delivery | None:
-        """The next event with its shared SSE frame, or None once the subscription has ended."""
+        """The next event with its shared serialisation, or None once the subscription ended."""
         if self.closed and self.queue.empty():
             return None
         delivery = await self.queue.get()
@@ -179,10 +188,10 @@ class Subscription:
         self._bus._remove(self)
         self._end()
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+    async def _iterate(self) -> AsyncIterator[Event]:
         while (event := await self.get()) is not None:
             yield event
 
@@ -215,7 +224,7 @@ class EventBus:
         self._count = 0
         #: open subscriptions per owner
         self._owned: dict[str, int] = {}
-        self._webhook_queue: asyncio.Queue[dict[str, Any]] | None = (
+        self._webhook_queue: asyncio.Queue[Delivery] | None = (
             asyncio.Queue(self.queue_size) if self.webhook_url else None
         )
         self._webhook_task: asyncio.Task[None] | None = None
@@ -235,25 +244,30 @@ class EventBus:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish(self, event: dict[str, Any]) -> None:
-        """Hand an event to every matching subscriber and the webhook; never blocks."""
+    def publish(self, event: Event) -> None:
+        """Hand an event to every matching subscriber and the webhook; never blocks.
+
+        The event is serialised once, and only if a stream or the webhook takes it.
+        """
         if self.closed:
             return
         self.published += 1
-        room = self._by_room.get(event.get("room_id"))
+        room = self._by_room.get(event.room_id)
         everything = self._by_room.get(None)
-        if room or everything:
-            delivery = Delivery(event)
-            for targets in (room, everything):
-                if not targets:
-                    continue
-                for subscription in [s for s in targets if not s._offer(delivery)]:
-                    self._remove(subscription)
-                    self.subscribers_dropped += 1
-                    self._dropped()
-        if self._webhook_queue is not None:
+        webhook = self._webhook_queue
+        if not (room or everything or webhook is not None):
+            return
+        delivery = Delivery(event)
+        for targets in (room, everything):
+            if not targets:
+                continue
+            for subscription in [s for s in targets if not s._offer(delivery)]:
+                self._remove(subscription)
+                self.subscribers_dropped += 1
+                self._dropped()
+        if webhook is not None:
             try:
-                self._webhook_queue.put_nowait(event)
+                webhook.put_nowait(delivery)
             except asyncio.QueueFull:
                 self.webhook_dropped += 1
                 self._dropped()
@@ -365,20 +379,20 @@ class EventBus:
             headers={"User-Agent": f"relay/{__version__}"},
         ) as client:
             while True:
-                event = await queue.get()
+                delivery = await queue.get()
                 try:
-                    await self._deliver(client, event)
+                    await self._deliver(client, delivery)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("webhook delivery of %s failed", _kind(event))
+                    log.exception("webhook delivery of %s failed", delivery.kind)
                 finally:
                     queue.task_done()
 
-    async def _deliver(self, client: httpx.AsyncClient, event: dict[str, Any]) -> None:
+    async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
         """POST one event, retrying at most :data:`WEBHOOK_RETRIES` times."""
-        body = encode_event(event)
-        kind = _kind(event)
+        body = delivery.body
+        kind = delivery.kind
         headers = {"Content-Type": "application/json", "X-Relay-Event": kind}
         if self.webhook_secret:
             headers["X-Relay-Signature"] = sign(body, self.webhook_secret)
@@ -408,11 +422,6 @@ class EventBus:
             await asyncio.sleep(delay)
             delay *= 2
         self.webhook_failed += 1
-
-
-def _kind(event: dict[str, Any]) -> str:
-    kind = event.get("type")
-    return kind if isinstance(kind, str) and kind.isprintable() else "unknown"
 
 
 async def sse_stream(

@@ -21,10 +21,11 @@ silent sockets then exhaust the process's file descriptors and lock every caller
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -84,8 +85,10 @@ class BoundedH11Protocol(H11Protocol):
 
     # -- connection lifecycle ------------------------------------------------------------
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream server hands its protocols a (read-write) Transport, which is what uvicorn's
+        # protocol declares it takes (narrower than BaseProtocol's signature).
+        super().connection_made(cast(asyncio.Transport, transport))
         self._await_request()
         if len(self.connections) > self.max_connections and not self._evict_one():
             self._refuse()

@@ -24,18 +24,18 @@ __all__ = [
     "ErrorResponse",
     "Health",
     "Identifier",
-    "Participant",
     "ParticipantIdParam",
+    "ParticipantInfo",
     "PublisherAnswer",
     "PublisherOffer",
     "Readiness",
     "RoomIdParam",
+    "RoomInfo",
     "RoomList",
-    "Room",
     "SubscriberAnswer",
     "SubscriberOffer",
-    "Track",
     "TrackIdParam",
+    "TrackInfo",
     "VideoCodec",
     "encoded_json_size",
     "json_depth",
@@ -145,7 +145,7 @@ class Readiness(_Response):
 # Rooms and participants
 
 
-class Track(_Response):
+class TrackInfo(_Response):
     """A stream a participant publishes."""
 
     track_id: str
@@ -157,7 +157,7 @@ class Track(_Response):
     simulcast_layers: list[Any] = Field(description="Simulcast encodings, empty without simulcast.")
 
 
-class Participant(_Response):
+class ParticipantInfo(_Response):
     """A member of a room."""
 
     participant_id: str
@@ -165,16 +165,16 @@ class Participant(_Response):
     metadata: dict[str, Any] | None = Field(description="The opaque object given at creation.")
     joined_at: float = Field(description="Unix time in seconds.")
     state: Literal["new", "connected", "disconnected"]
-    tracks: list[Track]
+    tracks: list[TrackInfo]
     subscriptions: list[str] = Field(description="Ids of the tracks forwarded to this participant.")
 
 
-class Room(_Response):
+class RoomInfo(_Response):
     """A room and everyone in it."""
 
     room_id: str
     created_at: float = Field(description="Unix time in seconds.")
-    participants: list[Participant]
+    participants: list[ParticipantInfo]
     max_participants: int
     e2ee_required: bool
     codec_preference: list[str] = Field(
@@ -183,7 +183,7 @@ class Room(_Response):
 
 
 class RoomList(_Response):
-    rooms: list[Room]
+    rooms: list[RoomInfo]
 
 
 class CreateRoom(_Request):

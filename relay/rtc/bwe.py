@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from relay.rtc.extensions import ABS_SEND_TIME_URI
+
 __all__ = ["RembEstimator", "ABS_SEND_TIME_URI", "abs_send_time"]
 
-ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
 _BUCKET = 0.05  # seconds per incoming-rate bucket
 _BUCKETS_PER_SECOND = 20

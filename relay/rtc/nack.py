@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from relay.rtc.rtp import RtpError, parse_rtp
+from relay.rtc.rtp import RTP_HEADER, RtpError, parse_rtp
 
 __all__ = [
     "PacketHistory",
@@ -20,7 +20,6 @@ __all__ = [
     "rtx_unwrap",
 ]
 
-_FIXED = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence number, timestamp, SSRC
 _OSN = struct.Struct("!H")
 
 #: a packet is resent at most this many times, however often it is NACKed
@@ -35,31 +34,20 @@ RESEND_OVERHEAD = 18
 
 
 class PacketHistory:
-    """A bounded ring of the packets recently sent on ONE outgoing stream, by 16-bit sequence
-    number (mediasoup ``RtpStreamSend`` / libwebrtc ``RtpPacketHistory``, much reduced).
+    """A bounded ring of the packets recently received on ONE stream, by 16-bit sequence number
+    (mediasoup ``RtpStreamSend`` / libwebrtc ``RtpPacketHistory``, much reduced).
 
-    Store the plain RTP packet as sent (after the header rewrite, before SRTP). The slot of a
-    sequence number is ``seq & (capacity - 1)`` (capacity rounded up to a power of two, at most
-    32768), and a slot only answers for the exact sequence number stored in it, so a request
-    for a packet that was overwritten (or never stored, or from before a 16-bit wrap) gets
-    ``None``. ``max_age`` (seconds, optional) additionally hides packets too old to be worth
-    resending: a retransmission arriving after the receiver's jitter buffer gave up on the
-    packet only costs bandwidth.
+    A track keeps one, whatever its number of subscribers: the plain RTP packet as the
+    publisher sent it is stored once and rewritten for whichever subscriber asks for it again.
+    The slot of a sequence number is ``seq & (capacity - 1)`` (capacity rounded up to a power
+    of two, at most 32768), and a slot only answers for the exact sequence number stored in
+    it, so a request for a packet that was overwritten (or never stored, or from before a
+    16-bit wrap) gets ``None``. ``max_age`` (seconds, optional) additionally hides packets too
+    old to be worth resending: a retransmission arriving after the receiver's jitter buffer
+    gave up on the packet only costs bandwidth.
     """
 
-    __slots__ = (
-        "capacity",
-        "max_age",
-        "retransmissions",
-        "misses",
-        "_mask",
-        "_seqs",
-        "_packets",
-        "_times",
-        "_resent",
-        "repeats_suppressed",
-        "budget_suppressed",
-    )
+    __slots__ = ("capacity", "max_age", "_mask", "_seqs", "_packets", "_times")
 
     def __init__(self, capacity: int, max_age: float | None = None) -> None:
         if capacity < 1:
@@ -71,24 +59,13 @@ class PacketHistory:
             raise ValueError("packet history capacity above 32768 cannot be told apart by seq")
         self.capacity = size
         self.max_age = max_age
-        #: packets handed out by :meth:`resend`
-        self.retransmissions = 0
-        #: requests for packets not (or no longer) in the history
-        self.misses = 0
-        #: requests refused because the packet was resent too recently or too often
-        self.repeats_suppressed = 0
-        #: requests refused because the subscriber's retransmission budget was spent
-        self.budget_suppressed = 0
         self._mask = size - 1
         self._seqs = [-1] * size
         self._packets: list[bytes | None] = [None] * size
         self._times = [0.0] * size
-        # (packet object, time of the last resend, resends) per slot: a newer packet stored in
-        # the slot is told apart by identity, so store() does not have to reset it
-        self._resent: list[tuple[bytes | None, float, int]] = [(None, 0.0, 0)] * size
 
     def store(self, seq: int, packet: bytes, now: float) -> None:
-        """Remember ``packet`` (plain RTP, as sent) under its 16-bit sequence number."""
+        """Remember ``packet`` (plain RTP) under its 16-bit sequence number."""
         i = seq & self._mask
         self._seqs[i] = seq
         self._packets[i] = packet
@@ -104,45 +81,11 @@ class PacketHistory:
             return None
         return self._packets[i]
 
-    def resend(
-        self,
-        seq: int,
-        now: float,
-        min_interval: float = 0.0,
-        max_resends: int = MAX_RESENDS,
-        budget: RetransmissionBudget | None = None,
-    ) -> bytes | None:
-        """Like :meth:`get`, for answering a NACK. None as well when this packet was already
-        resent less than ``max(min_interval, MIN_RESEND_INTERVAL)`` ago (pass about one RTT: a
-        NACK repeated before our retransmission could have arrived must not double the repair
-        traffic) or ``max_resends`` times already (:attr:`repeats_suppressed`), and when
-        ``budget`` cannot pay for it (:attr:`budget_suppressed`). Counts
-        :attr:`retransmissions` and :attr:`misses`."""
-        packet = self.get(seq, now)
-        if packet is None:
-            self.misses += 1
-            return None
-        i = seq & self._mask
-        resent, when, count = self._resent[i]
-        if resent is packet:
-            if count >= max_resends or now - when < max(min_interval, MIN_RESEND_INTERVAL):
-                self.repeats_suppressed += 1
-                return None
-        else:
-            count = 0
-        if budget is not None and not budget.take(len(packet) + RESEND_OVERHEAD):
-            self.budget_suppressed += 1
-            return None
-        self._resent[i] = (packet, now, count + 1)
-        self.retransmissions += 1
-        return packet
-
     def clear(self) -> None:
         """Forget every packet (the stream restarted)."""
         for i in range(self.capacity):
             self._seqs[i] = -1
             self._packets[i] = None
-            self._resent[i] = (None, 0.0, 0)
 
 
 class RetransmissionBudget:
@@ -211,7 +154,7 @@ def rtx_wrap(packet: bytes, rtx_ssrc: int, rtx_pt: int, rtx_seq: int) -> bytes:
     b0 = packet[0]
     end = len(packet) - packet[-1] if b0 & 0x20 else len(packet)
     return (
-        _FIXED.pack(
+        RTP_HEADER.pack(
             b0 & 0xDF,  # P cleared, X and CC kept
             (packet[1] & 0x80) | (rtx_pt & 0x7F),
             rtx_seq & 0xFFFF,
@@ -239,7 +182,7 @@ def rtx_unwrap(packet: bytes, media_ssrc: int, media_pt: int) -> tuple[int, byte
         raise RtpError("RTX packet without an original sequence number")
     (osn,) = _OSN.unpack_from(packet, payload_offset)
     original = (
-        _FIXED.pack(
+        RTP_HEADER.pack(
             b0 & 0xDF,
             (packet[1] & 0x80) | (media_pt & 0x7F),
             osn,

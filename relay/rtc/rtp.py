@@ -31,9 +31,10 @@ __all__ = [
 ONE_BYTE_PROFILE = 0xBEDE
 TWO_BYTE_PROFILE = 0x1000  # 0x100X; the low 4 "appbits" are ignored
 
-_FIXED = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence number, timestamp, SSRC
-_pack_fixed = _FIXED.pack
-_unpack_fixed = _FIXED.unpack_from
+#: the fixed RTP header (RFC 3550 §5.1): V/P/X/CC, M/PT, sequence number, timestamp, SSRC
+RTP_HEADER = struct.Struct("!BBHII")
+_pack_fixed = RTP_HEADER.pack
+_unpack_fixed = RTP_HEADER.unpack_from
 
 
 class RtpError(ValueError):
@@ -223,10 +224,71 @@ _ZEROS = (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00")
 _ONE_BYTE_HEADERS = [struct.pack("!HH", ONE_BYTE_PROFILE, words) for words in range(256)]
 
 
+class _ElementMapper:
+    """Publisher ids -> subscriber ids in the one-byte form, shared by every subscription with
+    the same map. It remembers the mapped bytes of the last element list it saw (by identity,
+    holding it so its id cannot be reused), so the copies of one packet map it once."""
+
+    __slots__ = ("one_byte", "_last", "_mapped", "_size")
+
+    def __init__(self, one_byte: dict[int, int]) -> None:
+        self.one_byte = one_byte
+        self._last: list[tuple[int, bytes]] | None = None
+        self._mapped = b""
+        self._size = 0
+
+    def map(self, elements: list[tuple[int, bytes]]) -> tuple[bytes, int]:
+        """(mapped elements in the one-byte form, their size); size -1 when one of them needs
+        the two-byte form."""
+        if elements is self._last:
+            return self._mapped, self._size
+        one_byte = self.one_byte
+        parts: list[bytes] = []
+        size = 0
+        for ident, value in elements:
+            h = one_byte.get(ident)
+            if h is not None:
+                n = len(value)
+                if not 0 < n <= 16:
+                    size = -1  # needs the two-byte form
+                    break
+                parts.append(_BYTE[h | (n - 1)])
+                parts.append(value)
+                size += n + 1
+        mapped = b"".join(parts) if size > 0 else b""
+        self._last, self._mapped, self._size = elements, mapped, size
+        return mapped, size
+
+
+#: mappers by their id map (bounded: emptied when full)
+_MAPPERS: dict[frozenset[tuple[int, int]], _ElementMapper] = {}
+_MAX_MAPPERS = 1024
+
+
+def _mapper(one_byte: dict[int, int]) -> _ElementMapper:
+    key = frozenset(one_byte.items())
+    mapper = _MAPPERS.get(key)
+    if mapper is None:
+        if len(_MAPPERS) >= _MAX_MAPPERS:
+            _MAPPERS.clear()
+        mapper = _MAPPERS[key] = _ElementMapper(one_byte)
+    return mapper
+
+
 class ExtensionRewriter:
     """Precomputed per subscription: maps a publisher's extension ids to the subscriber's."""
 
-    __slots__ = ("_map", "_one_byte", "_tail", "_tail_bytes", "_tail_block")
+    __slots__ = (
+        "_map",
+        "_one_byte",
+        "_mapper",
+        "_tail",
+        "_tail_bytes",
+        "_tail_block",
+        "stamp_id",
+        "_stamp_tail",
+        "_stamp_size",
+    )
 
     def __init__(
         self,
@@ -234,29 +296,66 @@ class ExtensionRewriter:
         mid_id: int | None,
         mid: str | None,
         publisher_mid_id: int | None = None,
+        stamp_id: int = 0,
     ) -> None:
         """``id_map``: publisher id -> subscriber id for the extensions both sides negotiated
         (any other element is dropped). The publisher's mid element is always dropped: give
         its id as ``publisher_mid_id``, or map it to ``mid_id`` in ``id_map``. When ``mid_id``
-        and ``mid`` are given, the subscriber's mid element ``(mid_id, mid)`` is appended."""
+        and ``mid`` are given, the subscriber's mid element ``(mid_id, mid)`` is appended.
+        ``stamp_id`` is the subscriber's id of the transport-wide sequence number that
+        :meth:`stamped` appends (0: none)."""
         self._map = {
             src: dst
             for src, dst in id_map.items()
-            if src != publisher_mid_id and (mid_id is None or dst != mid_id)
+            if src != publisher_mid_id and (mid_id is None or dst != mid_id) and dst != stamp_id
         }
         self._tail: list[tuple[int, bytes]] = []
         if mid_id is not None and mid is not None:
             self._tail.append((mid_id, mid.encode()))
         self._tail_block = build_extension_block(self._tail)
+        self.stamp_id = stamp_id
         # Fast path when every subscriber id and the mid fit the one-byte form: publisher id ->
         # subscriber id << 4, and the mid element already encoded.
         self._one_byte: dict[int, int] | None = None
+        self._mapper: _ElementMapper | None = None
         self._tail_bytes = b""
+        self._stamp_tail = b""
+        self._stamp_size = 0
         if all(0 < dst < 15 for dst in self._map.values()) and all(
             0 < i < 15 and 0 < len(v) <= 16 for i, v in self._tail
         ):
             self._one_byte = {src: dst << 4 for src, dst in self._map.items()}
+            self._mapper = _mapper(self._one_byte)
             self._tail_bytes = b"".join(_BYTE[(i << 4) | (len(v) - 1)] + v for i, v in self._tail)
+            if 0 < stamp_id < 15:
+                self._stamp_tail = self._tail_bytes + _BYTE[(stamp_id << 4) | 1]
+                self._stamp_size = len(self._stamp_tail) + 2
+
+    def stamped(self, elements: list[tuple[int, bytes]], stamp: int) -> bytes:
+        """:meth:`block` with the transport-wide sequence number ``stamp`` appended (the
+        per-copy hot path: the publisher's elements are mapped once per packet for every
+        subscription sharing this id map)."""
+        mapper = self._mapper
+        if mapper is not None and self._stamp_size:
+            mapped, size = mapper.map(elements)
+            if size >= 0:
+                size += self._stamp_size
+                pad = -size & 3
+                words = (size + pad) >> 2
+                return b"".join(
+                    (
+                        _ONE_BYTE_HEADERS[words]
+                        if words < 256
+                        else struct.pack("!HH", ONE_BYTE_PROFILE, words),
+                        mapped,
+                        self._stamp_tail,
+                        stamp.to_bytes(2, "big"),
+                        _ZEROS[pad],
+                    )
+                )
+        if not self.stamp_id:
+            return self.block(elements)
+        return self.block(elements, [(self.stamp_id, stamp.to_bytes(2, "big"))])
 
     def block(
         self, elements: list[tuple[int, bytes]], extra: list[tuple[int, bytes]] | None = None
@@ -377,6 +476,23 @@ class SequenceRewriter:
             return None
         return (out_seq - self._seq_offset) & 0xFFFF
 
+    def input_seq_of(self, out_seq: int) -> int | None:
+        """Like :meth:`input_seq`, and None as well for an output sequence number that no
+        packet of the current stream has had yet (beyond the highest, or before its first)."""
+        if self.starting:
+            return None
+        out_max = self._out_max
+        ext_out = out_max + (((out_seq - out_max + 0x8000) & 0xFFFF) - 0x8000)
+        ext_in = ext_out - self._seq_offset
+        if ext_out > out_max or ext_in < self._in_start:
+            return None
+        return ext_in & 0xFFFF
+
+    @property
+    def ts_offset(self) -> int:
+        """Output timestamp minus input timestamp for the current stream (mod 2**32)."""
+        return self._ts_offset
+
     def rewrite(self, seq: int, ts: int, now: float) -> tuple[int, int] | None:
         """``(out_seq, out_ts)`` for an input packet, or None for a packet older than the
         current stream's first packet (from before a switch)."""
@@ -481,7 +597,7 @@ class ReceiveStatistics:
 
     def update(self, seq: int, ts: int, arrival: float, size: int) -> None:
         """Account for one received packet (``arrival`` in seconds, ``size`` in bytes)."""
-        advanced = True
+        advanced: bool | None = True
         if not self._started:
             self._init_seq(seq)
             advanced = None  # first packet: nothing to compare the jitter with

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+
+from relay.rtc import extensions as ext
 
 __all__ = [
     "DEFAULT_VIDEO_PREFERENCE",
@@ -51,21 +54,21 @@ SUPPORTED_VIDEO = ["VP8", "H264", "VP9", "AV1"]
 #: otherwise: what every WebRTC client decodes comes first (see :func:`_choose_codec`).
 DEFAULT_VIDEO_PREFERENCE: tuple[str, ...] = ("VP8", "H264", "VP9", "AV1")
 SUPPORTED_EXTENSIONS: list[str] = [
-    "urn:ietf:params:rtp-hdrext:sdes:mid",
-    "urn:ietf:params:rtp-hdrext:ssrc-audio-level",
-    "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",  # with REMB only
-    "urn:ietf:params:rtp-hdrext:toffset",
-    "urn:3gpp:video-orientation",
-    "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay",
-    "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
-    "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
-    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",  # with twcc only
+    ext.MID_URI,
+    ext.AUDIO_LEVEL_URI,
+    ext.ABS_SEND_TIME_URI,  # with REMB only
+    ext.TOFFSET_URI,
+    ext.VIDEO_ORIENTATION_URI,
+    ext.PLAYOUT_DELAY_URI,
+    ext.RTP_STREAM_ID_URI,
+    ext.REPAIRED_RTP_STREAM_ID_URI,
+    ext.TRANSPORT_CC_URI,  # with twcc only
 ]
 #: Feedback accepted on every codec; congestion-control feedback is chosen per offer (below).
 SUPPORTED_RTCP_FB = {"nack", "nack pli", "ccm fir"}
 
-TWCC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
-ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+TWCC_URI = ext.TRANSPORT_CC_URI
+ABS_SEND_TIME_URI = ext.ABS_SEND_TIME_URI
 
 
 def congestion_feedback(offer: SessionDescription, mode: str) -> tuple[set[str], set[str]]:
@@ -811,7 +814,7 @@ class AnsweredMedia:
     offer: MediaDescription
 
 
-def _copy_codec(c: Codec, *, keep_rtx: bool, extra_fb: set[str] = frozenset()) -> Codec:
+def _copy_codec(c: Codec, *, keep_rtx: bool, extra_fb: AbstractSet[str] = frozenset()) -> Codec:
     return Codec(
         payload_type=c.payload_type,
         name=c.name,
@@ -936,7 +939,7 @@ def _choose_codec(offered: MediaDescription, preference: Sequence[str]) -> Codec
 
 def _accept_codecs(
     offered: MediaDescription,
-    extra_fb: set[str] = frozenset(),
+    extra_fb: AbstractSet[str] = frozenset(),
     preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
 ) -> list[Codec]:
     """The codec chosen by :func:`_choose_codec` (with its RTX), and only that one.
@@ -952,7 +955,7 @@ def _accept_codecs(
 
 
 def _accept_extmaps(
-    offered: MediaDescription, extra: set[str] = frozenset(), allow_mixed: bool = False
+    offered: MediaDescription, extra: AbstractSet[str] = frozenset(), allow_mixed: bool = False
 ) -> list[Extmap]:
     """Supported extensions with the offer's ids, that the client can send to us; ids above 14
     only when ``a=extmap-allow-mixed`` applies (``allow_mixed``, see :func:`_extmap_id_usable`).

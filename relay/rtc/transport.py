@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from typing import Any
 
-from relay.rtc.bwe import RembEstimator
 from relay.rtc.dtls import Certificate, DtlsEndpoint, DtlsState
 from relay.rtc.ice import BindingRequest, IceCredentials, binding_error, binding_success
 from relay.rtc.srtp import SrtpSession
-from relay.rtc.twcc import TwccRecorder, TwccSendHistory
 
 Address = tuple[str, int]
 
@@ -39,13 +36,11 @@ class WebRtcTransport:
         self,
         certificate: Certificate,
         srtp_profiles: list[str],
-        owner: Any = None,
         role: str = "publisher",
     ) -> None:
         self.local = IceCredentials.generate()
         self.certificate = certificate
         self.srtp_profiles = list(srtp_profiles)
-        self.owner = owner
         self.role = role  # "publisher" | "subscriber"
         self.remote_ufrag: str | None = None
         self.remote_pwd: str | None = None
@@ -56,9 +51,9 @@ class WebRtcTransport:
         self.addr: Address | None = None
         self.nominated = False
         self.nominated_priority = 0
-        #: the address a new latch replaced, for the media router to keep as an alternate
+        #: the address a new latch replaced, for the media port to keep as an alternate
         self.displaced: Address | None = None
-        #: other addresses that passed a check (bounded by the media router)
+        #: other addresses that passed a check (bounded by the media port)
         self.alternates: list[Address] = []
         #: transaction ids of recent authenticated checks, oldest first (bounded)
         self.recent_checks: OrderedDict[bytes, None] = OrderedDict()
@@ -72,14 +67,6 @@ class WebRtcTransport:
         self.last_activity = 0.0
         self.created_at = 0.0
         self.connected_at: float | None = None
-        #: congestion-control feedback negotiated on this connection: the transport-wide-cc
-        #: extension id (0: none) and, as a publisher, what we record for feedback (twcc) or
-        #: estimate (remb); as a subscriber, what we stamped, to read its feedback against
-        self.twcc_id = 0
-        self.abs_send_time_id = 0
-        self.twcc: TwccRecorder | None = None
-        self.remb: RembEstimator | None = None
-        self.twcc_send: TwccSendHistory | None = None
 
     # -- negotiation ------------------------------------------------------------------
     def set_remote(
@@ -130,7 +117,7 @@ class WebRtcTransport:
             # A client may nominate several pairs in a burst (Firefox does): keep the one it
             # ranks highest. The same or a higher priority from a new address is the same
             # candidate behind a rebinding NAT. Media from a displaced address moves the latch
-            # back (the media router keeps it as an alternate).
+            # back (the media port keeps it as an alternate).
             changed = not self.nominated or priority >= self.nominated_priority
         if changed:
             self.displaced = self.addr

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from relay.rtc import rtcp
+from relay.rtc.extensions import TRANSPORT_CC_URI
 from relay.rtc.rtcp import RtcpError
 from relay.rtc.rtp import (
     ONE_BYTE_PROFILE,
@@ -64,7 +65,6 @@ __all__ = [
     "write_transport_seq",
 ]
 
-TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 
 SYMBOL_NOT_RECEIVED = 0
 SYMBOL_SMALL_DELTA = 1

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from relay.rtc.sdp import OfferedMedia
 
 if TYPE_CHECKING:
-    from relay.rtc.transport import WebRtcTransport
+    from relay.sfu.leg import Leg
+    from relay.sfu.publisher_leg import PublisherLeg
     from relay.sfu.room import Room
+    from relay.sfu.subscriber_leg import SubscriberLeg
     from relay.sfu.subscription import Subscription
     from relay.sfu.track import Track
 
@@ -55,22 +57,12 @@ class Participant:
         self.can_subscribe = can_subscribe
         self.auto_subscribe = auto_subscribe
         self.state = "new"
-        self.publisher: WebRtcTransport | None = None
-        self.subscriber: WebRtcTransport | None = None
+        #: the connection it publishes on and the one it receives on, once offered
+        self.publisher_leg: PublisherLeg | None = None
+        self.subscriber_leg: SubscriberLeg | None = None
         #: published tracks by id and by the publisher connection's mid
         self.tracks: dict[str, Track] = {}
         self.tracks_by_mid: dict[str, Track] = {}
-        #: media SSRC -> track and RTX SSRC -> track, for packets on the publisher connection
-        self.ssrc_map: dict[int, Track] = {}
-        self.rtx_map: dict[int, Track] = {}
-        #: the publisher's header-extension id of sdes:mid (to learn unsignalled SSRCs)
-        self.mid_ext_id: int | None = None
-        #: ... and of repaired-rtp-stream-id, which only RTX packets carry
-        self.repaired_rid_ext_id: int | None = None
-        #: payload types unique to one published m-line of a track with unsignalled SSRCs ->
-        #: (track, is the RTX payload type): the last way to route a packet with an unknown
-        #: SSRC and no mid (RFC 8843 §9.2)
-        self.payload_routes: dict[int, tuple[Track, bool]] = {}
         #: subscriptions by track id
         self.subscriptions: dict[str, Subscription] = {}
         self.slots: list[Slot] = []
@@ -84,23 +76,9 @@ class Participant:
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self.connected_once = False
 
-    def route_payload_types(self) -> None:
-        """Recompute :attr:`payload_routes` from the published tracks' payload types: a type
-        used by one m-line only, of a track whose SSRCs the SDP does not name."""
-        seen: dict[int, list[tuple[Track, bool]]] = {}
-        for track in self.tracks.values():
-            seen.setdefault(track.payload_type, []).append((track, False))
-            if track.rtx_payload_type is not None:
-                seen.setdefault(track.rtx_payload_type, []).append((track, True))
-        self.payload_routes = {
-            pt: uses[0]
-            for pt, uses in seen.items()
-            if len(uses) == 1 and not uses[0][0].ssrc_signalled
-        }
-
     @property
-    def transports(self) -> list[WebRtcTransport]:
-        return [t for t in (self.publisher, self.subscriber) if t is not None]
+    def legs(self) -> list[Leg]:
+        return [leg for leg in (self.publisher_leg, self.subscriber_leg) if leg is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return {

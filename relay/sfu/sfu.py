@@ -20,12 +20,21 @@ import numpy as np
 from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc import sdp as sdpmod
-from relay.rtc.bwe import RembEstimator
 from relay.rtc.dtls import Certificate
-from relay.rtc.nack import NackGenerator, PacketHistory
+from relay.rtc.extensions import (
+    ABS_SEND_TIME_URI,
+    AUDIO_LEVEL_URI,
+    MID_URI,
+    PLAYOUT_DELAY_URI,
+    REPAIRED_RTP_STREAM_ID_URI,
+    TOFFSET_URI,
+    TRANSPORT_CC_URI,
+    VIDEO_ORIENTATION_URI,
+)
+from relay.rtc.rtp import ExtensionRewriter
 from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
 from relay.rtc.transport import TransportState, WebRtcTransport
-from relay.rtc.twcc import TwccRecorder, TwccSendHistory
+from relay.sfu import events
 from relay.sfu.admission import OverloadDetector
 from relay.sfu.errors import (
     BadRequest,
@@ -36,10 +45,15 @@ from relay.sfu.errors import (
     NotFound,
     TooLarge,
 )
-from relay.sfu.media import MediaRouter
+from relay.sfu.feedback import NackResponder, TransportCcSender, publisher_feedback
+from relay.sfu.leg import DatagramSender, Leg, MediaContext
 from relay.sfu.participant import OfferState, Participant, Slot
+from relay.sfu.port import MediaPort
+from relay.sfu.publisher_leg import PublisherLeg
 from relay.sfu.room import Room
+from relay.sfu.subscriber_leg import SubscriberLeg
 from relay.sfu.subscription import Subscription
+from relay.sfu.timers import Timers
 from relay.sfu.track import Track
 
 log = logging.getLogger(__name__)
@@ -48,20 +62,17 @@ log = logging.getLogger(__name__)
 #: ``.`` (so never ``.`` or ``..``, which HTTP clients collapse as path segments).
 IDENTIFIER = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?\Z")
 
-MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
-AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
-REPAIRED_RID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
 
 #: Header extensions the relay forwards to subscribers, with the ids it offers them. The same
 #: URI has the same id on every m-line, as BUNDLE requires. Extensions that describe the sender's
 #: own transport (abs-send-time, transport-wide-cc) are not forwarded: they would lie about ours.
 SUBSCRIBER_EXTENSIONS: dict[str, int] = {
     AUDIO_LEVEL_URI: 1,
-    sdpmod.TWCC_URI: 3,
+    TRANSPORT_CC_URI: 3,
     MID_URI: 4,
-    "urn:ietf:params:rtp-hdrext:toffset": 14,
-    "urn:3gpp:video-orientation": 13,
-    "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay": 12,
+    TOFFSET_URI: 14,
+    VIDEO_ORIENTATION_URI: 13,
+    PLAYOUT_DELAY_URI: 12,
 }
 
 #: Payload types handed out on subscriber connections, per kind, in order.
@@ -87,6 +98,8 @@ _SUBSCRIBER_RTCP_FB = {"audio": ["transport-cc"], "video": ["transport-cc", "nac
 MUTE_AFTER = 3.0
 #: Audio level (dBov below 0, as the extension carries it) quieter than this is silence.
 SPEAKER_THRESHOLD = 60
+#: Housekeeping period (consent, statistics, speaker, empty rooms), seconds.
+HOUSEKEEPING_INTERVAL = 1.0
 
 
 def _new_id(prefix: str) -> str:
@@ -102,11 +115,12 @@ class Sfu:
         *,
         certificate: Certificate,
         candidates: list[tuple[str, int]],
-        send: Callable[[bytes, tuple[str, int]], Any],
+        sender: DatagramSender,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
-        emit: Callable[[dict[str, Any]], None] = lambda event: None,
+        emit: Callable[[events.Event], None] = lambda event: None,
         metrics: Metrics | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self.settings = settings
         self.certificate = certificate
@@ -119,9 +133,14 @@ class Sfu:
         self.draining = False
         #: Load shedding: fed by the asyncio layer, consulted before every new session.
         self.overload = OverloadDetector(settings.overload)
-        self.router = MediaRouter(self, send, self.metrics)
+        #: every deadline of the media plane (the asyncio layer fires them)
+        self.timers = timers if timers is not None else Timers()
+        self.media = MediaContext(settings, self.metrics, clock, self.timers, sender)
+        self.port = MediaPort(self.media, self.on_leg_connected, self.on_leg_failed)
         self._session_id = secrets.randbits(62)
         self._last_housekeeping = clock()
+        self._housekeeping = self.timers.timer(self.tick)
+        self._housekeeping.arm(self._last_housekeeping + HOUSEKEEPING_INTERVAL)
         overload = self.overload
         self.metrics.gauge(
             "overload_shedding",
@@ -173,10 +192,8 @@ class Sfu:
         )
 
     # -- events ---------------------------------------------------------------------------
-    def emit(self, event_type: str, room: Room, **fields: Any) -> None:
-        event = {"type": event_type, "room_id": room.room_id, "at": self.wallclock()}
-        event.update(fields)
-        self._emit(event)
+    def emit(self, event_type: type[events.Event], room: Room, **fields: Any) -> None:
+        self._emit(event_type(room_id=room.room_id, at=self.wallclock(), **fields))
 
     # -- rooms ----------------------------------------------------------------------------
     def _check_id(self, value: str, field: str) -> None:
@@ -249,7 +266,7 @@ class Sfu:
         for pid in list(room.participants):
             self._remove(room.participants[pid], "room_closed")
         del self.rooms[room_id]
-        self.emit("room.closed", room)
+        self.emit(events.RoomClosed, room)
         log.info("room %s closed", room_id)
 
     # -- participants ---------------------------------------------------------------------
@@ -293,7 +310,7 @@ class Sfu:
         p.joined_clock = self.clock()
         room.participants[participant_id] = p
         room.empty_since = None
-        self.emit("participant.joined", room, participant_id=participant_id)
+        self.emit(events.ParticipantJoined, room, participant_id=participant_id)
         if p.can_subscribe and p.auto_subscribe:
             for other in room.participants.values():
                 if other is not p:
@@ -324,14 +341,14 @@ class Sfu:
             self._unpublish(track)
         for sub in list(p.subscriptions.values()):
             self._drop_subscription(sub)
-        for transport in p.transports:
-            self.router.close_transport(transport)
-        p.publisher = p.subscriber = None
+        for leg in p.legs:
+            self.port.remove(leg)
+        p.publisher_leg = p.subscriber_leg = None
         p.state = "disconnected"
         del room.participants[p.participant_id]
         if not room.participants:
             room.empty_since = self.clock()
-        self.emit("participant.left", room, participant_id=p.participant_id, reason=reason)
+        self.emit(events.ParticipantLeft, room, participant_id=p.participant_id, reason=reason)
         log.info("participant %s left room %s (%s)", p.participant_id, room.room_id, reason)
 
     # -- publisher connection -------------------------------------------------------------
@@ -358,20 +375,22 @@ class Sfu:
     def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
         """Answer the client's offer for what it publishes; tracks are (un)published to match."""
         p = self.get_participant(room_id, participant_id)
-        if p.publisher is None:
+        if p.publisher_leg is None:
             self.overload.check()  # a new connection; renegotiations are always answered
         self._check_sdp(sdp)
         try:
             offer = sdpmod.parse_sdp(sdp)
         except SdpError as exc:
             raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
-        transport = p.publisher
-        fresh = transport is None
-        if transport is None:
+        leg = p.publisher_leg
+        fresh = leg is None
+        if leg is None:
             transport = WebRtcTransport(
-                self.certificate, list(self.settings.media.srtp_profiles), owner=p, role="publisher"
+                self.certificate, list(self.settings.media.srtp_profiles), role="publisher"
             )
             transport.created_at = self.clock()
+            leg = PublisherLeg(self.media, p, transport)
+        transport = leg.transport
         try:
             answer_sdp, answered = sdpmod.build_answer(
                 offer,
@@ -407,52 +426,44 @@ class Sfu:
             )
         # Everything checked: commit.
         if fresh:
-            p.publisher = transport
-            self.router.add_transport(transport)
+            p.publisher_leg = leg
+            self.port.add(leg)
         transport.set_remote(
             first.ice_ufrag,
             first.ice_pwd,
             first.fingerprints,
             dtls_server=(first.setup or "actpass") != "passive",
         )
-        p.mid_ext_id = p.repaired_rid_ext_id = None
+        leg.mid_ext_id = leg.repaired_rid_ext_id = None
         for m in accepted:
             for ext in m.extmaps:
                 if ext.uri == MID_URI:
-                    p.mid_ext_id = ext.id
-                elif ext.uri == REPAIRED_RID_URI:
-                    p.repaired_rid_ext_id = ext.id
-        self._configure_feedback(transport, accepted)
+                    leg.mid_ext_id = ext.id
+                elif ext.uri == REPAIRED_RTP_STREAM_ID_URI:
+                    leg.repaired_rid_ext_id = ext.id
+        self._configure_feedback(leg, accepted)
         for track in list(p.tracks.values()):
             if track.mid not in kept:
                 self._unpublish(track)
         for m in publishing:
-            self._publish_mline(p, m)
-        p.route_payload_types()
-        out = transport.maybe_start(self.clock())
-        self.router.send_all(out, transport)
+            self._publish_mline(p, leg, m)
+        leg.route_payload_types()
+        self.port.send_handshake(leg, transport.maybe_start(self.clock()))
         return answer_sdp
 
-    def _configure_feedback(
-        self, transport: WebRtcTransport, accepted: list[sdpmod.AnsweredMedia]
-    ) -> None:
-        """Set up the congestion-control feedback the answer accepted for a publisher."""
+    def _configure_feedback(self, leg: PublisherLeg, accepted: list[sdpmod.AnsweredMedia]) -> None:
+        """Bind the congestion-control feedback the answer accepted for a publisher."""
         uris = {e.uri: e.id for m in accepted for e in m.extmaps}
         feedback = {fb for m in accepted for c in m.codecs for fb in c.rtcp_fb}
-        transport.twcc_id = uris.get(sdpmod.TWCC_URI, 0) if "transport-cc" in feedback else 0
-        transport.abs_send_time_id = uris.get(sdpmod.ABS_SEND_TIME_URI, 0)
-        if transport.twcc_id and transport.twcc is None:
-            transport.twcc = TwccRecorder(transport.owner.rtcp_ssrc)
-        if not transport.twcc_id:
-            transport.twcc = None
-        if "goog-remb" in feedback and not transport.twcc_id:
-            if transport.remb is None:
-                transport.remb = RembEstimator()
-        else:
-            transport.remb = None
-        self.router.feedback_transports.add(transport)
+        twcc_id = uris.get(TRANSPORT_CC_URI, 0) if "transport-cc" in feedback else 0
+        chosen = publisher_feedback(
+            leg, twcc_id, uris.get(ABS_SEND_TIME_URI, 0), "goog-remb" in feedback
+        )
+        if leg.feedback is not None and leg.feedback is not chosen:
+            leg.feedback.close()
+        leg.feedback = chosen
 
-    def _publish_mline(self, p: Participant, m: sdpmod.AnsweredMedia) -> None:
+    def _publish_mline(self, p: Participant, leg: PublisherLeg, m: sdpmod.AnsweredMedia) -> None:
         codec = m.codecs[0]
         ext_uris = {e.id: e.uri for e in m.extmaps}
         track = p.tracks_by_mid.get(m.mid or "")
@@ -460,7 +471,7 @@ class Sfu:
         if track is None or track.codec.name.lower() != codec.name.lower() or track.kind != m.kind:
             if track is not None:
                 self._unpublish(track)
-            track = Track(_new_id("TR_"), p, m.kind, m.mid or "", codec, ext_uris)
+            track = Track(self.media, _new_id("TR_"), p, m.kind, m.mid or "", codec, ext_uris)
             new = True
         else:
             track.codec = codec
@@ -468,30 +479,33 @@ class Sfu:
             track.ext_uris = ext_uris
         track.audio_level_id = next((e.id for e in m.extmaps if e.uri == AUDIO_LEVEL_URI), 0)
         track.rtx_payload_type = codec.rtx_payload_type
-        if self.settings.rtp.nack and m.kind == "video" and "nack" in codec.rtcp_fb:
-            if track.nack is None:
-                track.nack = NackGenerator(track.clock_rate)
-        else:
-            track.nack = None
+        rtp = self.settings.rtp
+        track.enable_retransmission(
+            rtp.nack and m.kind == "video" and "nack" in codec.rtcp_fb,
+            rtp.history_size if rtp.nack else 0,
+        )
         media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
         track.ssrc_signalled = media_ssrc is not None
         if media_ssrc is not None:
             # signalled SSRCs replace whatever was bound; unsignalled ones keep what the media
             # router learned from packets (by mid or payload type), which may be all there is
-            _unroute(p, track)
-            p.ssrc_map[media_ssrc] = track
+            leg.unroute(track)
+            leg.ssrc_map[media_ssrc] = track
             track.set_ssrc(media_ssrc, self.clock())
             track.rtx_ssrc = rtx_ssrc
             if rtx_ssrc is not None and track.rtx_payload_type is not None:
-                p.rtx_map[rtx_ssrc] = track
+                leg.rtx_map[rtx_ssrc] = track
         elif track.rtx_payload_type is None and track.rtx_ssrc is not None:
-            _unroute(p, track)  # RTX no longer negotiated: its learned SSRC is unknown now
+            leg.unroute(track)  # RTX no longer negotiated: its learned SSRC is unknown now
             track.rtx_ssrc = None
         if new:
             p.tracks[track.track_id] = track
             p.tracks_by_mid[track.mid] = track
             self.emit(
-                "track.published", p.room, participant_id=p.participant_id, track=track.to_dict()
+                events.TrackPublished,
+                p.room,
+                participant_id=p.participant_id,
+                track=track.to_dict(),
             )
             for other in p.room.participants.values():
                 if other is not p and other.can_subscribe and other.auto_subscribe:
@@ -501,18 +515,24 @@ class Sfu:
                 self._configure_extensions(sub)
 
     def _unpublish(self, track: Track) -> None:
-        p = track.publisher
+        p = track.participant
         track.ended = True
+        track.close()
         p.tracks.pop(track.track_id, None)
         if p.tracks_by_mid.get(track.mid) is track:
             del p.tracks_by_mid[track.mid]
-        _unroute(p, track)
-        p.route_payload_types()
+        leg = p.publisher_leg
+        if leg is not None:
+            leg.unroute(track)
+            leg.route_payload_types()
         for sub in list(track.subscriptions.values()):
             self._drop_subscription(sub)
         track.outputs = []
         self.emit(
-            "track.unpublished", p.room, participant_id=p.participant_id, track_id=track.track_id
+            events.TrackUnpublished,
+            p.room,
+            participant_id=p.participant_id,
+            track_id=track.track_id,
         )
 
     # -- subscriptions --------------------------------------------------------------------
@@ -545,7 +565,7 @@ class Sfu:
         if slot is None:
             slot = Slot(mid=str(len(p.slots)), kind=track.kind)
             p.slots.append(slot)
-        sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec))
+        sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec), self.metrics)
         if retransmit:
             sub.rtx_payload_type = self._payload_type(
                 p,
@@ -563,8 +583,9 @@ class Sfu:
         self._renegotiate(p)
 
     def _drop_subscription(self, sub: Subscription) -> None:
-        p = sub.subscriber
+        p = sub.participant
         sub.active = False
+        sub.stream.detach()
         sub.track.subscriptions.pop(p.participant_id, None)
         sub.track.rebuild_outputs()
         p.subscriptions.pop(sub.track.track_id, None)
@@ -577,7 +598,10 @@ class Sfu:
     def _renegotiate(self, p: Participant) -> None:
         p.revision += 1
         self.emit(
-            "subscriber.renegotiate", p.room, participant_id=p.participant_id, revision=p.revision
+            events.SubscriberRenegotiate,
+            p.room,
+            participant_id=p.participant_id,
+            revision=p.revision,
         )
 
     def _offered_media(self, p: Participant, slot: Slot) -> OfferedMedia:
@@ -607,7 +631,7 @@ class Sfu:
             rtx_payload_type=sub.rtx_payload_type,
             kind=track.kind,
         )
-        uris = set(track.ext_uris.values()) | {MID_URI, sdpmod.TWCC_URI}
+        uris = set(track.ext_uris.values()) | {MID_URI, TRANSPORT_CC_URI}
         extmaps = [Extmap(id=i, uri=u) for u, i in SUBSCRIBER_EXTENSIONS.items() if u in uris]
         return OfferedMedia(
             mid=slot.mid,
@@ -626,29 +650,30 @@ class Sfu:
         p = self.get_participant(room_id, participant_id)
         if not p.can_subscribe:
             raise Forbidden("this participant may not subscribe", code="cannot_subscribe")
-        if p.subscriber is None:
+        leg = p.subscriber_leg
+        if leg is None:
             self.overload.check()  # a new connection; new offers on a live one are not refused
             transport = WebRtcTransport(
                 self.certificate,
                 list(self.settings.media.srtp_profiles),
-                owner=p,
                 role="subscriber",
             )
             transport.created_at = self.clock()
-            p.subscriber = transport
-            self.router.add_transport(transport)
+            p.subscriber_leg = leg = SubscriberLeg(self.media, p, transport)
+            self.port.add(leg)
         if not p.slots:
             p.slots.append(Slot(mid="0", kind="audio"))
         media = [self._offered_media(p, slot) for slot in p.slots]
         p.offered = OfferState(p.revision, media)
-        offer = sdpmod.build_offer(self._local_transport(p.subscriber, "actpass"), media)
+        offer = sdpmod.build_offer(self._local_transport(leg.transport, "actpass"), media)
         return offer, p.revision
 
     def subscriber_answer(self, room_id: str, participant_id: str, sdp: str, revision: int) -> None:
         p = self.get_participant(room_id, participant_id)
         self._check_sdp(sdp)
         offered = p.offered
-        if offered is None or p.subscriber is None:
+        leg = p.subscriber_leg
+        if offered is None or leg is None:
             raise Conflict(
                 "no subscriber offer was made; POST .../subscriber first", code="no_offer"
             )
@@ -673,7 +698,7 @@ class Sfu:
             )
         if first.setup not in ("active", "passive"):
             raise BadRequest("bad answer: a=setup must be active or passive", code="bad_sdp")
-        transport = p.subscriber
+        transport = leg.transport
         transport.set_remote(
             first.ice_ufrag, first.ice_pwd, first.fingerprints, dtls_server=first.setup == "active"
         )
@@ -697,27 +722,41 @@ class Sfu:
             sub.negotiated = True
             sub.declined = None
             sub.answer_extmaps = {e.uri: e.id for e in answered.extmaps}
-            self._configure_extensions(sub)
-            nack = sub.rtx_payload_type is not None and "nack" in codec.rtcp_fb
-            if nack and sub.history is None:
-                sub.history = PacketHistory(self.settings.rtp.history_size, max_age=2.0)
-            elif not nack:
-                sub.history = None
-            sub.use_rtx = nack and codec.rtx_payload_type == sub.rtx_payload_type
+            self._configure_retransmission(sub, codec)
             if "transport-cc" in codec.rtcp_fb:
-                twcc_id = twcc_id or sub.answer_extmaps.get(sdpmod.TWCC_URI, 0)
-        transport.twcc_id = twcc_id
-        if twcc_id and transport.twcc_send is None:
-            transport.twcc_send = TwccSendHistory()
-        self.router.send_all(transport.maybe_start(self.clock()), transport)
+                twcc_id = twcc_id or sub.answer_extmaps.get(TRANSPORT_CC_URI, 0)
+        if not twcc_id:
+            leg.twcc = None
+        elif leg.twcc is None or leg.twcc.ext_id != twcc_id:
+            leg.twcc = TransportCcSender(twcc_id)
+        for sub in p.subscriptions.values():
+            if sub.negotiated:
+                self._configure_extensions(sub)
+            if sub.active:
+                sub.stream.attach(transport, leg.twcc)
+        self.port.send_handshake(leg, transport.maybe_start(self.clock()))
         self.refresh_outputs(p)
+
+    def _configure_retransmission(self, sub: Subscription, codec: Codec) -> None:
+        """Answer the subscriber's NACKs when its answer kept NACK (on RTX when it kept RTX)."""
+        stream = sub.stream
+        history = sub.track.history
+        if sub.rtx_payload_type is None or "nack" not in codec.rtcp_fb or history is None:
+            stream.nack = None
+            return
+        use_rtx = codec.rtx_payload_type == sub.rtx_payload_type
+        current = stream.nack
+        if current is not None and current.use_rtx == use_rtx and current.history is history:
+            return
+        rtx = (sub.rtx_ssrc, sub.rtx_payload_type, secrets.randbits(15)) if use_rtx else None
+        stream.nack = NackResponder(stream, history, self.settings.rtp.retransmission_budget, rtx)
 
     def _declined(self, sub: Subscription, reason: str) -> None:
         """Record that a subscriber's answer did not take a track: an event when that is news."""
         if sub.declined == reason:
             return
         sub.declined = reason
-        p, track = sub.subscriber, sub.track
+        p, track = sub.participant, sub.track
         log.info(
             "participant %s cannot take track %s of %s (%s): %s",
             p.participant_id,
@@ -727,7 +766,7 @@ class Sfu:
             reason,
         )
         self.emit(
-            "track.unsupported",
+            events.TrackUnsupported,
             p.room,
             participant_id=p.participant_id,
             track_id=track.track_id,
@@ -741,42 +780,56 @@ class Sfu:
         id_map = {
             pub_id: negotiated[uri]
             for pub_id, uri in sub.track.ext_uris.items()
-            if uri in negotiated and uri not in (MID_URI, sdpmod.TWCC_URI)
+            if uri in negotiated and uri not in (MID_URI, TRANSPORT_CC_URI)
         }
-        sub.configure(id_map, negotiated.get(MID_URI))
+        mid_id = negotiated.get(MID_URI)
+        leg = sub.participant.subscriber_leg
+        stamp_id = leg.twcc.ext_id if leg is not None and leg.twcc is not None else 0
+        sub.stream.ext = ExtensionRewriter(
+            id_map, mid_id, sub.mid if mid_id else None, stamp_id=stamp_id
+        )
 
     def refresh_outputs(self, p: Participant) -> None:
         """Activate the negotiated subscriptions of a connected subscriber (and only those)."""
-        ready = p.subscriber is not None and p.subscriber.ready
+        leg = p.subscriber_leg
+        ready = leg is not None and leg.transport.ready
         now = self.clock()
         for sub in p.subscriptions.values():
             active = ready and sub.negotiated and not sub.track.ended
             if active != sub.active:
                 sub.active = active
-                sub.track.rebuild_outputs()
                 if active:
+                    assert leg is not None
+                    sub.stream.attach(leg.transport, leg.twcc)
                     # forwarding (re)starts on the track's next keyframe, asked for now
-                    sub.restart(now)
-                    if sub.track.kind == "video":
-                        self.router.request_keyframe(sub.track, now, force=True)
+                    sub.stream.restart(now)
+                else:
+                    sub.stream.detach()
+                sub.track.rebuild_outputs()
+                if active and sub.track.kind == "video":
+                    sub.track.keyframes.request(now, force=True)
 
-    # -- transport callbacks (from the media router) --------------------------------------
-    def on_transport_connected(self, transport: WebRtcTransport) -> None:
-        p: Participant = transport.owner
-        transport.connected_at = transport.last_activity = self.clock()
+    # -- leg callbacks (from the media port) ----------------------------------------------
+    def on_leg_connected(self, leg: Leg) -> None:
+        p = leg.participant
+        transport = leg.transport
+        now = self.clock()
+        transport.connected_at = transport.last_activity = now
         if p.state != "connected":
             p.state = "connected"
             p.connected_once = True
-            self.emit("participant.connected", p.room, participant_id=p.participant_id)
-        if transport is p.subscriber:
+            self.emit(events.ParticipantConnected, p.room, participant_id=p.participant_id)
+        if leg is p.subscriber_leg:
             self.refresh_outputs(p)
-        elif transport is p.publisher:
+        elif leg is p.publisher_leg:
+            p.publisher_leg.on_connected(now)
             for track in p.tracks.values():
                 if track.kind == "video" and track.outputs:
-                    self.router.request_keyframe(track, self.clock(), force=True)
+                    track.keyframes.request(now, force=True)
 
-    def on_transport_failed(self, transport: WebRtcTransport) -> None:
-        p: Participant = transport.owner
+    def on_leg_failed(self, leg: Leg) -> None:
+        p = leg.participant
+        transport = leg.transport
         log.info(
             "participant %s: %s connection failed: %s",
             p.participant_id,
@@ -789,7 +842,9 @@ class Sfu:
 
     # -- timers ---------------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        """Housekeeping, called about once a second by the asyncio layer."""
+        """Housekeeping, once a second on its timer: consent and connect timeouts, bit rates,
+        mute detection, the active speaker, empty rooms."""
+        self._housekeeping.arm(now + HOUSEKEEPING_INTERVAL)
         interval = now - self._last_housekeeping
         self._last_housekeeping = now
         session = self.settings.session
@@ -797,7 +852,7 @@ class Sfu:
             if not room.participants:
                 if room.empty_since is not None and now - room.empty_since >= room.empty_timeout:
                     del self.rooms[room.room_id]
-                    self.emit("room.closed", room)
+                    self.emit(events.RoomClosed, room)
                     log.info("room %s closed after %.0f s empty", room.room_id, room.empty_timeout)
                 continue
             for p in list(room.participants.values()):
@@ -809,13 +864,13 @@ class Sfu:
                 for sub in p.subscriptions.values():
                     sub.tick(interval)
             self._detect_speaker(room)
-        self.router.send_reports(self, now)
 
     def _timed_out(self, p: Participant, now: float, consent: float, connect: float) -> bool:
-        if p.publisher is None and p.subscriber is None:
+        legs = p.legs
+        if not legs:
             # never opened a connection (a client that crashed after its signaling, say)
             return now - p.joined_clock > connect
-        for t in p.transports:
+        for t in (leg.transport for leg in legs):
             if t.rx_seen:
                 t.rx_seen = False
                 t.last_activity = now
@@ -837,8 +892,8 @@ class Sfu:
         if muted != track.muted:
             track.muted = muted
             self.emit(
-                "track.muted" if muted else "track.unmuted",
-                track.publisher.room,
+                events.TrackMuted if muted else events.TrackUnmuted,
+                track.participant.room,
                 participant_id=track.participant_id,
                 track_id=track.track_id,
             )
@@ -864,7 +919,7 @@ class Sfu:
                 speaker = ids[best]
         if speaker != room.speaker:
             room.speaker = speaker
-            self.emit("speaker.changed", room, participant_id=speaker)
+            self.emit(events.SpeakerChanged, room, participant_id=speaker)
 
     def drain(self) -> None:
         """Stop accepting sessions and close every room (DTLS close_notify to each client)."""
@@ -881,7 +936,7 @@ class Sfu:
             "state": p.state,
             "inbound": [t.stats_dict() for t in p.tracks.values()],
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
-            "subscriber_delivery": _delivery(p.subscriber),
+            "subscriber_delivery": _delivery(p.subscriber_leg),
         }
 
 
@@ -907,19 +962,11 @@ def _codec_preference(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(result)
 
 
-def _unroute(p: Participant, track: Track) -> None:
-    """Forget the SSRCs (media and RTX) that lead packets of `p` to `track`."""
-    for ssrc in [s for s, t in p.ssrc_map.items() if t is track]:
-        del p.ssrc_map[ssrc]
-    if track.rtx_ssrc is not None and p.rtx_map.get(track.rtx_ssrc) is track:
-        del p.rtx_map[track.rtx_ssrc]
-
-
-def _delivery(transport: WebRtcTransport | None) -> dict[str, Any] | None:
+def _delivery(leg: SubscriberLeg | None) -> dict[str, Any] | None:
     """What the subscriber's transport-cc feedback says about the relay's packets to it."""
-    history = transport.twcc_send if transport is not None else None
-    if history is None:
+    if leg is None or leg.twcc is None:
         return None
+    history = leg.twcc.history
     return {
         "packets_acked": history.packets_acked,
         "packets_lost": history.packets_lost,

@@ -1,17 +1,30 @@
-"""Track: one stream a participant publishes (one m-line of its publisher connection)."""
+"""Track: one stream a participant publishes (one m-line of its publisher connection), and its
+fan-out to the subscribers' outbound streams.
+
+:meth:`Track.receive` is the middle of the packet path: the publisher leg hands it every plain
+packet routed to the track; it keeps the receive statistics, NACK generation and the packet
+history, and makes one protected copy per active outbound stream, sent as one batch.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from relay.rtc.codecs import KeyframeStart, keyframe_detector
-from relay.rtc.nack import NackGenerator
+from relay.rtc.nack import PacketHistory
 from relay.rtc.rtp import ReceiveStatistics
 from relay.rtc.sdp import Codec
+from relay.rtc.transport import Address
+from relay.sfu.feedback import KeyframeRequester, NackRequester
 
 if TYPE_CHECKING:
+    from relay.sfu.leg import MediaContext
+    from relay.sfu.outbound import OutboundStream
     from relay.sfu.participant import Participant
     from relay.sfu.subscription import Subscription
+
+#: seconds a packet stays in a track's history (older is not worth resending)
+HISTORY_AGE = 2.0
 
 
 class Track:
@@ -19,15 +32,19 @@ class Track:
 
     def __init__(
         self,
+        ctx: MediaContext,
         track_id: str,
-        publisher: Participant,
+        participant: Participant,
         kind: str,
         mid: str,
         codec: Codec,
         ext_uris: dict[int, str],
     ) -> None:
+        self.ctx = ctx
+        self.metrics = ctx.metrics
         self.track_id = track_id
-        self.publisher = publisher
+        #: the publishing participant
+        self.participant = participant
         self.kind = kind
         self.mid = mid
         self.codec = codec
@@ -49,18 +66,20 @@ class Track:
         #: the publisher's RTX payload type, when it retransmits on an RTX stream
         self.rtx_payload_type: int | None = None
         #: loss detection on the publisher's leg (video with NACK negotiated)
-        self.nack: NackGenerator | None = None
+        self.nack: NackRequester | None = None
+        #: the packets received, as the publisher sent them, for subscribers' NACKs (one
+        #: history per track, whatever the number of subscribers; video with NACK enabled)
+        self.history: PacketHistory | None = None
+        self.keyframes = KeyframeRequester(ctx, self)
         self.rtx_received = 0
         self.muted = False
-        #: active subscriptions, in the order they became active: the hot path iterates this
-        self.outputs: list[Subscription] = []
+        #: active outbound streams, in the order they became active: the fan-out iterates this
+        self.outputs: list[OutboundStream] = []
         #: every subscription of this track, by subscriber participant id
         self.subscriptions: dict[str, Subscription] = {}
         self.stats: ReceiveStatistics | None = None
         #: (ntp timestamp, rtp timestamp, arrival) of the publisher's latest sender report
         self.last_sr: tuple[int, int, float] | None = None
-        self.last_keyframe_request = float("-inf")
-        self.keyframe_pending = False
         self.packets = 0
         self.bytes = 0
         self.bitrate = 0.0
@@ -74,7 +93,7 @@ class Track:
 
     @property
     def participant_id(self) -> str:
-        return self.publisher.participant_id
+        return self.participant.participant_id
 
     def set_ssrc(self, ssrc: int, now: float) -> None:
         """Bind the media SSRC (from SDP or learnt from the mid extension or payload type);
@@ -84,14 +103,91 @@ class Track:
             self.highest_seq = -1
             self.stats = ReceiveStatistics(ssrc, self.clock_rate)
             if self.nack is not None:
-                self.nack.reset()
+                self.nack.generator.reset()
+            if self.history is not None:
+                self.history.clear()
             for sub in self.subscriptions.values():
-                sub.restart(now)
+                sub.stream.restart(now)
+
+    def enable_retransmission(self, nack: bool, history_size: int) -> None:
+        """NACK generation upstream (``nack``) and the history that answers subscribers."""
+        if nack and self.nack is None:
+            self.nack = NackRequester(self.ctx, self)
+        elif not nack and self.nack is not None:
+            self.nack.close()
+            self.nack = None
+        if self.kind == "video" and history_size and self.history is None:
+            self.history = PacketHistory(history_size, max_age=HISTORY_AGE)
 
     def rebuild_outputs(self) -> None:
-        """Recompute the hot-path list after any subscription changed state."""
-        self.outputs = [s for s in self.subscriptions.values() if s.active]
+        """Recompute the fan-out list after any subscription changed state."""
+        self.outputs = [s.stream for s in self.subscriptions.values() if s.active]
 
+    # -- the packet path ------------------------------------------------------------------
+    def receive(
+        self,
+        plain: bytes,
+        seq: int,
+        ts: int,
+        offset: int,
+        elements: list[tuple[int, bytes]],
+        size: int,
+        now: float,
+    ) -> None:
+        """One plain packet of the media SSRC (or unwrapped from RTX): account for it and
+        send a copy to every active outbound stream."""
+        # only the track's newest packet may start a subscription: never a retransmission or
+        # a late packet, whose successors were already forwarded to the others
+        highest = self.highest_seq
+        newest = highest < 0 or 0 < ((seq - highest) & 0xFFFF) < 0x8000
+        if newest:
+            self.highest_seq = seq
+        metrics = self.metrics
+        metrics.packets_in += 1
+        metrics.bytes_in += size
+        self.packets += 1
+        self.bytes += size
+        self.stats.update(seq, ts, now, size)  # type: ignore[union-attr]
+        if self.nack is not None:
+            self.nack.on_packet(seq, now)
+        if self.history is not None:
+            self.history.store(seq, plain, now)
+        level_id = self.audio_level_id
+        if level_id:
+            for ext_id, value in elements:
+                if ext_id == level_id and value:
+                    self.level_sum += value[0] & 0x7F
+                    self.level_count += 1
+        outputs = self.outputs
+        if not outputs:
+            return
+        batch: list[tuple[bytes, Address]] = []
+        sent = 0
+        startable: bool | None = None
+        for stream in outputs:
+            if stream.rewriter.starting:
+                if startable is None:
+                    keyframe_start = self.keyframe_start
+                    startable = newest and (keyframe_start is None or keyframe_start(plain, offset))
+                    if startable:
+                        self.keyframes.arrived = now
+                if not startable and not (newest and now >= stream.start_by):
+                    metrics.keyframe_waits += 1
+                    continue
+            sent += stream.forward(plain, offset, seq, ts, elements, size, now, batch)
+        if batch:
+            self.ctx.sender.send(batch)
+            metrics.packets_out += len(batch)
+            metrics.bytes_out += sent
+        metrics.forward_latency.observe(self.ctx.clock() - now)
+
+    def close(self) -> None:
+        """The track ended: stop its timers."""
+        self.keyframes.close()
+        if self.nack is not None:
+            self.nack.close()
+
+    # -- housekeeping and views -----------------------------------------------------------
     def tick(self, interval: float) -> None:
         self.bitrate = (self.bytes - self._bytes_at_tick) * 8 / interval if interval > 0 else 0.0
         self._bytes_at_tick = self.bytes
@@ -109,6 +205,7 @@ class Track:
 
     def stats_dict(self) -> dict[str, Any]:
         st = self.stats
+        generator = self.nack.generator if self.nack is not None else None
         return {
             "track_id": self.track_id,
             "kind": self.kind,
@@ -120,9 +217,9 @@ class Track:
             "fraction_lost": (st.fraction_lost / 256.0) if st else 0.0,
             "jitter": (st.jitter / self.clock_rate) if st else 0.0,
             # measured from NACK to retransmission: known once loss has been repaired
-            "round_trip_time": self.nack.rtt if self.nack else None,
+            "round_trip_time": generator.rtt if generator else None,
             "bitrate": self.bitrate,
-            "nacks_sent": self.nack.nacks_sent if self.nack else 0,
+            "nacks_sent": generator.nacks_sent if generator else 0,
             "retransmissions_received": self.rtx_received,
-            "lost_unrepaired": self.nack.lost_unrepaired if self.nack else 0,
+            "lost_unrepaired": generator.lost_unrepaired if generator else 0,
         }

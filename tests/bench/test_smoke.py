@@ -126,3 +126,43 @@ def test_compare_quick_forwards_packets(tmp_path: Path) -> None:
     assert "latency_cdf.png" in plots and "cpu_vs_subscribers.png" in plots
     for name in plots:
         assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_hotpath_quick_says_what_it_timed(tmp_path: Path) -> None:
+    data = _bench(tmp_path, "hotpath", "--quick", "--fanouts", "2", "--samples", "8", "--no-plots")
+    hotpath = data["hotpath"]
+    assert hotpath["sender"] and hotpath["sender"] in hotpath["method"]
+    assert set(hotpath["stage_definitions"]) == {
+        "demux",
+        "unprotect",
+        "route",
+        "rewrite",
+        "protect",
+        "sendto",
+        "forward",
+    }
+    for r in hotpath["results"]:
+        assert set(r["per_copy_ns"]) == {"rewrite", "protect", "sendto", "forward"}
+        # every copy of the whole-forward stage reached its subscriber's sink socket
+        assert r["copies_received"] + hotpath["sender_counters"].get("sent_fallback", 0) >= (
+            r["batch"] * 8 * r["fanout"]
+        )
+
+
+def test_whatif_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.whatif", "--fanouts", "1,2", "--samples", "8"]
+        + ["--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["fan-out"])
+    assert header.split()[1:] == ["baseline", "uvloop_sendto", "socket_sendto", "no_history"]
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"])]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row in rows:
+        assert row[2] == "1.00"  # baseline against itself

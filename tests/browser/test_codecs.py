@@ -22,7 +22,7 @@ import pytest
 from aiortc.codecs.vpx import Vp8Encoder
 from av import VideoFrame
 
-from relay.rtc.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
+from relay.client.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
 from tests.browser.conftest import Call
 from tests.browser.harness import API_KEY, PEER_ADDRESS, wait_until
 

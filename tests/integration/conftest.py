@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.rtc.peer import (
+from relay.client.peer import (
     ClientPeer,
     RemoteDescription,
     TrackSpec,
@@ -131,7 +131,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRelay]:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers for tests that drive the relay with ClientPeer (relay/rtc/peer.py), read its metrics,
+# Helpers for tests that drive the relay with ClientPeer (relay/client/peer.py), read its metrics,
 # follow its events or run it with their own command line.
 
 

@@ -1,4 +1,4 @@
-"""Real VP8 and Opus from the project's own client (relay/rtc/peer.py): frames encoded and
+"""Real VP8 and Opus from the project's own client (relay/client/peer.py): frames encoded and
 packetized by aiortc's encoders, sent as SRTP at real time, for publishers that aiortc itself
 cannot play (an offer without a=ssrc or a=extmap, say)."""
 
@@ -13,8 +13,8 @@ from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamTrack
 
+from relay.client.peer import UdpClientPeer
 from relay.rtc import rtcp
-from relay.rtc.peer import UdpClientPeer
 from tests.integration.clients import IDENTITIES, ColourTrack, ToneTrack
 
 

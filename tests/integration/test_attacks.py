@@ -16,9 +16,9 @@ import struct
 
 import pytest
 
+from relay.client.peer import TrackSpec, UdpClientPeer
 from relay.rtc import rtcp
 from relay.rtc.nack import RetransmissionBudget
-from relay.rtc.peer import TrackSpec, UdpClientPeer
 from tests.integration.conftest import (
     RtpSender,
     RunningRelay,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.rtc.peer import ClientPeer, RemoteDescription, UdpClientPeer
+from relay.client.peer import ClientPeer, RemoteDescription, UdpClientPeer
 from relay.rtc.sdp import parse_sdp
 from tests.integration.clients import CallClient, wait_for
 from tests.integration.conftest import add_participant, add_room, api_client, read_drops

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from aiortc import RTCSessionDescription
 
-from relay.rtc.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
+from relay.client.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
 from tests.integration.clients import CallClient
 from tests.integration.conftest import (
     EventListener,

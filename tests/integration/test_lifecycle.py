@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.rtc.peer import TrackSpec, UdpClientPeer
+from relay.client.peer import TrackSpec, UdpClientPeer
 from tests.integration.conftest import (
     EventListener,
     RtpSender,

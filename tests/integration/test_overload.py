@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay.client.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
 from relay.config import ApiSettings, DemoSettings, MediaSettings, OverloadSettings, Settings
-from relay.rtc.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
 from relay.rtc.rtp import parse_rtp
 from relay.server import Relay
 from tests.integration.conftest import (

@@ -1,7 +1,7 @@
 """Bad input harms nobody: a real `relay serve` under a barrage of malformed datagrams and
 API requests, while two aiortc clients are in a call through it.
 
-Every datagram must be counted under the drop reason its path in relay/sfu/media.py counts,
+Every datagram must be counted under the drop reason its path in the media port and legs (relay/sfu/port.py, publisher_leg.py) counts,
 the process must stay up, and the call must keep decoding during and after the barrage.
 """
 
@@ -18,9 +18,9 @@ import httpx
 import pytest
 from aioice import stun
 
+from relay.client.peer import AUDIO_PT, ClientPeer, RemoteDescription, TrackSpec, build_rtp
 from relay.rtc import rtcp
 from relay.rtc.ice import StunError, parse_binding_request
-from relay.rtc.peer import AUDIO_PT, ClientPeer, RemoteDescription, TrackSpec, build_rtp
 from tests.integration.clients import CallClient, wait_for
 from tests.integration.conftest import (
     RunningRelay,

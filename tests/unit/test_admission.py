@@ -12,11 +12,12 @@ import pytest
 
 from relay.api.app import create_app
 from relay.api.events import EventBus
+from relay.client.peer import ClientPeer, TrackSpec
 from relay.config import ConfigError, OverloadSettings, Settings, load_settings
 from relay.rtc.dtls import Certificate
-from relay.rtc.peer import ClientPeer, TrackSpec
 from relay.sfu.admission import LOOP_LAG, PACKET_RATE, OverloadDetector
 from relay.sfu.errors import Overloaded
+from relay.sfu.leg import CallbackSender
 from relay.sfu.sfu import Sfu
 
 STEP = 0.25
@@ -213,7 +214,7 @@ def shedding_sfu(settings: Settings) -> Sfu:
         settings,
         certificate=CERTIFICATE,
         candidates=[("127.0.0.1", 40000)],
-        send=lambda data, addr: None,
+        sender=CallbackSender(lambda data, addr: None),
         clock=time.monotonic,
     )
     sfu.overload.sample(0.0, 0.0, 0)
@@ -228,7 +229,7 @@ def test_core_refuses_new_sessions_but_not_live_connections() -> None:
         settings,
         certificate=CERTIFICATE,
         candidates=[("127.0.0.1", 40000)],
-        send=lambda data, addr: None,
+        sender=CallbackSender(lambda data, addr: None),
     )
     sfu.create_room("r")
     sfu.add_participant("r", "alice")

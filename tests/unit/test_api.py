@@ -1,4 +1,4 @@
-"""The HTTP control API (API.md) against the real SFU core, in process."""
+"""The HTTP control API (docs/api.md) against the real SFU core, in process."""
 
 from __future__ import annotations
 
@@ -23,14 +23,23 @@ from relay.config import Settings
 from relay.metrics import Metrics
 from relay.rtc.dtls import Certificate
 from relay.sfu.errors import BadRequest
+from relay.sfu.events import (
+    EVENT_TYPES,
+    Event,
+    ParticipantLeft,
+    RoomClosed,
+    SubscriberRenegotiate,
+)
+from relay.sfu.leg import CallbackSender
 from relay.sfu.sfu import Sfu
 
 KEY = "devkey"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SDP_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "sdp"
+ROOT = Path(__file__).resolve().parents[2]
+SDP_DIR = ROOT / "tests" / "fixtures" / "sdp"
 P = "/v1/rooms/r1/participants/alice"
 
-# Every route of API.md: (method, path template).
+# Every route of the control API (docs/api.md): (method, path template).
 ROUTES = [
     ("POST", "/v1/rooms"),
     ("GET", "/v1/rooms"),
@@ -75,20 +84,22 @@ class World:
     def __init__(self, settings: Settings, **app_options: Any) -> None:
         self.settings = settings
         self.bus = EventBus(settings)
-        self.events: list[dict[str, Any]] = []
+        #: every event the core emitted, in order
+        self.events: list[Event] = []
         self.metrics = Metrics()
         self.sfu = Sfu(
             settings,
             certificate=CERTIFICATE,
             candidates=[("127.0.0.1", 40000)],
-            send=lambda data, addr: None,
+            sender=CallbackSender(lambda data, addr: None),
             clock=time.monotonic,
             emit=self.emit,
             metrics=self.metrics,
         )
         self.app = create_app(self.sfu, settings, self.bus, self.metrics, **app_options)
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: Event) -> None:
+        """The core's event callback: records the event and publishes it."""
         self.events.append(event)
         self.bus.publish(event)
 
@@ -163,7 +174,10 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         assert "get" in paths[path]
     schemas = document["components"]["schemas"]
-    assert {"Room", "Participant", "Track", "ErrorResponse", "CreateRoom"} <= set(schemas)
+    assert {"RoomInfo", "ParticipantInfo", "TrackInfo", "ErrorResponse", "CreateRoom"} <= set(
+        schemas
+    )
+    assert "docs/api.md" in document["info"]["description"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     room_post = paths["/v1/rooms"]["post"]
     assert "201" in room_post["responses"] and "409" in room_post["responses"]
@@ -303,7 +317,7 @@ async def test_room_lifecycle(world: World, client: httpx.AsyncClient) -> None:
     assert r.status_code == 204 and r.content == b""
     assert_error(await client.get("/v1/rooms/r1", headers=AUTH), 404, "room_not_found")
     assert_error(await client.delete("/v1/rooms/r1", headers=AUTH), 404, "room_not_found")
-    assert world.events[-1]["type"] == "room.closed"
+    assert world.events[-1] == RoomClosed("r1", world.events[-1].at)
 
 
 async def test_room_field_checks(client: httpx.AsyncClient) -> None:
@@ -415,14 +429,15 @@ async def test_participant_lifecycle(world: World, client: httpx.AsyncClient) ->
 
     r = await client.delete(P, params={"reason": "left"}, headers=AUTH)
     assert r.status_code == 204
-    left = [e for e in world.events if e["type"] == "participant.left"]
-    assert left[-1]["participant_id"] == "alice" and left[-1]["reason"] == "left"
+    left = [e for e in world.events if isinstance(e, ParticipantLeft)]
+    assert left[-1].participant_id == "alice" and left[-1].reason == "left"
     assert_error(await client.get(P, headers=AUTH), 404, "participant_not_found")
     assert_error(await client.delete(P, headers=AUTH), 404, "participant_not_found")
 
     r = await client.delete(f"/v1/rooms/r1/participants/{generated}", headers=AUTH)
     assert r.status_code == 204
-    assert world.events[-1]["reason"] == "kicked"
+    last = world.events[-1]
+    assert isinstance(last, ParticipantLeft) and last.reason == "kicked"
     r = await client.delete(
         f"/v1/rooms/r1/participants/{generated}", params={"reason": "timeout"}, headers=AUTH
     )
@@ -698,9 +713,9 @@ async def test_publish_subscribe_flow(world: World, client: httpx.AsyncClient) -
     renegotiate = [
         e
         for e in world.events
-        if e["type"] == "subscriber.renegotiate" and e["participant_id"] == "bob"
+        if isinstance(e, SubscriberRenegotiate) and e.participant_id == "bob"
     ]
-    assert renegotiate and renegotiate[-1]["revision"] > early["revision"]
+    assert renegotiate and renegotiate[-1].revision > early["revision"]
 
     # An answer to the offer made before alice published is stale.
     stale = await aiortc_answer(early["sdp"])
@@ -713,7 +728,7 @@ async def test_publish_subscribe_flow(world: World, client: httpx.AsyncClient) -
 
     r = await client.post("/v1/rooms/r1/participants/bob/subscriber", headers=AUTH)
     offer = r.json()
-    assert offer["revision"] == renegotiate[-1]["revision"]
+    assert offer["revision"] == renegotiate[-1].revision
     sdp = await aiortc_answer(offer["sdp"])
     r = await client.put(
         "/v1/rooms/r1/participants/bob/subscriber",
@@ -1007,7 +1022,7 @@ async def test_room_codec_preference_is_documented(client: httpx.AsyncClient) ->
     schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
     field = schemas["CreateRoom"]["properties"]["codec_preference"]
     assert "VP8" in json.dumps(field) and "H264" in json.dumps(field)
-    assert "codec_preference" in schemas["Room"]["required"]
+    assert "codec_preference" in schemas["RoomInfo"]["required"]
 
 
 def test_sfu_refuses_an_unknown_codec_preference() -> None:
@@ -1017,3 +1032,36 @@ def test_sfu_refuses_an_unknown_codec_preference() -> None:
             sfu.create_room("r1", codec_preference=value)
         assert info.value.code == "invalid_field" and "codec_preference" in str(info.value)
     assert sfu.create_room("r1", codec_preference=["h264"]).codec_preference == ("H264",)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference documentation
+
+
+def _error_codes() -> set[str]:
+    """Every error code the API can answer with: the framework's, the API's and the core's."""
+    from relay.api import errors as api_errors
+    from relay.api.events import TooManyStreams
+    from relay.sfu import errors as sfu_errors
+
+    codes = set(api_errors.HTTP_CODES.values())
+    codes |= {"internal", api_errors.Unauthorized.code, TooManyStreams.code}
+    codes |= {
+        cls.code
+        for cls in vars(sfu_errors).values()
+        if isinstance(cls, type) and issubclass(cls, sfu_errors.SfuError)
+    }
+    for package in ("sfu", "api"):
+        for source in (ROOT / "relay" / package).glob("*.py"):
+            codes |= set(re.findall(r'\bcode="([a-z_]+)"', source.read_text()))
+    return codes
+
+
+def test_the_reference_documents_every_route_event_and_error_code() -> None:
+    text = (ROOT / "docs" / "api.md").read_text()
+    for method, path in ROUTES:
+        assert f"### `{method} {path}`" in text, (method, path)
+    for kind in EVENT_TYPES:
+        assert f"| `{kind}` |" in text, kind
+    missing = sorted(code for code in _error_codes() if f"`{code}`" not in text)
+    assert not missing, f"error codes not in docs/api.md: {missing}"

@@ -16,6 +16,7 @@ from relay.api.events import EventBus, Subscription, TooManyStreams, sse_stream
 from relay.api.http import raw_error_response
 from relay.config import ConfigError, Settings, load_settings
 from relay.sfu.errors import BadRequest
+from relay.sfu.events import Event, ParticipantJoined, RoomClosed, TrackMuted
 from tests.unit.test_api import AUTH, World, assert_error, make_settings, setup_room
 
 BAD_IDS = [".", "..", "a.", ".a", "...", "x" * 65, "é", "ü" * 3, "a b", "a/b", ""]
@@ -208,8 +209,8 @@ async def test_an_overflowing_stream_gives_its_slot_back() -> None:
     )
     bus = EventBus(settings)
     bus.subscribe("r1", owner="t", limit=1)
-    bus.publish({"type": "a", "room_id": "r1"})
-    bus.publish({"type": "b", "room_id": "r1"})  # overflow: the stream ends
+    bus.publish(RoomClosed("r1", 1.0))
+    bus.publish(RoomClosed("r1", 2.0))  # overflow: the stream ends
     assert bus.streams_of("t") == 0 and bus.subscriber_count == 0
     bus.subscribe("r1", owner="t", limit=1)
 
@@ -242,37 +243,52 @@ async def test_one_event_touches_only_the_streams_of_its_room(
     streams = {f"r{i}": bus.subscribe(f"r{i}") for i in range(500)}
     everything = bus.subscribe(None)
     for i in range(100):
-        bus.publish({"type": "x", "room_id": f"r{i % 7}"})
+        bus.publish(TrackMuted(f"r{i % 7}", 1.0, participant_id="a", track_id="t"))
     assert len(offered) == 200  # one room stream + the unfiltered one, per event
     assert set(offered) == {everything, *(streams[f"r{i}"] for i in range(7))}
     offered.clear()
-    bus.publish({"type": "x", "room_id": "nobody"})
+    bus.publish(TrackMuted("nobody", 1.0, participant_id="a", track_id="t"))
     assert offered == [everything]
 
 
-async def test_one_event_is_encoded_once_for_every_stream(
+async def test_one_event_is_serialised_once_for_every_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One ``to_dict`` and one JSON encoding per published event, however many streams take
+    it, and none while nobody listens; every stream gets the very same frame."""
+    serialised: list[Event] = []
     encoded: list[dict[str, Any]] = []
-    original = events_module.encode_event
+    to_dict, encode = Event.to_dict, events_module.encode_event
 
-    def counting(event: dict[str, Any]) -> bytes:
-        encoded.append(event)
-        return original(event)
+    def counting_to_dict(self: Event) -> dict[str, Any]:
+        serialised.append(self)
+        return to_dict(self)
 
-    monkeypatch.setattr(events_module, "encode_event", counting)
+    def counting_encode(data: dict[str, Any]) -> bytes:
+        encoded.append(data)
+        return encode(data)
+
+    monkeypatch.setattr(Event, "to_dict", counting_to_dict)
+    monkeypatch.setattr(events_module, "encode_event", counting_encode)
     bus = EventBus(bus_settings())
+    bus.publish(RoomClosed("r1", 1.0))  # nobody listens (no stream, no webhook)
+    assert bus.published == 1 and not serialised and not encoded
     streams = [sse_stream(bus.subscribe("r1" if i % 2 else None)) for i in range(50)]
     for stream in streams:
         assert (await anext(stream)).startswith(b"retry: ")
     for i in range(5):
-        bus.publish({"type": "participant.joined", "room_id": "r1", "participant_id": f"p{i}"})
+        bus.publish(ParticipantJoined("r1", 1700000000.5, participant_id=f"p{i}"))
     frames = [[await anext(stream) for _ in range(5)] for stream in streams]
-    assert len(encoded) == 5
+    assert len(serialised) == 5 and len(encoded) == 5
     assert all(f == frames[0] for f in frames)
     assert frames[0][0] is frames[1][0]  # the very same bytes object
-    bus.publish({"type": "room.closed", "room_id": "elsewhere"})  # only unfiltered streams
-    assert len(encoded) == 5  # nothing read it yet: not encoded
+    assert frames[0][0] == (
+        b"event: participant.joined\ndata: "
+        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"p0"}'
+        b"\n\n"
+    )
+    bus.publish(RoomClosed("elsewhere", 1.0))  # only the unfiltered streams take it
+    assert len(serialised) == 6 and len(encoded) == 6
     assert (await anext(streams[0])).startswith(b"event: room.closed")
     assert len(encoded) == 6
     bus.close()

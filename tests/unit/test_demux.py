@@ -8,11 +8,11 @@ from pathlib import Path
 
 from relay.rtc import rtcp
 from relay.rtc.rtp import parse_rtp
-from relay.sfu.subscription import KEYFRAME_WAIT
+from relay.sfu.outbound import KEYFRAME_WAIT
+from tests.unit.harness import Harness
 from tests.unit.test_sfu import (
     AIORTC_VIDEO_SSRC,
     VP8_KEYFRAME,
-    Harness,
     aiortc_offer,
     rtp,
 )
@@ -35,17 +35,17 @@ def call(publisher_sdp: str) -> tuple[Harness, object, object]:
     h = Harness()
     h.sfu.add_participant("r", "alice")
     h.sfu.add_participant("r", "bob")
-    h.sfu.publisher_offer("r", "alice", publisher_sdp)
+    h.publish("alice", publisher_sdp)
     h.answer("bob")
     alice, bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
-    h.connect(alice.publisher, PUBLISHER)
-    h.connect(bob.subscriber, SUBSCRIBER)
+    h.connect(alice.publisher_leg, PUBLISHER)
+    h.connect(bob.subscriber_leg, SUBSCRIBER)
     h.sent.clear()
     return h, alice, bob
 
 
 def send(h: Harness, ssrc: int, pt: int, seq: int, payload: bytes, elements=()) -> None:
-    h.sfu.router.handle_datagram(rtp(ssrc, pt, seq, seq * 3000, list(elements), payload), PUBLISHER)
+    h.receive(rtp(ssrc, pt, seq, seq * 3000, list(elements), payload), PUBLISHER)
 
 
 def forwarded(h: Harness) -> list[tuple[int, int, bytes]]:
@@ -86,9 +86,9 @@ def test_no_ssrc_and_no_extmap_are_routed_by_payload_type() -> None:
     # the publisher restarts its video on a new SSRC: the binding is replaced, not added
     send(h, 6002, 97, 500, VP8_KEYFRAME)
     assert len(forwarded(h)) == 1
-    assert sorted(alice.ssrc_map) == [5001, 6002]
+    assert sorted(alice.publisher_leg.ssrc_map) == [5001, 6002]
     send(h, 6001, 97, 22, DELTA)  # the old SSRC is unknown again, and learned again
-    assert sorted(alice.ssrc_map) == [5001, 6001]
+    assert sorted(alice.publisher_leg.ssrc_map) == [5001, 6001]
 
 
 def test_rtx_without_mid_is_bound_by_its_payload_type_to_the_rtx_slot() -> None:
@@ -101,8 +101,8 @@ def test_rtx_without_mid_is_bound_by_its_payload_type_to_the_rtx_slot() -> None:
     # aiortc's RTX payload type for VP8 is 98; the payload starts with the original seq
     send(h, 7001, 98, 1, (101).to_bytes(2, "big") + b"\x00\x01repaired")
     assert track.ssrc == 6001 and track.rtx_ssrc == 7001
-    assert [ssrc for ssrc, t in alice.ssrc_map.items() if t is track] == [6001]
-    assert alice.rtx_map == {7001: track}
+    assert [ssrc for ssrc, t in alice.publisher_leg.ssrc_map.items() if t is track] == [6001]
+    assert alice.publisher_leg.rtx_map == {7001: track}
     assert forwarded(h) == [(video.ssrc, video.payload_type, b"\x00\x01repaired")]
     assert track.rtx_received == 1
 
@@ -146,14 +146,14 @@ def test_a_payload_type_shared_by_two_m_lines_routes_nothing() -> None:
     h, alice, _bob = call(offer)
     send(h, 6001, 97, 20, VP8_KEYFRAME)  # 97 is VP8 on both video m-lines: ambiguous
     assert h.sfu.metrics.drops["unknown_ssrc"] == 1
-    assert 97 not in alice.payload_routes and 96 in alice.payload_routes
+    assert 97 not in alice.publisher_leg.payload_routes and 96 in alice.publisher_leg.payload_routes
 
 
 def test_signalled_ssrcs_are_not_taken_over_by_payload_type() -> None:
     h, alice, _bob = call(aiortc_offer())
     send(h, 424242, 97, 1, VP8_KEYFRAME)
     assert h.sfu.metrics.drops["unknown_ssrc"] == 1
-    assert alice.payload_routes == {}
+    assert alice.publisher_leg.payload_routes == {}
 
 
 def test_subscription_starts_on_a_keyframe_and_asks_for_one() -> None:
@@ -169,7 +169,7 @@ def test_subscription_starts_on_a_keyframe_and_asks_for_one() -> None:
     assert [p for _s, _pt, p in forwarded(h)] == [VP8_KEYFRAME, DELTA]
     seqs = [parse_rtp(d)[1] for d, a in out if a == SUBSCRIBER]
     assert seqs[1] == (seqs[0] + 1) & 0xFFFF
-    assert not video.rewriter.starting
+    assert not video.stream.rewriter.starting
 
 
 def test_without_a_keyframe_the_subscription_starts_on_the_newest_packet_in_time() -> None:
@@ -186,15 +186,15 @@ def test_a_retransmission_never_starts_a_subscription() -> None:
     # alice and her retransmission
     h = Harness()
     h.sfu.add_participant("r", "alice")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.publish("alice", aiortc_offer())
     alice = h.sfu.get_participant("r", "alice")
-    h.connect(alice.publisher, PUBLISHER)
+    h.connect(alice.publisher_leg, PUBLISHER)
     for seq in (10, 11, 13):  # 12 is lost on alice's leg
         send(h, AIORTC_VIDEO_SSRC, 97, seq, DELTA)
     h.sfu.add_participant("r", "bob")
     h.answer("bob")
     bob = h.sfu.get_participant("r", "bob")
-    h.connect(bob.subscriber, SUBSCRIBER)
+    h.connect(bob.subscriber_leg, SUBSCRIBER)
     h.sent.clear()
     track = alice.tracks_by_mid["1"]
     # alice's retransmission of 12 (even were it a keyframe's first packet) is older than 13
@@ -215,15 +215,15 @@ def test_subscriber_nack_waits_for_the_publishers_repair_then_one_keyframe_reque
     h.sent.clear()
     missing = (out_seqs[1] + 1) & 0xFFFF  # bob's number for 202: never sent to him
     h.now += 0.02
-    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [missing]), SUBSCRIBER)
+    h.receive(rtcp.nack(1234, video.ssrc, [missing]), SUBSCRIBER)
     assert plis_sent(h) == 0 and h.sfu.metrics.retransmission_misses == 0
     # the relay NACKs alice for 202 until it gives up; then one keyframe request goes up
     track = video.track
-    track.last_keyframe_request = float("-inf")
+    track.keyframes.last = float("-inf")
     for _ in range(150):
         h.now += 0.01
-        h.sfu.router.poll_feedback(h.now)
-    assert track.nack.missing == 0 and track.nack.lost_unrepaired == 1
+        h.sfu.timers.run(h.now)
+    assert track.nack.generator.missing == 0 and track.nack.generator.lost_unrepaired == 1
     assert plis_sent(h) == 1
 
 
@@ -233,6 +233,6 @@ def test_subscriber_nack_for_a_packet_nobody_can_repair_asks_for_a_keyframe() ->
     send(h, AIORTC_VIDEO_SSRC, 97, 200, VP8_KEYFRAME)
     last = parse_rtp(h.sent[-1][0])[1]
     h.sent.clear()
-    video.track.last_keyframe_request = float("-inf")
-    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [(last - 40) & 0xFFFF]), SUBSCRIBER)
+    video.track.keyframes.last = float("-inf")
+    h.receive(rtcp.nack(1234, video.ssrc, [(last - 40) & 0xFFFF]), SUBSCRIBER)
     assert plis_sent(h) == 1 and h.sfu.metrics.retransmission_misses == 1

@@ -13,7 +13,8 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -21,9 +22,24 @@ import uvicorn
 
 from relay.api import events as events_module
 from relay.api.app import create_app
-from relay.api.events import EventBus, format_sse, sign, sse_stream
+from relay.api.events import Delivery, EventBus, format_sse, sign, sse_stream
 from relay.config import Settings
 from relay.metrics import Metrics
+from relay.sfu.events import (
+    EVENT_TYPES,
+    Event,
+    ParticipantConnected,
+    ParticipantJoined,
+    ParticipantLeft,
+    RoomClosed,
+    SpeakerChanged,
+    SubscriberRenegotiate,
+    TrackMuted,
+    TrackPublished,
+    TrackUnmuted,
+    TrackUnpublished,
+    TrackUnsupported,
+)
 
 AUTH = {"Authorization": "Bearer devkey"}
 
@@ -37,8 +53,79 @@ def settings_with(queue_size: int = 100, **events: Any) -> Settings:
     )
 
 
-def event(kind: str, room_id: str = "r1", **fields: Any) -> dict[str, Any]:
-    return {"type": kind, "room_id": room_id, "at": 1700000000.5, **fields}
+AT = 1700000000.5
+
+
+def closed(room_id: str = "r1") -> RoomClosed:
+    return RoomClosed(room_id, AT)
+
+
+#: One event of every type and the exact JSON object (and bytes) consumers and webhooks get.
+TRACK = {
+    "track_id": "TR_1",
+    "participant_id": "a",
+    "kind": "video",
+    "codec": "video/VP8",
+    "mid": "1",
+    "muted": False,
+    "simulcast_layers": [],
+}
+WIRE: list[tuple[Event, bytes]] = [
+    (RoomClosed("r1", AT), b'{"type":"room.closed","room_id":"r1","at":1700000000.5}'),
+    (
+        ParticipantJoined("r1", AT, "a"),
+        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"a"}',
+    ),
+    (
+        ParticipantConnected("r1", AT, "a"),
+        b'{"type":"participant.connected","room_id":"r1","at":1700000000.5,"participant_id":"a"}',
+    ),
+    (
+        ParticipantLeft("r1", AT, "a", "kicked"),
+        b'{"type":"participant.left","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"reason":"kicked"}',
+    ),
+    (
+        TrackPublished("r1", AT, "a", TRACK),
+        b'{"type":"track.published","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"track":{"track_id":"TR_1","participant_id":"a","kind":"video","codec":"video/VP8",'
+        b'"mid":"1","muted":false,"simulcast_layers":[]}}',
+    ),
+    (
+        TrackUnpublished("r1", AT, "a", "TR_1"),
+        b'{"type":"track.unpublished","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"track_id":"TR_1"}',
+    ),
+    (
+        TrackMuted("r1", AT, "a", "TR_1"),
+        b'{"type":"track.muted","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"track_id":"TR_1"}',
+    ),
+    (
+        TrackUnmuted("r1", AT, "a", "TR_1"),
+        b'{"type":"track.unmuted","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"track_id":"TR_1"}',
+    ),
+    (
+        TrackUnsupported("r1", AT, "b", "TR_1", "a", "video/AV1", "codec AV1 not accepted"),
+        b'{"type":"track.unsupported","room_id":"r1","at":1700000000.5,"participant_id":"b",'
+        b'"track_id":"TR_1","publisher_id":"a","codec":"video/AV1",'
+        b'"reason":"codec AV1 not accepted"}',
+    ),
+    (
+        SubscriberRenegotiate("r1", AT, "b", 3),
+        b'{"type":"subscriber.renegotiate","room_id":"r1","at":1700000000.5,'
+        b'"participant_id":"b","revision":3}',
+    ),
+    (
+        SpeakerChanged("r1", AT, "a"),
+        b'{"type":"speaker.changed","room_id":"r1","at":1700000000.5,"participant_id":"a"}',
+    ),
+    (
+        SpeakerChanged("r1", AT, None),
+        b'{"type":"speaker.changed","room_id":"r1","at":1700000000.5,"participant_id":null}',
+    ),
+]
 
 
 def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -73,17 +160,40 @@ async def test_fan_out_with_room_filter() -> None:
     everything = bus.subscribe()
     room1 = bus.subscribe("r1")
     room2 = bus.subscribe("r2")
-    bus.publish(event("room.closed", "r1"))
-    bus.publish(event("participant.joined", "r2", participant_id="a"))
-    bus.publish(event("room.closed", "r3"))
+    bus.publish(closed("r1"))
+    bus.publish(ParticipantJoined("r2", AT, participant_id="a"))
+    bus.publish(closed("r3"))
 
-    assert [(await everything.get())["room_id"] for _ in range(3)] == ["r1", "r2", "r3"]
-    assert (await room1.get())["room_id"] == "r1"
+    assert [(await everything.get()).room_id for _ in range(3)] == ["r1", "r2", "r3"]
+    assert await room1.get() == closed("r1")
     assert room1.queue.empty()
-    got = await room2.get()
-    assert got == event("participant.joined", "r2", participant_id="a")
+    delivery = await room2.next_delivery()
+    assert delivery is not None
+    assert delivery.event == ParticipantJoined("r2", AT, participant_id="a")
+    assert delivery.data == {
+        "type": "participant.joined",
+        "room_id": "r2",
+        "at": AT,
+        "participant_id": "a",
+    }
     assert room2.queue.empty()
     assert bus.published == 3
+
+
+@pytest.mark.parametrize(("item", "wire"), WIRE, ids=lambda v: getattr(v, "type", None))
+def test_every_event_type_keeps_its_json(item: Event, wire: bytes) -> None:
+    """What a stream and a webhook receive: the same object, keys in the same order."""
+    delivery = Delivery(item)
+    assert delivery.body == wire
+    assert delivery.data == item.to_dict() == json.loads(wire)
+    assert list(delivery.data) == list(json.loads(wire))
+    assert delivery.frame == b"event: " + item.type.encode() + b"\ndata: " + wire + b"\n\n"
+    assert format_sse(item) == delivery.frame
+    assert delivery.kind == item.type
+
+
+def test_every_event_type_is_covered() -> None:
+    assert {type(item) for item, _ in WIRE} == set(EVENT_TYPES.values())
 
 
 async def test_overflow_drops_only_the_slow_subscriber() -> None:
@@ -94,7 +204,7 @@ async def test_overflow_drops_only_the_slow_subscriber() -> None:
     fast = bus.subscribe()
     received = []
     for i in range(10):
-        bus.publish(event("speaker.changed", participant_id=f"p{i}"))
+        bus.publish(SpeakerChanged("r1", AT, participant_id=f"p{i}"))
         received.append(await fast.get())
     assert len(received) == 10
     assert slow.overflowed and slow.closed
@@ -108,23 +218,23 @@ async def test_overflow_drops_only_the_slow_subscriber() -> None:
 async def test_close_ends_streams_and_later_subscriptions() -> None:
     bus = EventBus(settings_with())
     subscription = bus.subscribe("r1")
-    bus.publish(event("room.closed"))
+    bus.publish(closed())
     bus.close()
-    assert await subscription.get() == event("room.closed")  # delivered before the end
+    assert await subscription.get() == closed()  # delivered before the end
     assert await subscription.get() is None
     late = bus.subscribe()
     assert await late.get() is None
-    bus.publish(event("room.closed"))  # ignored after close
+    bus.publish(closed())  # ignored after close
     assert bus.published == 1
 
 
 async def test_close_with_full_queue_still_ends_the_stream() -> None:
     bus = EventBus(settings_with(queue_size=2))
     subscription = bus.subscribe()
-    bus.publish(event("track.muted"))
-    bus.publish(event("track.unmuted"))
+    bus.publish(TrackMuted("r1", AT, "a", "t1"))
+    bus.publish(TrackUnmuted("r1", AT, "a", "t1"))
     bus.close()
-    assert [e async for e in subscription] == [event("track.unmuted")]
+    assert [e async for e in subscription] == [TrackUnmuted("r1", AT, "a", "t1")]
 
 
 async def test_unsubscribe_is_idempotent() -> None:
@@ -133,7 +243,7 @@ async def test_unsubscribe_is_idempotent() -> None:
     subscription.close()
     subscription.close()
     assert bus.subscriber_count == 0
-    bus.publish(event("room.closed"))
+    bus.publish(closed())
     assert await subscription.get() is None
 
 
@@ -141,17 +251,34 @@ async def test_unsubscribe_is_idempotent() -> None:
 # SSE
 
 
+@dataclass(frozen=True, slots=True)
+class Odd(Event):
+    """An event type whose name and field hold line breaks."""
+
+    type: ClassVar[str] = "x\ny"
+    note: str
+
+
 def test_format_sse() -> None:
-    message = format_sse(event("participant.left", participant_id="a", reason="left"))
-    text = message.decode()
+    left = ParticipantLeft("r1", AT, participant_id="a", reason="left")
+    text = format_sse(left).decode()
     assert text.startswith("event: participant.left\ndata: {")
     assert text.endswith("}\n\n") and text.count("\n") == 3
     assert parse_sse(text) == [
-        ("participant.left", event("participant.left", participant_id="a", reason="left"))
+        (
+            "participant.left",
+            {
+                "type": "participant.left",
+                "room_id": "r1",
+                "at": AT,
+                "participant_id": "a",
+                "reason": "left",
+            },
+        )
     ]
     # A newline inside a value stays escaped in the single data line.
-    text = format_sse(event("x\ny", note="a\nb\r\n")).decode()
-    assert text.count("\n") == 3
+    text = format_sse(Odd("r1", AT, note="a\nb\r\n")).decode()
+    assert text.count("\n") == 3 and text.startswith("event: xy\n")
     assert parse_sse(text)[0][1]["note"] == "a\nb\r\n"
 
 
@@ -161,8 +288,8 @@ async def test_sse_generator_framing_keepalive_and_end() -> None:
     stream = sse_stream(subscription, keepalive=0.05, retry_ms=1234)
     assert await anext(stream) == b"retry: 1234\n\n"
     assert await anext(stream) == b": keepalive\n\n"
-    bus.publish(event("room.closed"))
-    assert parse_sse((await anext(stream)).decode()) == [("room.closed", event("room.closed"))]
+    bus.publish(closed())
+    assert parse_sse((await anext(stream)).decode()) == [("room.closed", closed().to_dict())]
     bus.close()
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
@@ -173,8 +300,8 @@ async def test_sse_generator_reports_overflow_and_unsubscribes_on_close() -> Non
     subscription = bus.subscribe()
     stream = sse_stream(subscription)
     await anext(stream)
-    bus.publish(event("a"))
-    bus.publish(event("b"))  # overflow: dropped
+    bus.publish(closed("a"))
+    bus.publish(closed("b"))  # overflow: dropped
     assert await anext(stream) == (
         b": dropped: events were produced faster than this stream read them\n\n"
     )
@@ -191,6 +318,7 @@ async def test_sse_generator_reports_overflow_and_unsubscribes_on_close() -> Non
 
 def make_app(bus: EventBus, settings: Settings) -> Any:
     from relay.rtc.dtls import Certificate
+    from relay.sfu.leg import CallbackSender
     from relay.sfu.sfu import Sfu
 
     metrics = Metrics()
@@ -198,7 +326,7 @@ def make_app(bus: EventBus, settings: Settings) -> Any:
         settings,
         certificate=Certificate.generate(),
         candidates=[("127.0.0.1", 40000)],
-        send=lambda data, addr: None,
+        sender=CallbackSender(lambda data, addr: None),
         clock=time.monotonic,
         emit=bus.publish,
         metrics=metrics,
@@ -241,8 +369,18 @@ async def test_sse_through_the_app() -> None:
     for kind, data in messages:
         assert data["type"] == kind and data["room_id"] == "r1"
         assert isinstance(data["at"], float)
-    assert messages[1][1]["reason"] == "room_closed"
-    assert messages[0][1]["participant_id"] == "alice"
+    at = [data["at"] for _, data in messages]
+    assert [data for _, data in messages] == [
+        {"type": "participant.joined", "room_id": "r1", "at": at[0], "participant_id": "alice"},
+        {
+            "type": "participant.left",
+            "room_id": "r1",
+            "at": at[1],
+            "participant_id": "alice",
+            "reason": "room_closed",
+        },
+        {"type": "room.closed", "room_id": "r1", "at": at[2]},
+    ]
 
 
 async def test_sse_requires_auth_and_a_valid_room_filter() -> None:
@@ -386,20 +524,17 @@ async def test_webhook_posts_signed_events() -> None:
     async with Receiver() as receiver:
         bus = EventBus(settings_with(webhook_url=receiver.url, webhook_secret="s3cret"))
         bus.start()
-        sent = [
-            event("participant.joined", participant_id="alice"),
-            event("track.published", participant_id="alice", track={"track_id": "t1"}),
-            event("room.closed", "r2"),
-        ]
+        sent = [item for item, _ in WIRE]
         for item in sent:
             bus.publish(item)
-        await receiver.wait_count(3)
+        await receiver.wait_count(len(sent))
         await bus.aclose()
-    assert bus.webhook_delivered == 3
-    for (headers, body), item in zip(receiver.requests, sent, strict=True):
-        assert json.loads(body) == item
+    assert bus.webhook_delivered == len(sent)
+    for (headers, body), (item, wire) in zip(receiver.requests, WIRE, strict=True):
+        assert body == wire  # byte for byte what the stream sends too
+        assert json.loads(body) == item.to_dict()
         assert headers["content-type"] == "application/json"
-        assert headers["x-relay-event"] == item["type"]
+        assert headers["x-relay-event"] == item.type
         expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
         assert hmac.compare_digest(headers["x-relay-signature"], expected)
         assert headers["x-relay-signature"] == sign(body, "s3cret")
@@ -413,9 +548,9 @@ async def test_webhook_retries_at_most_twice(
     async with Receiver(replies=[503, 500, 204, 500, 500, 500, 500]) as receiver:
         bus = EventBus(settings_with(webhook_url=receiver.url, webhook_secret="k"))
         bus.start()
-        bus.publish(event("participant.joined", participant_id="a", metadata={"name": "SECRET"}))
+        bus.publish(TrackPublished("r1", AT, participant_id="SECRET", track={"name": "SECRET"}))
         await receiver.wait_count(3)  # two failures, then delivered
-        bus.publish(event("participant.left", participant_id="a", metadata={"name": "SECRET"}))
+        bus.publish(ParticipantLeft("r1", AT, participant_id="SECRET", reason="left"))
         await receiver.wait_count(6)  # three failures: given up
         await bus.aclose()
         await asyncio.sleep(0.05)
@@ -429,7 +564,7 @@ async def test_webhook_does_not_retry_a_rejection() -> None:
     async with Receiver(replies=[400]) as receiver:
         bus = EventBus(settings_with(webhook_url=receiver.url, webhook_secret="k"))
         bus.start()
-        bus.publish(event("room.closed"))
+        bus.publish(closed())
         await receiver.wait_count(1)
         await asyncio.sleep(0.1)
         await bus.aclose()
@@ -442,7 +577,7 @@ async def test_webhook_unreachable_and_timeout(monkeypatch: pytest.MonkeyPatch) 
         settings_with(webhook_url=f"http://127.0.0.1:{free_port()}/x", webhook_timeout=0.2)
     )
     bus.start()
-    bus.publish(event("room.closed"))
+    bus.publish(closed())
     await wait_for(lambda: bus.webhook_failed == 1)
     await bus.aclose()
 
@@ -454,7 +589,7 @@ async def test_webhook_unreachable_and_timeout(monkeypatch: pytest.MonkeyPatch) 
     port = server.sockets[0].getsockname()[1]
     bus = EventBus(settings_with(webhook_url=f"http://127.0.0.1:{port}/", webhook_timeout=0.1))
     bus.start()
-    bus.publish(event("room.closed"))
+    bus.publish(closed())
     await wait_for(lambda: bus.webhook_failed == 1, timeout=5)
     await bus.aclose()
     server.close()
@@ -467,7 +602,7 @@ async def test_webhook_queue_is_bounded() -> None:
         on_drop=lambda: drops.append(1),
     )
     for i in range(8):  # the delivery task is not running: the queue fills up
-        bus.publish(event("speaker.changed", participant_id=str(i)))
+        bus.publish(SpeakerChanged("r1", AT, participant_id=str(i)))
     assert bus.webhook_dropped == 3 and len(drops) == 3
     await bus.aclose()
 
@@ -475,7 +610,7 @@ async def test_webhook_queue_is_bounded() -> None:
 async def test_no_webhook_without_url() -> None:
     bus = EventBus(settings_with())
     bus.start()
-    bus.publish(event("room.closed"))
+    bus.publish(closed())
     assert bus.webhook_dropped == 0
     await bus.aclose()
 
@@ -494,4 +629,7 @@ async def test_app_lifespan_starts_and_stops_the_webhook() -> None:
         assert bus.closed
     headers, body = receiver.requests[0]
     assert headers["x-relay-event"] == "participant.joined"
-    assert json.loads(body)["room_id"] == "w"
+    data = json.loads(body)
+    assert list(data) == ["type", "room_id", "at", "participant_id"]
+    assert data["type"] == "participant.joined" and data["room_id"] == "w"
+    assert isinstance(data["at"], float) and data["participant_id"].startswith("PA_")

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every parser on the relay's input paths, and of the media router.
+"""Property-based fuzzing of every parser on the relay's input paths, and of the media port.
 
 Each parser either returns or raises only its documented error type; builders and parsers
 round-trip; parsed element counts stay bounded by the input length. Inputs are structured
@@ -41,6 +41,7 @@ from relay.rtc.rtp import (
     rewrite_packet,
 )
 from relay.rtc.sdp import LocalTransport, SdpError, build_answer, parse_sdp, remote_transport
+from relay.rtc.srtp import SrtpError
 from relay.rtc.twcc import (
     TICK,
     decode_status_chunks,
@@ -50,11 +51,11 @@ from relay.rtc.twcc import (
     write_transport_seq,
 )
 from relay.sfu.errors import SfuError
+from tests.unit.harness import Harness
 from tests.unit.test_sfu import (
     AIORTC_AUDIO_SSRC,
     AIORTC_VIDEO_SSRC,
     VP8_KEYFRAME,
-    Harness,
     _video_call,
 )
 from tests.unit.test_twcc import check_round_trip, record_and_decode
@@ -1098,7 +1099,7 @@ def test_publisher_text_reaches_others_only_as_whole_lines(text: str) -> None:
             assert _SDP_LINE.fullmatch(line), line
 
 
-# --- the media router --------------------------------------------------------------------------
+# --- the media port ----------------------------------------------------------------------------
 
 ALICE = ("10.0.0.1", 4000)
 BOB = ("10.0.0.2", 5000)
@@ -1202,7 +1203,9 @@ def router_datagrams(draw: st.DrawFn, ssrcs: list[int], credentials: list[tuple]
 @given(st.data())
 def test_router_accounts_for_every_datagram(data: st.DataObject) -> None:
     """Fuzzed datagrams from the publisher's, the subscriber's and an unknown address, fed
-    to ``MediaRouter.handle_datagram`` of a room with a live call:
+    to ``MediaPort.datagram_received`` of a room with a live call (both legs connected over
+    real ICE, DTLS and SRTP): each as drawn, or, when it looks like RTP or RTCP and comes from
+    a client's address, protected by that client's SRTP session so that it authenticates:
 
     - no exception escapes;
     - each datagram is counted exactly once as received (``packets_in``, ``rtcp_in``,
@@ -1217,12 +1220,13 @@ def test_router_accounts_for_every_datagram(data: st.DataObject) -> None:
     """
     h = Harness()
     alice, bob, video = _video_call(h)
-    router, metrics = h.sfu.router, h.sfu.metrics
+    router, metrics = h.sfu.port, h.sfu.metrics
     ssrcs = [AIORTC_AUDIO_SSRC, AIORTC_VIDEO_SSRC, video.track.rtx_ssrc]
     ssrcs += [s.ssrc for s in bob.subscriptions.values()]
+    # what the clients sign their checks with (the relay's ufrag and password)
     credentials = [
-        (f"{t.local.ufrag}:{t.remote_ufrag}", t.local.pwd)
-        for t in (alice.publisher, bob.subscriber)
+        (f"{p.remote.ice_ufrag}:{p.local.ufrag}", p.remote.ice_pwd)
+        for p in (h.peer("alice", "publisher"), h.peer("bob", "subscriber"))
     ] + [("nobody:client", "nobodypassword0123456789")]
     h.sent.clear()
     for _ in range(data.draw(st.integers(1, 6), label="count")):
@@ -1232,12 +1236,24 @@ def test_router_accounts_for_every_datagram(data: st.DataObject) -> None:
             for d, a in h.sent
             if a == BOB and 127 < d[0] < 192 and not is_rtcp(d)
         ]
+        senders = (ALICE, ALICE, BOB, STRANGER)
         if forwarded and data.draw(st.booleans(), label="nack forwarded"):
-            # a subscriber asking for packets the relay did send it
+            # a subscriber asking for packets the relay did send it (mostly from its address)
             event("NACK of forwarded packets")
             lost = data.draw(st.lists(st.sampled_from(forwarded), min_size=1, max_size=4))
             datagram = rtcp.nack(1, lost[0][1], [seq for seq, ssrc in lost if ssrc == lost[0][1]])
-        addr = data.draw(st.sampled_from((ALICE, ALICE, BOB, STRANGER)), label="from")
+            senders = (BOB, BOB, ALICE, STRANGER)
+        addr = data.draw(st.sampled_from(senders), label="from")
+        if h.can_protect(datagram, addr) and data.draw(
+            st.sampled_from((True, True, True, False)), label="protected"
+        ):
+            # SRTP or SRTCP of the client at that address (mostly; raw bytes from a client's
+            # address are forged SRTP): authenticated, so what it carries reaches the leg
+            try:
+                datagram = h.protect(datagram, addr)
+                event("protected by the sender's client")
+            except SrtpError:
+                event("libsrtp refused to protect it")
         known = router.by_addr.get(addr) or router.alt_addrs.get(addr)
         tracks = list(alice.tracks.values())
         before_in, before_out = _inbound(metrics), _outbound(metrics)
@@ -1246,8 +1262,8 @@ def test_router_accounts_for_every_datagram(data: st.DataObject) -> None:
         before_stun, before_rtx = metrics.stun_requests, metrics.retransmissions
         before_forwarded = metrics.packets_out
         latched = set(router.by_addr)
-        sent_before = len(h.sent)
-        router.handle_datagram(datagram, addr)
+        sent_before = len(h.wire)
+        router.datagram_received(datagram, addr)
         for name, value in metrics.drops.items():
             if value > before_drops[name]:
                 event(f"drop: {name}")
@@ -1278,7 +1294,7 @@ def test_router_accounts_for_every_datagram(data: st.DataObject) -> None:
         if metrics.packets_in > before_packets:
             outputs = max(len(t.outputs) for t in tracks)  # one subscription each: bob's
             assert _outbound(metrics) - before_out == outputs
-        sent = h.sent[sent_before:]
+        sent = h.wire[sent_before:]  # as sent, whether or not a client could decrypt it
         assert len(sent) <= 300
         for out, to in sent:
             assert isinstance(out, bytes)
@@ -1321,5 +1337,5 @@ def test_router_counts_each_malformed_feedback_of_a_compound() -> None:
     _video_call(h)
     feedback = bytes.fromhex("8fcd0004000000003e2f2cc30000000100000000")
     metrics = h.sfu.metrics
-    h.sfu.router.handle_datagram(feedback + feedback, BOB)
+    h.receive(feedback + feedback, BOB)  # protected by bob's client
     assert metrics.rtcp_in == 1 and metrics.drops["rtcp_malformed"] == 2

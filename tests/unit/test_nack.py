@@ -76,20 +76,15 @@ def test_history_same_slot_other_seq_is_none() -> None:
     assert history.get(3) == b"x"
 
 
-def test_history_max_age_and_resend() -> None:
+def test_history_max_age_and_clear() -> None:
     history = PacketHistory(64, max_age=1.0)
     history.store(7, b"seven", now=10.0)
     assert history.get(7, now=10.5) == b"seven"
     assert history.get(7, now=11.5) is None
     assert history.get(7) == b"seven"  # no now: no age check
-    assert history.resend(7, now=10.1, min_interval=0.05) == b"seven"
-    assert history.resend(7, now=10.12, min_interval=0.05) is None  # too soon again
-    assert history.resend(7, now=10.2, min_interval=0.05) == b"seven"
-    assert history.resend(8, now=10.2) is None
-    assert (history.retransmissions, history.misses) == (2, 1)
+    assert history.get(8, now=10.2) is None
     history.store(7, b"new seven", now=10.21)  # a new packet under the same seq (wrapped)
-    assert history.resend(7, now=10.22, min_interval=0.05) == b"new seven"
-    assert history.resend(7, now=10.23, min_interval=0.05) is None
+    assert history.get(7, now=10.22) == b"new seven"
     history.clear()
     assert history.get(7) is None
 

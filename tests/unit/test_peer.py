@@ -1,4 +1,4 @@
-"""ClientPeer (relay/rtc/peer.py) against the relay's own WebRtcTransport, in memory and on
+"""ClientPeer (relay/client/peer.py) against the relay's own WebRtcTransport, in memory and on
 loopback: checks, address latching, DTLS in both roles, SRTP/SRTCP both ways."""
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from aioice import stun
 
-from relay.rtc import rtcp
-from relay.rtc import sdp as sdpmod
-from relay.rtc.dtls import DEFAULT_SRTP_PROFILES, Certificate, DtlsState
-from relay.rtc.ice import parse_binding_request
-from relay.rtc.peer import (
+from relay.client.peer import (
     AUDIO_PT,
     MID_EXT_ID,
     VIDEO_PT,
@@ -26,6 +22,10 @@ from relay.rtc.peer import (
     UdpClientPeer,
     build_rtp,
 )
+from relay.rtc import rtcp
+from relay.rtc import sdp as sdpmod
+from relay.rtc.dtls import DEFAULT_SRTP_PROFILES, Certificate, DtlsState
+from relay.rtc.ice import parse_binding_request
 from relay.rtc.rtp import extension_profile, is_rtcp, parse_extensions, parse_rtp
 from relay.rtc.transport import TransportState, WebRtcTransport
 
@@ -358,7 +358,7 @@ def test_close_notify_closes_the_relay_side(relay_cert, client_cert) -> None:
 
 
 class _LoopbackRelay(asyncio.DatagramProtocol):
-    """One relay-side WebRtcTransport behind a UDP socket, latching like the media router."""
+    """One relay-side WebRtcTransport behind a UDP socket, latching like the media port."""
 
     def __init__(self, transport: WebRtcTransport) -> None:
         self.rtc = transport

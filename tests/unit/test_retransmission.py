@@ -4,6 +4,7 @@ rule (once per RTT, 10 ms at least, a few times in all), and the counters that s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,11 +14,11 @@ from relay.rtc.nack import (
     MAX_RESENDS,
     MIN_RESEND_INTERVAL,
     RESEND_OVERHEAD,
-    PacketHistory,
     RetransmissionBudget,
 )
 from relay.rtc.rtp import parse_rtp
-from tests.unit.test_sfu import AIORTC_VIDEO_SSRC, VP8_KEYFRAME, Harness, rtp
+from tests.unit.harness import Harness
+from tests.unit.test_sfu import AIORTC_VIDEO_SSRC, VP8_KEYFRAME, rtp
 from tests.unit.test_sfu import _video_call as video_call
 
 BOB = ("10.0.0.2", 5000)
@@ -48,60 +49,85 @@ def test_budget_rejects_nonsense() -> None:
         RetransmissionBudget(0.5, burst=0)
 
 
-def test_a_packet_is_resent_once_per_interval_with_a_floor_and_a_few_times_in_all() -> None:
-    history = PacketHistory(64)
-    history.store(7, b"seven", 10.0)
-    # an unknown RTT (0): the 10 ms floor still spaces the resends
-    assert history.resend(7, 10.0, 0.0) == b"seven"
-    assert history.resend(7, 10.0 + MIN_RESEND_INTERVAL / 2, 0.0) is None
-    assert history.resend(7, 10.0 + MIN_RESEND_INTERVAL * 1.1, 0.0) == b"seven"
-    # a longer RTT spaces them more
-    assert history.resend(7, 10.02 + 0.05, 0.1) is None
-    assert history.resend(7, 10.02 + 0.1, 0.1) == b"seven"
-    assert history.retransmissions == MAX_RESENDS == 3
-    # the cap: never a fourth time, however long after
-    assert history.resend(7, 11.0, 0.0) is None
-    assert history.repeats_suppressed == 3
-    # a new packet in the slot starts its own count
-    history.store(7 + 64, b"new", 11.0)
-    assert history.resend(7 + 64, 11.0, 0.0) == b"new"
+def _call_with_ten_packets() -> tuple[Harness, Any, list[int]]:
+    h = Harness()
+    alice, _bob, video = video_call(h)
+    h.alice = alice.publisher_leg.transport.addr
+    h.sent.clear()  # the handshakes
+    _forward(h, 100, 10)
+    out = [parse_rtp(d)[1] for d, a in h.sent if a == BOB and parse_rtp(d)[3] == video.ssrc]
+    return h, video, out
 
 
-def test_budget_refusal_does_not_count_as_a_resend() -> None:
-    history = PacketHistory(64)
-    history.store(1, b"x" * 100, 1.0)
-    budget = RetransmissionBudget(0.5, floor=0.0, burst=100.0)
-    assert history.resend(1, 1.0, budget=budget) is None
-    assert history.budget_suppressed == 1 and history.retransmissions == 0
-    budget.tokens = 100.0 + RESEND_OVERHEAD
-    # refused by the budget, so not held back by the repeat rule now that it can pay
-    assert history.resend(1, 1.0, budget=budget) == b"x" * 100
-    assert budget.tokens == 0.0
+def test_a_packet_is_resent_once_per_rtt_and_a_few_times_in_all() -> None:
+    h, video, out = _call_with_ten_packets()
+    nack = rtcp.nack(1234, video.ssrc, [out[3]])
+    responder = video.stream.nack
+    assert responder is not None
+
+    def ask(at: float) -> int:
+        h.now = at
+        h.sent.clear()
+        h.receive(nack, BOB)
+        return len([d for d, a in h.sent if a == BOB])
+
+    start = h.now
+    assert ask(start) == 1
+    assert ask(start + MIN_RESEND_INTERVAL / 2) == 0  # sooner than 10 ms: a repeat
+    assert ask(start + MIN_RESEND_INTERVAL * 1.1) == 1
+    video.stream.round_trip_time = 0.1
+    assert ask(start + 0.05) == 0  # within one RTT of the last resend
+    assert ask(start + 0.2) == 1
+    assert responder.retransmissions == MAX_RESENDS == 3
+    assert ask(start + 1.0) == 0  # resent often enough
+    assert responder.repeats_suppressed == 3
+    # a packet the history never had is a miss, and asks the publisher for a keyframe
+    before = h.sfu.metrics.keyframe_requests
+    h.now += 1.0
+    h.receive(rtcp.nack(1234, video.ssrc, [(out[-1] + 100) & 0xFFFF]), BOB)
+    assert responder.misses == 1 and h.sfu.metrics.retransmission_misses == 1
+    assert h.sfu.metrics.keyframe_requests == before + 1
+
+
+def test_an_empty_budget_suppresses_and_counts() -> None:
+    h, video, out = _call_with_ten_packets()
+    responder = video.stream.nack
+    assert responder is not None
+    responder.budget.refill(video.stream.bytes_sent, h.now)
+    responder.budget.tokens = 1000 + RESEND_OVERHEAD  # less than one packet and its overhead
+    h.sent.clear()
+    h.receive(rtcp.nack(1234, video.ssrc, [out[2]]), BOB)
+    assert not [d for d, a in h.sent if a == BOB]
+    assert responder.budget_suppressed == 1 and responder.retransmissions == 0
+    assert h.sfu.metrics.retransmissions_suppressed["budget"] == 1
 
 
 def _forward(h: Harness, first: int, count: int, size: int = 1000) -> None:
     for seq in range(first, first + count):
         payload = VP8_KEYFRAME if seq == first else b"\x90\x10" + bytes(size)
-        h.sfu.router.handle_datagram(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), h.alice)
+        h.receive(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), h.alice)
 
 
 def test_nack_storm_is_held_to_the_budget_and_counted() -> None:
     h = Harness()
     alice, _bob, video = video_call(h)
-    h.alice = alice.publisher.addr
+    h.alice = alice.publisher_leg.transport.addr
+    h.sent.clear()  # the handshakes
     _forward(h, 100, 200)
     out = [parse_rtp(d)[1] for d, a in h.sent if a == BOB and parse_rtp(d)[3] == video.ssrc]
-    forwarded = video.bytes_sent
+    forwarded = video.stream.bytes_sent
     h.sent.clear()
+    h.wire.clear()
     nack = rtcp.nack(1234, video.ssrc, out[-200:])
     # a storm: the same 200 sequence numbers, 100 times a second for 2 s
     for _ in range(200):
         h.now += 0.01
-        h.sfu.router.handle_datagram(nack, BOB)
+        h.receive(nack, BOB)
     resent = [d for d, a in h.sent if a == BOB]
-    resent_bytes = sum(len(d) for d in resent)
+    assert len(resent) == len(h.wire_to(BOB)) and h.rejected == []
+    resent_bytes = sum(len(d) for d in h.wire_to(BOB))  # on the wire, as the budget counts
     share = h.sfu.settings.rtp.retransmission_budget
-    grown = share * (video.bytes_sent - forwarded)  # nothing was forwarded during the storm
+    grown = share * (video.stream.bytes_sent - forwarded)  # nothing was forwarded during the storm
     allowed = RetransmissionBudget.BURST + RetransmissionBudget.FLOOR * 2.0 + grown
     assert resent_bytes <= allowed + 1100, (resent_bytes, allowed, forwarded)
     # no packet more than MAX_RESENDS times
@@ -111,11 +137,11 @@ def test_nack_storm_is_held_to_the_budget_and_counted() -> None:
     metrics = h.sfu.metrics
     assert metrics.nacks_received == 200 * 200
     assert metrics.retransmissions == len(resent)
-    assert metrics.retransmission_bytes == resent_bytes == video.retransmission_bytes
+    assert metrics.retransmission_bytes == resent_bytes == video.stream.nack.retransmission_bytes
     suppressed = metrics.retransmissions_suppressed
     assert suppressed["budget"] > 0 and suppressed["repeat"] > 0
     answered = metrics.retransmissions + suppressed["budget"] + suppressed["repeat"]
-    assert answered + video.history.misses == 200 * 200, video.history.misses
+    assert answered + video.stream.nack.misses == 200 * 200, video.stream.nack.misses
     stats = video.stats_dict()
     assert stats["retransmission_bytes"] == resent_bytes
     assert stats["retransmissions_budget_suppressed"] == suppressed["budget"]
@@ -131,17 +157,16 @@ def test_nack_storm_is_held_to_the_budget_and_counted() -> None:
 def test_budget_grows_with_what_the_subscription_is_forwarded() -> None:
     h = Harness()
     alice, _bob, video = video_call(h)
-    h.alice = alice.publisher.addr
+    h.alice = alice.publisher_leg.transport.addr
     _forward(h, 100, 100)
-    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [1]), BOB)  # starts the budget
-    budget = video.retransmission_budget
-    assert budget is not None
+    h.receive(rtcp.nack(1234, video.ssrc, [1]), BOB)  # starts the budget
+    budget = video.stream.nack.budget
     budget.tokens = 0.0
-    before = video.bytes_sent
+    before = video.stream.bytes_sent
     _forward(h, 200, 50)
-    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [1]), BOB)
+    h.receive(rtcp.nack(1234, video.ssrc, [1]), BOB)
     share = h.sfu.settings.rtp.retransmission_budget
-    assert budget.tokens == pytest.approx(share * (video.bytes_sent - before))
+    assert budget.tokens == pytest.approx(share * (video.stream.bytes_sent - before))
 
 
 @pytest.mark.parametrize("value", ["0", "-0.5", "2.5", '"half"'])

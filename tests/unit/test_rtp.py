@@ -766,3 +766,46 @@ def test_twcc_stamp_written_into_a_two_byte_packet() -> None:
     assert write_transport_seq(data, 17, 0xFFFF) == data.replace(
         b"\x11\x02\x01\x02", b"\x11\x02\xff\xff"
     )
+
+
+# --- the transport-wide stamp fast path ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "elements",
+    [
+        [],
+        [(1, b"\x85")],
+        [(1, b"\x85"), (2, b"\x01\x02\x03"), (9, b"x")],  # 9 is not mapped
+        [(2, bytes(16)), (1, b"\x7f")],
+        [(1, bytes(17))],  # too long for the one-byte form: the two-byte form
+        [(1, b"")],  # empty: the two-byte form
+    ],
+)
+def test_stamped_is_the_block_with_the_stamp_appended(elements: list) -> None:
+    for mid, stamp in (("0", 0), ("17", 0xFFFF), ("a-long-mid-value", 1234)):
+        rewriter = ExtensionRewriter({1: 1, 2: 14}, 4, mid, stamp_id=3)
+        expected = ExtensionRewriter({1: 1, 2: 14}, 4, mid).block(
+            elements, [(3, stamp.to_bytes(2, "big"))]
+        )
+        assert rewriter.stamped(elements, stamp) == expected
+        # the same list again (the next copy of the same packet) maps from the shared memo
+        assert rewriter.stamped(elements, stamp) == expected
+
+
+def test_rewriters_with_the_same_map_share_the_mapping_but_keep_their_own_mid() -> None:
+    elements = [(1, b"\x85"), (2, b"\x01\x02")]
+    a = ExtensionRewriter({1: 1, 2: 14}, 4, "0", stamp_id=3)
+    b = ExtensionRewriter({1: 1, 2: 14}, 4, "1", stamp_id=3)
+    c = ExtensionRewriter({1: 5, 2: 14}, 4, "1", stamp_id=3)
+    block_a, block_b, block_c = (r.stamped(elements, 7) for r in (a, b, c))
+    assert block_a != block_b  # the mid differs
+    parsed = [dict(parse_extensions(x, 4, len(x) - 4, 0xBEDE)) for x in (block_a, block_b, block_c)]
+    assert parsed[0] == {1: b"\x85", 14: b"\x01\x02", 4: b"0", 3: b"\x00\x07"}
+    assert parsed[1] == {1: b"\x85", 14: b"\x01\x02", 4: b"1", 3: b"\x00\x07"}
+    assert parsed[2] == {5: b"\x85", 14: b"\x01\x02", 4: b"1", 3: b"\x00\x07"}
+    # a new packet whose list has the same contents is mapped anew, not taken from the memo
+    assert a.stamped([(1, b"\x01")], 8) != a.stamped(elements, 8)
+
+
+def test_stamped_without_a_stamp_id_adds_nothing() -> None:
+    rewriter = ExtensionRewriter({1: 1}, 4, "0")
+    assert rewriter.stamped([(1, b"\x85")], 9) == rewriter.block([(1, b"\x85")])

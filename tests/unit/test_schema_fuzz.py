@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance  # noq
 
 from tests.unit.test_api import AUTH, World, make_settings  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "25"))
 
 world = World(make_settings(max_body_bytes=16384))
 #: Path parameters of existing objects, so that cases reach the handlers and not only 404.

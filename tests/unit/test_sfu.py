@@ -11,81 +11,16 @@ import pytest
 
 from relay.config import Settings
 from relay.rtc import rtcp
-from relay.rtc.dtls import Certificate
+from relay.rtc.extensions import TRANSPORT_CC_URI
 from relay.rtc.rtp import build_extension_block, extension_profile, parse_extensions, parse_rtp
-from relay.rtc.sdp import LocalTransport, OfferedMedia, build_offer, parse_sdp
-from relay.rtc.transport import TransportState
+from relay.rtc.sdp import OfferedMedia, build_offer, parse_sdp
 from relay.sfu.errors import BadRequest, Conflict, NotFound
-from relay.sfu.sfu import Sfu
+from relay.sfu.feedback import TransportCcFeedback
+from tests.unit.harness import Harness, client_transport
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "sdp"
-CERT = Certificate.generate()
 AIORTC_AUDIO_SSRC = 1043279043
 AIORTC_VIDEO_SSRC = 789159697
-
-
-class Passthrough:
-    """Stands in for an SRTP session so the test sees the plain bytes the relay sends."""
-
-    def protect(self, data: bytes) -> bytes:
-        return data
-
-    unprotect = protect_rtcp = unprotect_rtcp = protect
-
-
-class Harness:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-        self.events: list[dict] = []
-        self.now = 100.0
-        self.sfu = Sfu(
-            Settings(),
-            certificate=CERT,
-            candidates=[("127.0.0.1", 40000)],
-            send=lambda d, a: self.sent.append((d, a)),
-            clock=lambda: self.now,
-            wallclock=lambda: 1.7e9,
-            emit=self.events.append,
-        )
-        self.sfu.create_room("r")
-
-    def events_of(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e["type"] == kind]
-
-    def connect(self, transport, addr: tuple[str, int]) -> None:
-        """Pretend ICE and DTLS completed for a transport."""
-        transport.addr = addr
-        transport.state = TransportState.CONNECTED
-        transport.srtp = Passthrough()
-        self.sfu.router.by_addr[addr] = transport
-        self.sfu.on_transport_connected(transport)
-
-    def answer(self, pid: str, setup: str = "active") -> tuple[str, int]:
-        """Answer the current subscriber offer the way a client would (recvonly, same mids)."""
-        offer_sdp, revision = self.sfu.subscriber_offer("r", pid)
-        offer = parse_sdp(offer_sdp)
-        media = [
-            OfferedMedia(
-                mid=m.mid,
-                kind=m.kind,
-                direction="recvonly" if m.direction == "sendonly" else "inactive",
-                codecs=m.codecs,
-                extmaps=m.extmaps,
-                ssrc=None,
-            )
-            for m in offer.media
-        ]
-        local = LocalTransport(
-            "clnt",
-            "clientpassword0123456789",
-            ("sha-256", "AA:BB"),
-            [("10.0.0.2", 5000)],
-            setup,
-            1,
-            1,
-        )
-        self.sfu.subscriber_answer("r", pid, build_offer(local, media), revision)
-        return offer_sdp, revision
 
 
 def aiortc_offer(audio: bool = True, video: bool = True) -> str:
@@ -190,12 +125,12 @@ def test_forwarded_bytes_rewrite_ssrc_pt_seq_ts_and_extensions() -> None:
     h = Harness()
     h.sfu.add_participant("r", "alice")
     h.sfu.add_participant("r", "bob")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.publish("alice", aiortc_offer())
     h.answer("bob")
     alice, bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
-    h.connect(alice.publisher, ("10.0.0.1", 4000))
+    h.connect(alice.publisher_leg, ("10.0.0.1", 4000))
     h.sent.clear()
-    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    h.connect(bob.subscriber_leg, ("10.0.0.2", 5000))
     # a video subscriber that becomes active asks the publisher for a keyframe at once
     to_alice = [d for d, a in h.sent if a == ("10.0.0.1", 4000)]
     plis = [p for d in to_alice for p in rtcp.parse_rtcp(d) if isinstance(p, rtcp.Pli)]
@@ -205,7 +140,7 @@ def test_forwarded_bytes_rewrite_ssrc_pt_seq_ts_and_extensions() -> None:
     h.sent.clear()
     # aiortc's ids: mid=1, audio level=2; the relay offers bob audio level=1, mid=4
     for seq, ts in ((65534, 1000), (65535, 1960), (0, 2920)):
-        h.sfu.router.handle_datagram(
+        h.receive(
             rtp(AIORTC_AUDIO_SSRC, 96, seq, ts, [(1, b"0"), (2, b"\x85")]), ("10.0.0.1", 4000)
         )
     out = [d for d, a in h.sent if a == ("10.0.0.2", 5000)]
@@ -231,16 +166,20 @@ def test_forwarded_bytes_rewrite_ssrc_pt_seq_ts_and_extensions() -> None:
 def test_unknown_ssrc_and_unchecked_address_are_dropped_and_counted() -> None:
     h = Harness()
     h.sfu.add_participant("r", "alice")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.publish("alice", aiortc_offer())
     alice = h.sfu.get_participant("r", "alice")
-    h.connect(alice.publisher, ("10.0.0.1", 4000))
-    h.sfu.router.handle_datagram(rtp(12345, 96, 1, 1, []), ("10.0.0.1", 4000))
-    h.sfu.router.handle_datagram(rtp(AIORTC_AUDIO_SSRC, 96, 1, 1, []), ("10.9.9.9", 1))
-    h.sfu.router.handle_datagram(b"\x80\x60", ("10.0.0.1", 4000))
-    h.sfu.router.handle_datagram(b"\xff" * 40, ("10.0.0.1", 4000))
+    h.connect(alice.publisher_leg, ("10.0.0.1", 4000))
+    h.receive(rtp(12345, 96, 1, 1, []), ("10.0.0.1", 4000))  # authenticated, unknown SSRC
+    h.receive(rtp(AIORTC_AUDIO_SSRC, 96, 1, 1, []), ("10.9.9.9", 1))  # nobody checked it
+    # RTP that authenticates but does not parse (P set, padding count 0) ...
+    h.receive(b"\xa0\x60" + bytes(10) + b"payload\x00", ("10.0.0.1", 4000))
+    # ... and two bytes that are not even SRTP
+    h.receive(b"\x80\x60", ("10.0.0.1", 4000), raw=True)
+    h.receive(b"\xff" * 40, ("10.0.0.1", 4000), raw=True)
     drops = h.sfu.metrics.drops
     assert drops["unknown_ssrc"] == 1 and drops["unknown_address"] == 1
     assert drops["rtp_malformed"] == 1 and drops["unknown_first_byte"] == 1
+    assert drops["srtp_unprotect"] == 1
 
 
 def test_subscriber_answer_passive_makes_relay_dtls_client() -> None:
@@ -249,14 +188,14 @@ def test_subscriber_answer_passive_makes_relay_dtls_client() -> None:
     h.sfu.add_participant("r", "bob")
     h.sfu.publisher_offer("r", "alice", aiortc_offer())
     h.answer("bob", setup="passive")
-    assert h.sfu.get_participant("r", "bob").subscriber.dtls_server is False
+    assert h.sfu.get_participant("r", "bob").subscriber_leg.transport.dtls_server is False
 
 
 def test_consent_timeout_removes_silent_participant() -> None:
     h = Harness()
     h.sfu.add_participant("r", "alice")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer())
-    h.connect(h.sfu.get_participant("r", "alice").publisher, ("10.0.0.1", 4000))
+    h.publish("alice", aiortc_offer())
+    h.connect(h.sfu.get_participant("r", "alice").publisher_leg, ("10.0.0.1", 4000))
     h.now += 1
     h.sfu.tick(h.now)
     assert "alice" in h.sfu.get_room("r").participants
@@ -270,17 +209,17 @@ def test_consent_timeout_removes_silent_participant() -> None:
         "participant_id": "alice",
         "reason": "timeout",
     }
-    assert h.sfu.router.by_addr == {} and h.sfu.router.by_ufrag == {}
+    assert h.sfu.port.by_addr == {} and h.sfu.port.by_ufrag == {}
 
 
 def _video_call(h: Harness) -> tuple:
     h.sfu.add_participant("r", "alice")
     h.sfu.add_participant("r", "bob")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer())
+    h.publish("alice", aiortc_offer())
     h.answer("bob")
     alice, bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
-    h.connect(alice.publisher, ("10.0.0.1", 4000))
-    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    h.connect(alice.publisher_leg, ("10.0.0.1", 4000))
+    h.connect(bob.subscriber_leg, ("10.0.0.2", 5000))
     video = next(s for s in bob.subscriptions.values() if s.track.kind == "video")
     return alice, bob, video
 
@@ -306,17 +245,15 @@ def _twcc_feedback(h: Harness, addr: tuple[str, int]) -> list[tuple[int, bool]]:
 def test_subscriber_nack_is_answered_on_the_rtx_stream() -> None:
     h = Harness()
     _alice, _bob, video = _video_call(h)
-    assert video.history is not None and video.use_rtx
+    assert video.stream.nack is not None and video.stream.nack.use_rtx
     h.sent.clear()
     for seq in range(100, 105):
         payload = VP8_KEYFRAME if seq == 100 else b"\x90\x10payload-bytes"
-        h.sfu.router.handle_datagram(
-            rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000)
-        )
+        h.receive(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000))
     originals = {parse_rtp(d)[1]: d for d in _sent_to(h, ("10.0.0.2", 5000))}
     lost = sorted(originals)[2]
     h.sent.clear()
-    h.sfu.router.handle_datagram(rtcp.nack(1234, video.ssrc, [lost]), ("10.0.0.2", 5000))
+    h.receive(rtcp.nack(1234, video.ssrc, [lost]), ("10.0.0.2", 5000))
     resent = _sent_to(h, ("10.0.0.2", 5000))
     assert len(resent) == 1
     pt, _seq, ts, ssrc, _m, offset, _eo, _el = parse_rtp(resent[0])
@@ -334,12 +271,10 @@ def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
     track = video.track
     for seq in (200, 201, 203):  # 202 goes missing
         payload = VP8_KEYFRAME if seq == 200 else b"\x90\x10payload-bytes"
-        h.sfu.router.handle_datagram(
-            rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000)
-        )
+        h.receive(rtp(AIORTC_VIDEO_SSRC, 97, seq, 9000, [], payload), ("10.0.0.1", 4000))
     h.sent.clear()
     h.now += 0.05
-    h.sfu.router.poll_feedback(h.now)
+    h.sfu.timers.run(h.now)
     nacks = [
         p
         for d in _sent_to(h, ("10.0.0.1", 4000))
@@ -351,7 +286,7 @@ def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
     rtx_ssrc, rtx_pt = track.rtx_ssrc, track.rtx_payload_type
     assert rtx_ssrc == 3923720075 and rtx_pt is not None
     h.sent.clear()
-    h.sfu.router.handle_datagram(
+    h.receive(
         rtp(rtx_ssrc, rtx_pt, 7, 9000, [], payload=(202).to_bytes(2, "big") + b"repaired"),
         ("10.0.0.1", 4000),
     )
@@ -360,10 +295,10 @@ def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
     pt, seq, _ts, ssrc, _m, offset, _eo, _el = parse_rtp(forwarded[0])
     assert ssrc == video.ssrc and pt == video.payload_type
     assert forwarded[0][offset:] == b"repaired"
-    assert track.rtx_received == 1 and track.nack.missing == 0
+    assert track.rtx_received == 1 and track.nack.generator.missing == 0
     h.now += 1
     h.sent.clear()
-    h.sfu.router.poll_feedback(h.now)
+    h.sfu.timers.run(h.now)
     assert not [
         p
         for d in _sent_to(h, ("10.0.0.1", 4000))
@@ -375,20 +310,21 @@ def test_publisher_gap_is_nacked_and_rtx_repairs_it() -> None:
 def test_transport_cc_feedback_goes_to_a_chrome_publisher() -> None:
     h = Harness()
     h.sfu.add_participant("r", "carol")
-    h.sfu.publisher_offer("r", "carol", (FIXTURES / "chrome_offer.sdp").read_text())
+    h.publish("carol", (FIXTURES / "chrome_offer.sdp").read_text())
     carol = h.sfu.get_participant("r", "carol")
-    transport = carol.publisher
-    assert transport.twcc_id == 3 and transport.remb is None  # Chrome's transport-cc id
-    h.connect(transport, ("10.0.0.3", 6000))
+    leg = carol.publisher_leg
+    assert isinstance(leg.feedback, TransportCcFeedback)
+    assert leg.feedback.ext_id == 3  # Chrome's transport-cc id
+    h.connect(leg, ("10.0.0.3", 6000))
     audio_ssrc = 457497428
     for i, seq in enumerate((10, 11, 13)):
         h.now += 0.01
-        h.sfu.router.handle_datagram(
+        h.receive(
             rtp(audio_ssrc, 111, 500 + i, 960 * i, [(3, seq.to_bytes(2, "big"))]),
             ("10.0.0.3", 6000),
         )
     h.sent.clear()
-    h.sfu.router.poll_feedback(h.now)
+    h.sfu.timers.run(h.now + h.sfu.settings.rtp.feedback_interval)
     assert _twcc_feedback(h, ("10.0.0.3", 6000)) == [
         (10, True),
         (11, True),
@@ -398,14 +334,11 @@ def test_transport_cc_feedback_goes_to_a_chrome_publisher() -> None:
 
 
 def test_nack_disabled_offers_no_rtx_and_ignores_nacks() -> None:
-    import dataclasses
-
-    h = Harness()
-    h.sfu.settings = dataclasses.replace(
-        h.sfu.settings, rtp=dataclasses.replace(h.sfu.settings.rtp, nack=False)
-    )
+    settings = Settings()
+    h = Harness(dataclasses.replace(settings, rtp=dataclasses.replace(settings.rtp, nack=False)))
     _alice, _bob, video = _video_call(h)
-    assert video.history is None and video.rtx_payload_type is None
+    assert video.stream.nack is None and video.track.history is None
+    assert video.rtx_payload_type is None
     offer = parse_sdp(h.sfu.subscriber_offer("r", "bob")[0])
     assert not offer.media[1].ssrc_groups and "nack" not in offer.media[1].codecs[0].rtcp_fb
 
@@ -425,13 +358,11 @@ def test_participant_that_never_connects_times_out() -> None:
 def test_track_silent_for_a_while_is_reported_muted_then_unmuted() -> None:
     h = Harness()
     h.sfu.add_participant("r", "alice")
-    h.sfu.publisher_offer("r", "alice", aiortc_offer(video=False))
-    h.connect(h.sfu.get_participant("r", "alice").publisher, ("10.0.0.1", 4000))
+    h.publish("alice", aiortc_offer(video=False))
+    h.connect(h.sfu.get_participant("r", "alice").publisher_leg, ("10.0.0.1", 4000))
 
     def send(seq: int) -> None:
-        h.sfu.router.handle_datagram(
-            rtp(AIORTC_AUDIO_SSRC, 96, seq, seq * 960, []), ("10.0.0.1", 4000)
-        )
+        h.receive(rtp(AIORTC_AUDIO_SSRC, 96, seq, seq * 960, []), ("10.0.0.1", 4000))
 
     send(1)
     for _ in range(5):  # one second per tick, nothing sent after the first
@@ -449,7 +380,7 @@ def test_track_silent_for_a_while_is_reported_muted_then_unmuted() -> None:
 
 # --- data channels and two-byte header extensions ----------------------------------------------
 
-TWCC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+TWCC_URI = TRANSPORT_CC_URI
 CHROME_AUDIO_SSRC = 457497428
 
 
@@ -484,7 +415,7 @@ def test_data_channel_only_offer_is_a_bad_sdp_that_says_why() -> None:
     assert "data channels are not supported yet" in message
     assert "audio and video only" in message
     carol = h.sfu.get_participant("r", "carol")
-    assert carol.publisher is None and carol.tracks == {}
+    assert carol.publisher_leg is None and carol.tracks == {}
 
 
 def test_subscriber_offer_carries_extmap_allow_mixed() -> None:
@@ -511,14 +442,14 @@ def test_two_byte_extensions_from_a_publisher_are_fed_back_and_forwarded() -> No
             "a=extmap:15 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
         )
     )
-    answer = parse_sdp(h.sfu.publisher_offer("r", "carol", offer))
+    answer = parse_sdp(h.publish("carol", offer))
     assert answer.extmap_allow_mixed
     assert (17, TWCC_URI) in {(e.id, e.uri) for e in answer.media[0].extmaps}
     h.answer("bob")
     carol, bob = (h.sfu.get_participant("r", p) for p in ("carol", "bob"))
-    assert carol.publisher.twcc_id == 17 and carol.mid_ext_id == 16
-    h.connect(carol.publisher, ("10.0.0.3", 6000))
-    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    assert carol.publisher_leg.feedback.ext_id == 17 and carol.publisher_leg.mid_ext_id == 16
+    h.connect(carol.publisher_leg, ("10.0.0.3", 6000))
+    h.connect(bob.subscriber_leg, ("10.0.0.2", 5000))
     audio = next(s for s in bob.subscriptions.values() if s.track.kind == "audio")
     h.sent.clear()
     for i, seq in enumerate((10, 11, 13)):
@@ -531,7 +462,7 @@ def test_two_byte_extensions_from_a_publisher_are_fed_back_and_forwarded() -> No
             [(15, b"\x85"), (16, b"0"), (17, seq.to_bytes(2, "big"))],
         )
         assert packet[12:14] == b"\x10\x00"  # the two-byte form
-        h.sfu.router.handle_datagram(packet, ("10.0.0.3", 6000))
+        h.receive(packet, ("10.0.0.3", 6000))
 
     # forwarded to bob in the one-byte form, with bob's ids: audio level 1, mid 4, twcc 3
     out = _sent_to(h, ("10.0.0.2", 5000))
@@ -547,7 +478,7 @@ def test_two_byte_extensions_from_a_publisher_are_fed_back_and_forwarded() -> No
     assert stamps == [stamps[0], stamps[0] + 1, stamps[0] + 2]
 
     # and carol gets transport-cc feedback for the sequence numbers of her id 17
-    h.sfu.router.poll_feedback(h.now)
+    h.sfu.timers.run(h.now + h.sfu.settings.rtp.feedback_interval)
     assert h.sfu.metrics.twcc_feedback_sent == 1
     assert _twcc_feedback(h, ("10.0.0.3", 6000)) == [
         (10, True),
@@ -580,21 +511,12 @@ def answer_declining(h: Harness, pid: str, reject: str = "", wrong_codec: str = 
                 ssrc=None,
             )
         )
-    local = LocalTransport(
-        "clnt",
-        "clientpassword0123456789",
-        ("sha-256", "AA:BB"),
-        [("10.0.0.2", 5000)],
-        "active",
-        1,
-        1,
-    )
-    sections = build_offer(local, media).split("m=")
+    sections = build_offer(client_transport(), media).split("m=")
     for i, section in enumerate(sections[1:], start=1):
         if f"a=mid:{reject}\r\n" in section and reject:
             kind = section.split(" ", 1)[0]
             sections[i] = section.replace(f"{kind} 5000 ", f"{kind} 0 ", 1)
-    h.sfu.subscriber_answer("r", pid, "m=".join(sections), revision)
+    h.subscriber_answer(pid, "m=".join(sections), offer_sdp, revision)
     return revision
 
 
@@ -622,7 +544,7 @@ def test_subscriber_rejecting_a_track_is_an_event_and_in_the_stats() -> None:
             "reason": "rejected by the subscriber",
         }
     ]
-    h.connect(bob.subscriber, ("10.0.0.2", 5000))
+    h.connect(bob.subscriber_leg, ("10.0.0.2", 5000))
     outbound = {s["track_id"]: s for s in h.sfu.participant_stats("r", "bob")["outbound"]}
     assert outbound[video.track_id]["forwarded"] is False
     assert outbound[video.track_id]["reason"] == "rejected by the subscriber"

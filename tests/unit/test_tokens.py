@@ -36,6 +36,7 @@ from relay.config import (
     load_settings,
     settings_as_dict,
 )
+from relay.sfu.events import ParticipantLeft
 from tests.unit.test_api import AUTH, World, aiortc_answer, assert_error, fixture_sdp
 
 SECRET = "0123456789abcdef0123456789abcdef-test"
@@ -311,8 +312,8 @@ async def test_a_token_drives_its_own_participant() -> None:
         assert (await client.get(base, headers=alice)).json()["participant_id"] == "alice"
         r = await client.delete(base, params={"reason": "left"}, headers=alice)
         assert r.status_code == 204
-        left = [e for e in world.events if e["type"] == "participant.left"]
-        assert left[-1]["participant_id"] == "alice" and left[-1]["reason"] == "left"
+        left = [e for e in world.events if isinstance(e, ParticipantLeft)]
+        assert left[-1].participant_id == "alice" and left[-1].reason == "left"
 
 
 async def test_a_token_reads_its_rooms_events() -> None:

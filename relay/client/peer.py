@@ -63,8 +63,9 @@ from aioice import stun
 
 from relay.rtc import rtcp
 from relay.rtc.dtls import DEFAULT_SRTP_PROFILES, Certificate, DtlsEndpoint, DtlsState
+from relay.rtc.extensions import MID_URI
 from relay.rtc.ice import IceCredentials
-from relay.rtc.rtp import build_extension_block, is_rtcp
+from relay.rtc.rtp import RTP_HEADER, build_extension_block, is_rtcp
 from relay.rtc.sdp import Codec, parse_sdp, remote_transport
 from relay.rtc.srtp import SrtpError, SrtpSession
 
@@ -91,7 +92,6 @@ Address = tuple[str, int]
 
 AUDIO_PT = 111  # opus/48000/2
 VIDEO_PT = 96  # VP8/90000
-MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 MID_EXT_ID = 4
 
 #: First retransmission interval of a connectivity check; doubled up to CHECK_INTERVAL_MAX.
@@ -102,7 +102,6 @@ CHECK_PRIORITY = (110 << 24) | (65535 << 8) | 255
 #: Outstanding check transactions remembered (older responses are ignored).
 MAX_PENDING = 32
 
-_RTP_HEADER = struct.Struct("!BBHII")
 _SSRC = struct.Struct("!I")
 
 
@@ -217,7 +216,7 @@ def build_rtp(
 ) -> bytes:
     """A plain RTP packet: 12-byte header, optional full extension block, payload."""
     return (
-        _RTP_HEADER.pack(
+        RTP_HEADER.pack(
             0x90 if extension else 0x80,
             (0x80 if marker else 0) | (pt & 0x7F),
             seq & 0xFFFF,

@@ -1,0 +1,129 @@
+"""What the SFU core tells the outside world: one dataclass per event type.
+
+The core emits these objects; the control API serialises them (``to_dict``) for event streams
+and webhooks. Every event names its room and carries the wall-clock time it happened at.
+Participants appear only by their opaque ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Common fields. ``type`` is the wire name of the event (a class constant)."""
+
+    type: ClassVar[str] = ""
+    room_id: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent to event-stream consumers and webhooks."""
+        out: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RoomClosed(Event):
+    type: ClassVar[str] = "room.closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantJoined(Event):
+    type: ClassVar[str] = "participant.joined"
+    participant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantConnected(Event):
+    type: ClassVar[str] = "participant.connected"
+    participant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantLeft(Event):
+    type: ClassVar[str] = "participant.left"
+    participant_id: str
+    #: left | kicked | timeout | room_closed
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrackPublished(Event):
+    type: ClassVar[str] = "track.published"
+    participant_id: str
+    #: the track as GET .../participants/{id} shows it
+    track: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackUnpublished(Event):
+    type: ClassVar[str] = "track.unpublished"
+    participant_id: str
+    track_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrackMuted(Event):
+    type: ClassVar[str] = "track.muted"
+    participant_id: str
+    track_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrackUnmuted(Event):
+    type: ClassVar[str] = "track.unmuted"
+    participant_id: str
+    track_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrackUnsupported(Event):
+    """A subscriber's answer did not take a track (its codec, or the m-line rejected)."""
+
+    type: ClassVar[str] = "track.unsupported"
+    participant_id: str
+    track_id: str
+    publisher_id: str
+    codec: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberRenegotiate(Event):
+    """The participant's subscriber connection needs a new offer (GET it at this revision)."""
+
+    type: ClassVar[str] = "subscriber.renegotiate"
+    participant_id: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerChanged(Event):
+    type: ClassVar[str] = "speaker.changed"
+    #: the loudest participant, or None when nobody speaks
+    participant_id: str | None
+
+
+#: every event type by its wire name
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        RoomClosed,
+        ParticipantJoined,
+        ParticipantConnected,
+        ParticipantLeft,
+        TrackPublished,
+        TrackUnpublished,
+        TrackMuted,
+        TrackUnmuted,
+        TrackUnsupported,
+        SubscriberRenegotiate,
+        SpeakerChanged,
+    )
+}

@@ -1,0 +1,132 @@
+"""SubscriberLeg: the connection a participant receives on.
+
+The packets themselves leave through the tracks' fan-out (each
+:class:`~relay.sfu.outbound.OutboundStream` protects with this leg's SRTP session). What comes
+back is RTCP: receiver reports (loss, jitter, round-trip time per stream), keyframe requests
+(PLI, FIR) that go to the publisher throttled, NACKs answered from the track's history, and
+transport-cc feedback about the relay's own packets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from relay.rtc import rtcp
+from relay.rtc.rtp import RtpError
+from relay.rtc.srtp import SrtpError
+from relay.rtc.transport import WebRtcTransport
+from relay.rtc.twcc import parse_feedback
+from relay.sfu.feedback import MAX_NACK_ITEMS, TransportCcSender
+from relay.sfu.leg import Leg, MediaContext
+
+if TYPE_CHECKING:
+    from relay.sfu.outbound import OutboundStream
+    from relay.sfu.participant import Participant
+
+
+class SubscriberLeg(Leg):
+    """Sends one participant its subscriptions; reads its RTCP."""
+
+    role = "subscriber"
+
+    def __init__(
+        self, ctx: MediaContext, participant: Participant, transport: WebRtcTransport
+    ) -> None:
+        super().__init__(ctx, participant, transport)
+        #: transport-wide sequence numbers, when the subscriber's answer kept transport-cc
+        self.twcc: TransportCcSender | None = None
+
+    def receive_rtp(self, data: bytes, plain: bytes | None = None) -> None:
+        self.transport.rx_seen = True
+        self.metrics.drops["not_publishing"] += 1
+
+    def streams(self) -> dict[int, OutboundStream]:
+        return {s.stream.ssrc: s.stream for s in self.participant.subscriptions.values()}
+
+    def receive_rtcp(self, data: bytes, plain: bytes | None = None) -> None:
+        packets = self.parse_srtcp(data, plain)
+        if packets is None:
+            return
+        now = self.ctx.clock()
+        by_ssrc = self.streams()
+        for packet in packets:
+            if isinstance(packet, (rtcp.ReceiverReport, rtcp.SenderReport)):
+                for block in packet.reports:
+                    stream = by_ssrc.get(block.ssrc)
+                    if stream is not None:
+                        stream.on_report_block(
+                            block.fraction_lost,
+                            block.packets_lost,
+                            block.jitter,
+                            block.lsr,
+                            block.dlsr,
+                            now,
+                        )
+            elif isinstance(packet, rtcp.Pli):
+                stream = by_ssrc.get(packet.media_ssrc)
+                if stream is not None:
+                    stream.track.keyframes.request(now)
+            elif isinstance(packet, rtcp.Fir):
+                for ssrc, _seq in packet.entries:
+                    stream = by_ssrc.get(ssrc)
+                    if stream is not None:
+                        stream.track.keyframes.request(now)
+            elif isinstance(packet, rtcp.Nack):
+                stream = by_ssrc.get(packet.media_ssrc)
+                if stream is not None:
+                    self.retransmit(stream, packet.lost, now)
+            elif isinstance(packet, rtcp.TransportFeedback):
+                if self.twcc is not None:
+                    try:
+                        self.twcc.on_feedback(parse_feedback(packet.fci), now)
+                    except (rtcp.RtcpError, RtpError, ValueError):
+                        self.metrics.drops["rtcp_malformed"] += 1
+
+    def retransmit(self, stream: OutboundStream, lost: list[int], now: float) -> None:
+        """Answer a NACK for one stream (on its RTX stream when negotiated), within the
+        stream's retransmission budget. A packet the history no longer has is repaired by a
+        keyframe, unless the relay is itself still recovering it from the publisher (it then
+        reaches every subscriber when it arrives)."""
+        metrics = self.metrics
+        metrics.nacks_received += len(lost)
+        responder = stream.nack
+        transport = self.transport
+        if responder is None or transport.srtp is None or transport.addr is None:
+            return
+        responder.nacks_received += len(lost)
+        responder.budget.refill(stream.bytes_sent, now)
+        repeats, over_budget = responder.repeats_suppressed, responder.budget_suppressed
+        missed = False
+        addr = transport.addr
+        sendto = self.ctx.sender.sendto
+        for seq in lost[:MAX_NACK_ITEMS]:
+            misses = responder.misses
+            packet = responder.resend(seq, now)
+            if packet is None:
+                if not missed and responder.misses != misses:
+                    missed = not self._recovering(stream, seq)
+                continue
+            try:
+                protected = transport.srtp.protect(packet)
+            except SrtpError:
+                metrics.send_errors += 1
+                continue
+            sendto(protected, addr)
+            metrics.retransmissions += 1
+            metrics.retransmission_bytes += len(protected)
+            responder.retransmission_bytes += len(protected)
+        metrics.retransmissions_suppressed["repeat"] += responder.repeats_suppressed - repeats
+        metrics.retransmissions_suppressed["budget"] += responder.budget_suppressed - over_budget
+        if missed:
+            metrics.retransmission_misses += 1
+            stream.track.keyframes.request(now)
+
+    @staticmethod
+    def _recovering(stream: OutboundStream, out_seq: int) -> bool:
+        """Whether the packet a subscriber's sequence number stands for is missing on the
+        publisher's leg and still being NACKed there."""
+        nack = stream.track.nack
+        if nack is None:
+            return False
+        seq = stream.rewriter.input_seq(out_seq)
+        return seq is not None and nack.generator.is_missing(seq)
