@@ -53,6 +53,9 @@ from relay.api.schemas import (
     RoomList,
     SubscriberAnswer,
     SubscriberOffer,
+    SubscriptionInfo,
+    SubscriptionPreferences,
+    TrackIdParam,
     encoded_json_size,
 )
 from relay.config import Settings
@@ -542,6 +545,31 @@ async def subscriber_answer(
     _check_sdp_size(body.sdp, settings)
     sfu.subscriber_answer(room_id, participant_id, body.sdp, body.revision)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.put(
+    "/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}",
+    response_model=SubscriptionInfo,
+    tags=["participants"],
+    summary="Set what a participant wants of one subscribed track",
+    responses=_errors(400, 403, 404),
+)
+async def set_subscription(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    track_id: TrackIdParam,
+    body: SubscriptionPreferences,
+    sfu: Core,
+    principal: SubscriberAccess,
+) -> SubscriptionInfo:
+    """Pause or resume one track for this participant, or limit the picture size and frame
+    rate it wants of it (a participant token may set its own). Fields left out keep their
+    value; `null` lifts a limit. Resuming forwards the track again from its next keyframe,
+    which the relay asks the publisher for at once. The size and rate limits choose among
+    the layers of a track that has several; a track with one layer is forwarded as it is."""
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    sub = sfu.set_subscription_preferences(room_id, participant_id, track_id, changes)
+    return SubscriptionInfo(**sub.to_dict())
 
 
 @v1.get(

@@ -317,3 +317,39 @@ class DemoToken(_Response):
     participant_id: str
     token: str = Field(description="Participant token: `Authorization: Bearer <token>`.")
     expires_at: float = Field(description="Unix time in seconds.")
+
+
+class SubscriptionPreferences(_Request):
+    """What a subscriber wants of one track. A field left out keeps its current value; a limit
+    given as null is lifted."""
+
+    paused: bool | None = Field(
+        default=None,
+        description="true: stop forwarding this track (its packets stop at the relay); false: "
+        "forward it again, from its next keyframe (asked for at once).",
+    )
+    max_width: int | None = Field(
+        default=None, ge=1, le=16384, description="Widest picture wanted, in pixels."
+    )
+    max_height: int | None = Field(
+        default=None, ge=1, le=16384, description="Tallest picture wanted, in pixels."
+    )
+    max_fps: int | float | None = Field(
+        default=None, gt=0, le=240, description="Highest frame rate wanted."
+    )
+
+
+class SubscriptionInfo(_Response):
+    """One track as a participant receives it, and what it asked for."""
+
+    track_id: str
+    publisher_id: str = Field(description="The participant that publishes the track.")
+    kind: str = Field(description="`audio` or `video`.")
+    forwarded: bool = Field(description="Packets of the track are sent to the participant now.")
+    reason: str | None = Field(
+        description="Why the participant's answer did not take the track, null if it did."
+    )
+    paused: bool
+    max_width: int | None
+    max_height: int | None
+    max_fps: float | None

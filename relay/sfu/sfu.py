@@ -795,7 +795,7 @@ class Sfu:
         ready = leg is not None and leg.transport.ready
         now = self.clock()
         for sub in p.subscriptions.values():
-            active = ready and sub.negotiated and not sub.track.ended
+            active = ready and sub.negotiated and not sub.track.ended and not sub.paused
             if active != sub.active:
                 sub.active = active
                 if active:
@@ -808,6 +808,48 @@ class Sfu:
                 sub.track.rebuild_outputs()
                 if active and sub.track.kind == "video":
                     sub.track.keyframes.request(now, force=True)
+
+    def set_subscription_preferences(
+        self,
+        room_id: str,
+        participant_id: str,
+        track_id: str,
+        changes: dict[str, Any],
+    ) -> Subscription:
+        """Apply a subscriber's wishes for one track: ``paused`` (bool), ``max_width``,
+        ``max_height`` (pixels) and ``max_fps``; a key given as None clears that limit, a key
+        left out keeps it. Unpausing starts forwarding again on the track's next keyframe,
+        asked for at once."""
+        p = self.get_participant(room_id, participant_id)
+        sub = p.subscriptions.get(track_id)
+        if sub is None or sub.track.ended:
+            raise NotFound(
+                f"participant {participant_id} has no subscription to track {track_id}",
+                code="subscription_not_found",
+            )
+        unknown = set(changes) - {"paused", "max_width", "max_height", "max_fps"}
+        if unknown:
+            raise BadRequest(f"unknown preference {sorted(unknown)[0]}", code="invalid_field")
+        if "paused" in changes:
+            paused = changes["paused"]
+            if not isinstance(paused, bool):
+                raise BadRequest("paused must be true or false", code="invalid_field")
+            sub.paused = paused
+        for key, kinds, limit in (
+            ("max_width", int, 16384),
+            ("max_height", int, 16384),
+            ("max_fps", int | float, 240),
+        ):
+            if key not in changes:
+                continue
+            value = changes[key]
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value <= limit
+            ):
+                raise BadRequest(f"{key} must be a number in (0, {limit}]", code="invalid_field")
+            setattr(sub, key, value)
+        self.refresh_outputs(p)
+        return sub
 
     # -- leg callbacks (from the media port) ----------------------------------------------
     def on_leg_connected(self, leg: Leg) -> None:

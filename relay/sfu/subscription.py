@@ -43,6 +43,12 @@ class Subscription:
         self.active = False
         #: why the subscriber's latest answer did not take this track, None if it did
         self.declined: str | None = None
+        #: the subscriber's wishes (PUT .../subscriptions/{track_id}): a paused subscription
+        #: is not forwarded; the size and rate limits choose among a track's layers
+        self.paused = False
+        self.max_width: int | None = None
+        self.max_height: int | None = None
+        self.max_fps: float | None = None
         self.bitrate = 0.0
         self._bytes_at_tick = 0
 
@@ -77,4 +83,24 @@ class Subscription:
             "retransmissions_budget_suppressed": nack.budget_suppressed if nack else 0,
             "forwarded": self.active,
             "reason": self.declined,
+            "preferences": self.preferences(),
+        }
+
+    def preferences(self) -> dict[str, Any]:
+        return {
+            "paused": self.paused,
+            "max_width": self.max_width,
+            "max_height": self.max_height,
+            "max_fps": self.max_fps,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The subscription as PUT .../subscriptions/{track_id} returns it."""
+        return {
+            "track_id": self.track.track_id,
+            "publisher_id": self.track.participant_id,
+            "kind": self.track.kind,
+            "forwarded": self.active,
+            "reason": self.declined,
+            **self.preferences(),
         }

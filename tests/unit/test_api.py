@@ -51,10 +51,14 @@ ROUTES = [
     ("POST", "/v1/rooms/{room_id}/participants/{participant_id}/publisher"),
     ("POST", "/v1/rooms/{room_id}/participants/{participant_id}/subscriber"),
     ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriber"),
+    ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}"),
     ("GET", "/v1/rooms/{room_id}/participants/{participant_id}/stats"),
     ("GET", "/v1/events"),
 ]
 BODIES: dict[tuple[str, str], Any] = {
+    ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}"): {
+        "paused": True
+    },
     ("POST", "/v1/rooms"): {"room_id": "r9"},
     ("POST", "/v1/rooms/{room_id}/participants"): {"participant_id": "p9"},
     ("POST", "/v1/rooms/{room_id}/participants/{participant_id}/publisher"): {
@@ -208,7 +212,7 @@ async def test_every_v1_route_requires_a_key(
     world: World, client: httpx.AsyncClient, method: str, template: str
 ) -> None:
     await setup_room(client, "alice")
-    path = template.format(room_id="r1", participant_id="alice")
+    path = template.format(room_id="r1", participant_id="alice", track_id="TR_1")
     body = BODIES.get((method, template))
     for headers in BAD_CREDENTIALS:
         r = await client.request(method, path, json=body, headers=headers)
