@@ -32,6 +32,7 @@ DROP_REASONS = (
     "rtx_padding",  # padding-only packets on a publisher's RTX stream (bandwidth probes)
     "stale_packet",  # older than a source switch
     "rtx_before_media",  # a retransmission for a track whose media SSRC is not known yet
+    "rtx_duplicate",  # a retransmission of a packet already received (a sender's RTX probe)
 )
 
 

@@ -66,6 +66,31 @@ def vp8_keyframe_start(packet: bytes, offset: int) -> bool:
     return i < end and not packet[i] & 0x01
 
 
+def vp8_keyframe_size(packet: bytes, offset: int) -> tuple[int, int] | None:
+    """(width, height) of a VP8 keyframe from the first packet of its partition 0: the
+    keyframe header after the 3-byte frame tag is the start code 9d 01 2a and two 16-bit
+    little-endian fields whose low 14 bits are the size (RFC 6386 §9.1). None for any other
+    packet."""
+    if not vp8_keyframe_start(packet, offset):
+        return None
+    first = packet[offset]
+    i = offset + 1
+    if first & 0x80:
+        ext = packet[i]
+        i += 1
+        if ext & 0x80:
+            i += 2 if packet[i] & 0x80 else 1
+        if ext & 0x40:
+            i += 1
+        if ext & 0x30:
+            i += 1
+    if i + 10 > _payload_end(packet) or packet[i + 3 : i + 6] != b"\x9d\x01\x2a":
+        return None
+    width = (packet[i + 6] | packet[i + 7] << 8) & 0x3FFF
+    height = (packet[i + 8] | packet[i + 9] << 8) & 0x3FFF
+    return width, height
+
+
 def vp9_keyframe_start(packet: bytes, offset: int) -> bool:
     """First packet of a VP9 keyframe: B=1 (start of a frame) and P=0 (not inter-predicted),
     of spatial layer 0 when layer indices are present (RFC 9628 §4.2)."""

@@ -13,6 +13,7 @@ JSEP ``sdpMLineIndex``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -23,7 +24,11 @@ from relay.rtc import extensions as ext
 __all__ = [
     "DEFAULT_VIDEO_PREFERENCE",
     "H264_PROFILES",
+    "MAX_RIDS",
+    "MAX_RID_ATTRIBUTE_LENGTH",
+    "MAX_RID_LENGTH",
     "MAX_SDP_LENGTH",
+    "MAX_SIM_SSRCS",
     "SUPPORTED_AUDIO",
     "SUPPORTED_EXTENSIONS",
     "SUPPORTED_RTCP_FB",
@@ -35,8 +40,11 @@ __all__ = [
     "MediaDescription",
     "OfferedMedia",
     "RemoteTransport",
+    "RidDescription",
+    "RidRestrictions",
     "SdpError",
     "SessionDescription",
+    "SimulcastLayer",
     "build_answer",
     "build_offer",
     "check_answer",
@@ -47,6 +55,16 @@ __all__ = [
 
 #: Longest SDP text :func:`parse_sdp` accepts (bounded input).
 MAX_SDP_LENGTH = 1 << 20
+
+#: Most ``a=rid`` lines (either direction) an m-line may have; browsers send 3 or 4 layers.
+MAX_RIDS = 8
+#: Longest rid-id: what libwebrtc accepts, and what one one-byte header extension element
+#: (RFC 8285 §4.2) carries as the rtp-stream-id the relay routes by.
+MAX_RID_LENGTH = 16
+#: Longest value of one ``a=rid`` or ``a=simulcast`` attribute (after the colon).
+MAX_RID_ATTRIBUTE_LENGTH = 512
+#: Most SSRCs an ``a=ssrc-group:SIM`` may list.
+MAX_SIM_SSRCS = 8
 
 SUPPORTED_AUDIO = ["opus"]
 SUPPORTED_VIDEO = ["VP8", "H264", "VP9", "AV1"]
@@ -128,6 +146,13 @@ _STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {
 }
 
 _LINE_RE = re.compile(r"([a-z])=(.*)")
+# RFC 8851 §10: rid-id = 1*(alpha-numeric / "-" / "_"); a restriction name is
+# 1*(alpha-numeric / "-"); param-val is printable ASCII (";" separates restrictions).
+_RID_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+_RID_PARAM_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
+_RID_PARAM_VALUE_RE = re.compile(r"[\x20-\x3a\x3c-\x7e]*")
+# max-bpp: RFC 8851 §5 allows 0.0001 to 48.0; these digits round-trip through a float
+_FLOAT_RE = re.compile(r"[0-9]{1,4}\.[0-9]{1,6}")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _LONG_DIGITS_RE = re.compile(r"[0-9]{1,40}")
 
@@ -181,6 +206,80 @@ class Extmap:
     direction: str | None = None
 
 
+#: RFC 8851 §5 integer restrictions, as (a=rid name, :class:`RidRestrictions` field).
+_RID_INT_RESTRICTIONS = (
+    ("max-width", "max_width"),
+    ("max-height", "max_height"),
+    ("max-fps", "max_fps"),
+    ("max-fs", "max_fs"),
+    ("max-br", "max_br"),
+    ("max-pps", "max_pps"),
+)
+
+
+@dataclass(frozen=True)
+class RidRestrictions:
+    """The restrictions of one ``a=rid`` line (RFC 8851 §5), None where not given.
+
+    ``payload_types`` is the ``pt=`` list (empty: any format of the m-line). ``max_br`` is in
+    bits per second, ``max_fs`` in pixels per frame, ``max_pps`` in pixels per second.
+    ``depend`` lists the rid-ids this stream depends on (layered coding). ``other`` keeps, as
+    (name, value or None), the restrictions the relay does not interpret and the known ones
+    offered without a value (RFC 8851 §6.1: the offerer lets the answerer pick one).
+    """
+
+    payload_types: tuple[int, ...] = ()
+    max_width: int | None = None
+    max_height: int | None = None
+    max_fps: int | None = None
+    max_fs: int | None = None
+    max_br: int | None = None
+    max_pps: int | None = None
+    max_bpp: float | None = None
+    depend: tuple[str, ...] = ()
+    other: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class RidDescription:
+    """One ``a=rid:<rid-id> <send|recv> [restrictions]`` line (RFC 8851 §4)."""
+
+    rid: str
+    direction: str
+    restrictions: RidRestrictions = field(default_factory=RidRestrictions)
+
+
+@dataclass(frozen=True)
+class SimulcastLayer:
+    """One simulcast layer of an m-line: an RTP stream the m-line's sender may send.
+
+    RID simulcast (RFC 8853 ``a=simulcast`` with RFC 8851 ``a=rid``): ``rid`` is set, the
+    stream's packets carry it in the rtp-stream-id header extension (RFC 8852), their RTX
+    packets in repaired-rtp-stream-id; ``ssrc`` is None: the SDP does not tie SSRCs to rids
+    (Chromium signals no SSRC, Firefox signals its SSRCs without saying which rid is which).
+    ``stream`` is the index of the simulcast stream (``;``-separated) in the ``a=simulcast``
+    list and ``alternative`` the index of this rid among that stream's ``,``-separated
+    alternatives, 0 being the preferred one (RFC 8853 §5.1). ``paused`` is the ``~`` mark.
+
+    SSRC simulcast (libwebrtc's legacy ``a=ssrc-group:SIM``): ``rid`` is None, ``ssrc`` is the
+    layer's SSRC and ``rtx_ssrc`` its retransmission SSRC from ``a=ssrc-group:FID``.
+
+    Layers are in the order the SDP lists them, which says nothing about resolution: Chromium
+    lists ``sendEncodings`` in the application's order (commonly low to high, ``q;h;f``), the
+    SIM group is lowest layer first in libwebrtc, other clients may list high to low. The SFU
+    must tell layers apart from their restrictions or from the media, not from the position.
+    """
+
+    rid: str | None
+    direction: str
+    stream: int
+    alternative: int = 0
+    paused: bool = False
+    restrictions: RidRestrictions = field(default_factory=RidRestrictions)
+    ssrc: int | None = None
+    rtx_ssrc: int | None = None
+
+
 @dataclass
 class MediaDescription:
     """One m= section of a session description."""
@@ -217,6 +316,14 @@ class MediaDescription:
     max_message_size: int | None = None
     #: ``a=extmap-allow-mixed`` at media level (RFC 8285 §6); see also the session's flag.
     extmap_allow_mixed: bool = False
+    #: The ``a=rid`` lines, parsed (``rids`` above keeps (rid-id, direction) of each).
+    rid_descriptions: list[RidDescription] = field(default_factory=list)
+    #: RID layers of ``a=simulcast`` (send ones, then recv ones, as written), or, without it,
+    #: the SSRC layers of ``a=ssrc-group:SIM``; see :class:`SimulcastLayer`.
+    simulcast_layers: list[SimulcastLayer] = field(default_factory=list)
+    #: ``a=simulcast`` was written in the draft-ietf-mmusic-sdp-simulcast-03 form
+    #: (``a=simulcast: send rid=h;m;l paused=m``) that older Firefox versions write.
+    simulcast_draft: bool = False
 
     @property
     def is_rtp(self) -> bool:
@@ -318,6 +425,7 @@ class _MediaBuilder:
     rtcp_fb_all: list[str] = field(default_factory=list)
     direction: str | None = None
     msid_attr: tuple[str, str] | None = None
+    simulcast: _Simulcast | None = None
 
 
 def parse_sdp(text: str) -> SessionDescription:
@@ -557,11 +665,21 @@ def _media_attr(b: _MediaBuilder, value: str, where: str) -> None:
         if ids and b.msid_attr is None:
             b.msid_attr = (ids[0], ids[1] if len(ids) > 1 else "")
     elif name == "rid":
-        parts = (rest or "").split()
-        if len(parts) >= 2:
-            desc.rids.append((parts[0], parts[1].lower()))
+        rid = _parse_rid(rest, where)
+        if any(r.rid == rid.rid for r in desc.rid_descriptions):
+            # RFC 8851: a rid-id is unique within its media section (an answerer may also drop
+            # every line of a duplicated id, §6.2.2; the offer is refused here instead)
+            raise SdpError(f"{where}: duplicate a=rid:{rid.rid}")
+        if len(desc.rid_descriptions) >= MAX_RIDS:
+            raise SdpError(f"{where}: more than {MAX_RIDS} a=rid lines")
+        desc.rid_descriptions.append(rid)
+        desc.rids.append((rid.rid, rid.direction))
     elif name == "simulcast":
+        if b.simulcast is not None:
+            raise SdpError(f"{where}: more than one a=simulcast")
+        b.simulcast = _parse_simulcast(rest, where)
         desc.simulcast = rest
+        desc.simulcast_draft = b.simulcast.draft
     elif name == "ice-ufrag":
         desc.ice_ufrag = rest
     elif name == "ice-pwd":
@@ -592,8 +710,10 @@ def _media_attr(b: _MediaBuilder, value: str, where: str) -> None:
 
 
 def _finish_media(b: _MediaBuilder) -> None:
-    """Build the codec list (m-line order, rtx attached to its apt codec) and the msid."""
+    """Build the codec list (m-line order, rtx attached to its apt codec), the msid and the
+    simulcast layers."""
     desc = b.desc
+    _finish_simulcast(b)
     if b.msid_attr is not None:
         desc.msid = b.msid_attr
     else:
@@ -646,6 +766,234 @@ def _finish_media(b: _MediaBuilder) -> None:
             if target is not None and target.rtx_payload_type is None:
                 target.rtx_payload_type = pt
     desc.codecs = codecs
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulcast: RFC 8851 a=rid, RFC 8853 a=simulcast, libwebrtc's a=ssrc-group:SIM
+
+
+@dataclass
+class _Simulcast:
+    """A parsed ``a=simulcast``: per direction (as written), its streams, each a list of
+    alternatives (rid-id, paused)."""
+
+    streams: dict[str, list[list[tuple[str, bool]]]]
+    draft: bool = False
+    #: the draft form's ``pt=`` lists (simulcast by payload type): parsed, never answered
+    by_payload_type: bool = False
+
+
+def _check_rid_id(rid: str, what: str) -> str:
+    """A rid-id (RFC 8851 §10) of at most :data:`MAX_RID_LENGTH` characters."""
+    if not rid:
+        raise SdpError(f"{what}: empty rid-id")
+    if not _RID_ID_RE.fullmatch(rid):
+        raise SdpError(
+            f"{what}: rid-id {rid[:20]!r} has characters other than letters, digits, - and _"
+        )
+    if len(rid) > MAX_RID_LENGTH:
+        raise SdpError(f"{what}: rid-id {rid[:20]!r}... longer than {MAX_RID_LENGTH} characters")
+    return rid
+
+
+def _check_attribute_length(rest: str, name: str, where: str) -> None:
+    if len(rest) > MAX_RID_ATTRIBUTE_LENGTH:
+        raise SdpError(f"{where}: a={name} value longer than {MAX_RID_ATTRIBUTE_LENGTH} characters")
+
+
+def _parse_rid(rest: str | None, where: str) -> RidDescription:
+    """``a=rid:<rid-id> <send|recv> [pt=<fmt>,...;]<restriction>[=<value>];...`` (RFC 8851
+    §10). Raises SdpError naming what is malformed."""
+    text = rest or ""
+    _check_attribute_length(text, "rid", where)
+    parts = text.split(None, 2)
+    if len(parts) < 2:
+        raise SdpError(f"{where}: malformed a=rid {text[:40]!r} (expected <rid-id> send|recv)")
+    rid = _check_rid_id(parts[0], f"{where}: a=rid")
+    what = f"{where}: a=rid:{rid}"
+    direction = parts[1]
+    if direction not in ("send", "recv"):
+        raise SdpError(f"{what}: direction {direction[:20]!r} is neither send nor recv")
+    restrictions = _parse_rid_restrictions(parts[2], what) if len(parts) > 2 else None
+    return RidDescription(rid, direction, restrictions or RidRestrictions())
+
+
+def _parse_rid_restrictions(text: str, what: str) -> RidRestrictions:
+    pts: tuple[int, ...] = ()
+    ints: dict[str, int] = {}
+    bpp: float | None = None
+    depend: tuple[str, ...] = ()
+    other: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(text.split(";")):
+        item = raw.strip()
+        if not item:
+            raise SdpError(f"{what}: empty restriction (stray ';')")
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not _RID_PARAM_NAME_RE.fullmatch(name):
+            raise SdpError(f"{what}: malformed restriction {item[:30]!r}")
+        if name in seen:
+            raise SdpError(f"{what}: restriction {name!r} given twice")
+        seen.add(name)
+        if name == "pt":
+            if i != 0:
+                raise SdpError(f"{what}: pt= must be the first restriction")
+            if not value:
+                raise SdpError(f"{what}: empty pt= list")
+            listed = [_int(v.strip(), f"{what}: pt", hi=127) for v in value.split(",")]
+            pts = tuple(dict.fromkeys(listed))
+            continue
+        if not sep:
+            other.append((name, None))  # a known or unknown restriction without a value
+            continue
+        field_name = dict(_RID_INT_RESTRICTIONS).get(name)
+        if field_name is not None:
+            ints[field_name] = _int(value, f"{what}: {name}")
+        elif name == "max-bpp":
+            if not _FLOAT_RE.fullmatch(value):
+                raise SdpError(f"{what}: max-bpp {value[:20]!r} is not of the form 1.5")
+            bpp = float(value)
+        elif name == "depend":
+            depend = tuple(_check_rid_id(v.strip(), f"{what}: depend") for v in value.split(","))
+        else:
+            if not _RID_PARAM_VALUE_RE.fullmatch(value):
+                raise SdpError(f"{what}: restriction {name!r} has a non-printable value")
+            other.append((name, value))
+    return RidRestrictions(
+        payload_types=pts,
+        max_width=ints.get("max_width"),
+        max_height=ints.get("max_height"),
+        max_fps=ints.get("max_fps"),
+        max_fs=ints.get("max_fs"),
+        max_br=ints.get("max_br"),
+        max_pps=ints.get("max_pps"),
+        max_bpp=bpp,
+        depend=depend,
+        other=tuple(other),
+    )
+
+
+def _parse_simulcast(rest: str | None, where: str) -> _Simulcast:
+    """``a=simulcast``: RFC 8853 §5.1 (``send q;h;f recv x``, ``;`` between streams, ``,``
+    between a stream's alternatives, ``~`` for paused), or the draft-03 form of older Firefox
+    versions (``send rid=q;h;f paused=h``; ``pt=`` lists are parsed, not used)."""
+    text = (rest or "").strip()
+    _check_attribute_length(text, "simulcast", where)
+    tokens = text.split()
+    what = f"{where}: a=simulcast"
+    if any(t.startswith(("rid=", "pt=", "paused=")) for t in tokens):
+        return _parse_simulcast_draft(tokens, what)
+    if len(tokens) not in (2, 4):
+        raise SdpError(f"{what}: expected send|recv <streams> [send|recv <streams>]")
+    result = _Simulcast(streams={})
+    for direction, listed in zip(tokens[0::2], tokens[1::2], strict=True):
+        _simulcast_direction(result, direction, what)
+        result.streams[direction] = _parse_simulcast_streams(listed, f"{what} {direction}")
+    return result
+
+
+def _simulcast_direction(result: _Simulcast, direction: str, what: str) -> None:
+    if direction not in ("send", "recv"):
+        raise SdpError(f"{what}: direction {direction[:20]!r} is neither send nor recv")
+    if direction in result.streams:
+        raise SdpError(f"{what}: {direction} given twice")
+
+
+def _parse_simulcast_draft(tokens: list[str], what: str) -> _Simulcast:
+    result = _Simulcast(streams={}, draft=True)
+    paused: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("paused="):
+            for rid in token[len("paused=") :].split(","):
+                paused.add(_check_rid_id(rid, f"{what} paused="))
+            i += 1
+            continue
+        _simulcast_direction(result, token, what)
+        if i + 1 >= len(tokens):
+            raise SdpError(f"{what}: no stream list after {token}")
+        listed = tokens[i + 1]
+        if listed.startswith("rid="):
+            result.streams[token] = _parse_simulcast_streams(listed[4:], f"{what} {token}")
+        elif listed.startswith("pt="):
+            for pt_list in listed[3:].split(";"):
+                for pt in pt_list.split(","):
+                    _int(pt, f"{what} {token} pt", hi=127)
+            result.streams[token] = []
+            result.by_payload_type = True
+        else:
+            raise SdpError(f"{what}: expected rid= or pt= after {token}, got {listed[:20]!r}")
+        i += 2
+    if not result.streams:
+        raise SdpError(f"{what}: no send or recv stream list")
+    for streams in result.streams.values():
+        for alternatives in streams:
+            alternatives[:] = [(rid, p or rid in paused) for rid, p in alternatives]
+    return result
+
+
+def _parse_simulcast_streams(text: str, what: str) -> list[list[tuple[str, bool]]]:
+    """``q;~h;f1,f2`` -> ``[[("q", False)], [("h", True)], [("f1", False), ("f2", False)]]``."""
+    streams: list[list[tuple[str, bool]]] = []
+    count = 0
+    for listed in text.split(";"):
+        if not listed:
+            raise SdpError(f"{what}: empty stream in {text[:40]!r}")
+        alternatives: list[tuple[str, bool]] = []
+        for sc_id in listed.split(","):
+            paused = sc_id.startswith("~")
+            alternatives.append((_check_rid_id(sc_id[1:] if paused else sc_id, what), paused))
+            count += 1
+        streams.append(alternatives)
+    if count > MAX_RIDS:
+        raise SdpError(f"{what}: more than {MAX_RIDS} rids")
+    return streams
+
+
+def _finish_simulcast(b: _MediaBuilder) -> None:
+    """Check ``a=simulcast`` against the ``a=rid`` lines and set ``simulcast_layers``."""
+    desc = b.desc
+    where = f"m-line {desc.index}"
+    sims = [ssrcs for semantics, ssrcs in desc.ssrc_groups if semantics.upper() == "SIM"]
+    if len(sims) > 1:
+        raise SdpError(f"{where}: more than one a=ssrc-group:SIM")
+    for ssrcs in sims:
+        if not ssrcs:
+            raise SdpError(f"{where}: a=ssrc-group:SIM lists no SSRC")
+        if len(ssrcs) > MAX_SIM_SSRCS:
+            raise SdpError(f"{where}: a=ssrc-group:SIM lists more than {MAX_SIM_SSRCS} SSRCs")
+        if len(set(ssrcs)) != len(ssrcs):
+            raise SdpError(f"{where}: a=ssrc-group:SIM lists an SSRC twice")
+
+    spec = b.simulcast
+    if spec is not None:
+        declared = {r.rid: r for r in desc.rid_descriptions}
+        layers: list[SimulcastLayer] = []
+        for direction, streams in spec.streams.items():
+            for s_index, alternatives in enumerate(streams):
+                for a_index, (rid, paused) in enumerate(alternatives):
+                    if any(layer.rid == rid for layer in layers):
+                        raise SdpError(f"{where}: a=simulcast lists rid {rid!r} twice")
+                    r = declared.get(rid)
+                    if r is None or r.direction != direction:
+                        # RFC 8853 §5.2: a rid-id's direction in a=simulcast is that of its a=rid
+                        raise SdpError(
+                            f"{where}: a=simulcast {direction} lists rid {rid!r} "
+                            f"that no a=rid:{rid} {direction} line declares"
+                        )
+                    layers.append(
+                        SimulcastLayer(rid, direction, s_index, a_index, paused, r.restrictions)
+                    )
+        if layers:
+            desc.simulcast_layers = layers
+            return
+    if sims:
+        desc.simulcast_layers = [
+            SimulcastLayer(None, "send", i, ssrc=ssrc, rtx_ssrc=desc.rtx_ssrc(ssrc))
+            for i, ssrc in enumerate(sims[0])
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,6 +1160,11 @@ class AnsweredMedia:
     codecs: list[Codec]
     extmaps: list[Extmap]
     offer: MediaDescription
+    #: The publisher's simulcast layers the relay receives on this m-line, in the offer's
+    #: order (see :class:`SimulcastLayer`): the RID layers the answer accepts with
+    #: ``a=rid:<id> recv``, their restrictions as answered (see :func:`_answer_rid`), or the
+    #: SSRC layers of the offer's ``a=ssrc-group:SIM``. Empty without simulcast.
+    layers: list[SimulcastLayer] = field(default_factory=list)
 
 
 def _copy_codec(c: Codec, *, keep_rtx: bool, extra_fb: AbstractSet[str] = frozenset()) -> Codec:
@@ -991,6 +1344,7 @@ def build_answer(
     congestion_control: str = "auto",
     *,
     codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
+    simulcast: bool = True,
 ) -> tuple[str, list[AnsweredMedia]]:
     """Answer a publisher offer: receive what the client sends, over one bundled transport.
 
@@ -1007,6 +1361,13 @@ def build_answer(
     ``a=extmap-allow-mixed`` is answered where it was offered (session or media level), and
     only then are extension ids above 14 taken (RFC 8285). A data channel (``m=application``)
     is rejected with port 0 and left out of the answer's BUNDLE group.
+
+    RID simulcast (``a=simulcast:send`` with ``a=rid`` lines) offered on a video m-line the
+    relay receives is answered with ``a=rid:<id> recv`` and ``a=simulcast:recv`` (see
+    :func:`_answer_simulcast`) when the offer's rtp-stream-id extension is accepted, unless
+    ``simulcast`` is False: then the client sends one stream. SSRC simulcast
+    (``a=ssrc-group:SIM``) needs nothing in the answer. Either way the layers received are in
+    :attr:`AnsweredMedia.layers`.
     """
     if not offer.bundle_mids:
         raise SdpError("offer has no a=group:BUNDLE (BUNDLE is required)")
@@ -1031,7 +1392,9 @@ def build_answer(
     answered: list[AnsweredMedia] = []
     for m in offer.media:
         answered.append(
-            _answer_media(m, bundle, fb, extensions, _allows_mixed(offer, m), codec_preference)
+            _answer_media(
+                m, bundle, fb, extensions, _allows_mixed(offer, m), codec_preference, simulcast
+            )
         )
 
     accepted_mids = {a.mid for a in answered if not a.rejected}
@@ -1066,6 +1429,7 @@ def build_answer(
         if m.rtcp_rsize:
             lines.append("a=rtcp-rsize")
         lines += _codec_lines(a.codecs)
+        lines += _simulcast_lines(a)
         lines += _candidate_lines(local)
     return _join(lines), answered
 
@@ -1077,6 +1441,7 @@ def _answer_media(
     extensions: set[str],
     allow_mixed: bool = False,
     codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
+    simulcast: bool = True,
 ) -> AnsweredMedia:
     def reject(reason: str) -> AnsweredMedia:
         return AnsweredMedia(m.mid, m.kind, True, reason, "inactive", [], [], m)
@@ -1096,7 +1461,115 @@ def _answer_media(
         return reject("no supported codec")
     direction = "recvonly" if m.direction in ("sendonly", "sendrecv") else "inactive"
     extmaps = _accept_extmaps(m, extensions, allow_mixed)
-    return AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, extmaps, m)
+    answered = AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, extmaps, m)
+    if direction == "recvonly" and m.kind == "video":
+        answered.layers = _answer_simulcast(answered, simulcast)
+    return answered
+
+
+def _answer_simulcast(a: AnsweredMedia, rid_simulcast: bool) -> list[SimulcastLayer]:
+    """The publisher's layers the relay receives on an accepted video m-line.
+
+    SSRC layers (``a=ssrc-group:SIM``) as offered: the client sends them whatever the answer.
+    RID layers, answered as RFC 8851 §6.2.2/§6.3 and RFC 8853 §5.3.2 say, only when
+    ``rid_simulcast`` is set and the answer accepts the rtp-stream-id extension (without it
+    the relay could not tell the layers apart): each offered ``send`` layer whose ``a=rid``
+    :func:`_answer_rid` keeps, in the offer's order, the rid-ids unchanged (RFC 8851 §6.3).
+    The ``~`` paused marks are answered as offered: libwebrtc offers an inactive encoding as
+    paused and applies the answer's marks to its encodings, so dropping one would turn on a
+    layer the application turned off. The offer's ``recv`` layers are not answered: the relay
+    sends nothing on a publisher's m-line, and each subscriber gets one stream.
+    """
+    offered = a.offer.simulcast_layers
+    if offered and offered[0].rid is None:
+        return list(offered)
+    if not rid_simulcast or not any(e.uri == ext.RTP_STREAM_ID_URI for e in a.extmaps):
+        return []
+    layers: list[SimulcastLayer] = []
+    for layer in offered:
+        if layer.direction != "send":
+            continue
+        restrictions = _answer_rid(layer.restrictions, a.codecs)
+        if restrictions is not None:
+            layers.append(dataclasses.replace(layer, restrictions=restrictions))
+    return layers
+
+
+def _answer_rid(offered: RidRestrictions, codecs: list[Codec]) -> RidRestrictions | None:
+    """The restrictions of the answer's ``a=rid:<id> recv`` for an offered ``send`` rid, or
+    None to leave the rid (and its simulcast layer) out of the answer.
+
+    - ``pt=``: only the payload types the answer's m-line keeps (RFC 8851 §6.2.2 step 3 and
+      §6.3 step 4); without the answered codec's (an RTX one alone is not enough) the relay
+      cannot receive the stream: the rid is removed. No ``pt=`` offered, none answered (§6.3
+      step 4).
+    - ``depend=``: the rid is removed (§6.3 step 5, a payload configuration the relay cannot
+      support): the relay forwards each layer alone, and a layer that depends on another does
+      not decode alone.
+    - max-width, max-height, max-fps, max-fs, max-br, max-pps, max-bpp: echoed unchanged.
+      The relay takes whatever the client sends within them; §6.3 step 2 lets an answer keep
+      an offered value or make it stricter, never add a restriction.
+    - any other restriction, and a known one offered without a value: dropped (§6.3 step 2
+      allows leaving out; the relay does not add a restriction it does not interpret).
+    """
+    if offered.depend:
+        return None
+    pts: tuple[int, ...] = ()
+    if offered.payload_types:
+        answer_pts = set(_codec_pts(codecs))
+        pts = tuple(pt for pt in offered.payload_types if pt in answer_pts)
+        if not any(c.payload_type in pts for c in codecs):
+            return None
+    return RidRestrictions(
+        payload_types=pts,
+        max_width=offered.max_width,
+        max_height=offered.max_height,
+        max_fps=offered.max_fps,
+        max_fs=offered.max_fs,
+        max_br=offered.max_br,
+        max_pps=offered.max_pps,
+        max_bpp=offered.max_bpp,
+    )
+
+
+def _format_rid_restrictions(r: RidRestrictions) -> str:
+    """`` pt=96;max-width=1280;max-height=720`` (with its leading space), or ``""``."""
+    items = ["pt=" + ",".join(str(pt) for pt in r.payload_types)] if r.payload_types else []
+    for name, attr in _RID_INT_RESTRICTIONS:
+        value = getattr(r, attr)
+        if value is not None:
+            items.append(f"{name}={value}")
+    if r.max_bpp is not None:
+        text = f"{r.max_bpp:.10f}".rstrip("0")
+        items.append(f"max-bpp={text}0" if text.endswith(".") else f"max-bpp={text}")
+    return " " + ";".join(items) if items else ""
+
+
+def _simulcast_lines(a: AnsweredMedia) -> list[str]:
+    """``a=rid:<id> recv ...`` per answered RID layer and ``a=simulcast:recv <streams>``,
+    streams and alternatives in the offer's order (RFC 8853 §5.3.2: the answer may remove
+    streams or alternatives, not add any), in the offer's form (RFC 8853 or the
+    draft-03 form old Firefox writes). Nothing for SSRC simulcast or without simulcast."""
+    layers = [layer for layer in a.layers if layer.rid is not None]
+    if not layers:
+        return []
+    lines = [
+        f"a=rid:{layer.rid} recv{_format_rid_restrictions(layer.restrictions)}" for layer in layers
+    ]
+    streams: dict[int, list[SimulcastLayer]] = {}
+    for layer in layers:
+        streams.setdefault(layer.stream, []).append(layer)
+    if a.offer.simulcast_draft:
+        listed = ";".join(",".join(str(x.rid) for x in alts) for alts in streams.values())
+        paused = ",".join(str(x.rid) for x in layers if x.paused)
+        lines.append(f"a=simulcast: recv rid={listed}" + (f" paused={paused}" if paused else ""))
+    else:
+        listed = ";".join(
+            ",".join(("~" if x.paused else "") + str(x.rid) for x in alts)
+            for alts in streams.values()
+        )
+        lines.append(f"a=simulcast:recv {listed}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,6 +104,21 @@ class SubscriberRenegotiate(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PublisherLayers(Event):
+    """The simulcast layers of a track some subscriber receives or is moving to changed: the
+    publisher may stop encoding the others (``RTCRtpSender.setParameters``, ``active:
+    false``) and start them again when they are wanted."""
+
+    type: ClassVar[str] = "publisher.layers"
+    participant_id: str
+    track_id: str
+    #: rids of the wanted layers, in the offer's order
+    wanted: list[str]
+    #: rids of the layers nobody receives
+    unused: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class SpeakerChanged(Event):
     type: ClassVar[str] = "speaker.changed"
     #: the loudest participant, or None when nobody speaks
@@ -124,6 +139,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TrackUnmuted,
         TrackUnsupported,
         SubscriberRenegotiate,
+        PublisherLayers,
         SpeakerChanged,
     )
 }

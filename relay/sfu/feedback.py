@@ -38,7 +38,6 @@ from relay.rtc.nack import (
     MIN_RESEND_INTERVAL,
     RESEND_OVERHEAD,
     NackGenerator,
-    PacketHistory,
     RetransmissionBudget,
     rtx_wrap,
 )
@@ -206,8 +205,11 @@ class ReceiverReports:
         if not leg.transport.ready:
             return
         self.timer.arm(now + self.interval)
-        tracks = leg.participant.tracks.values()
-        blocks = [t.stats.report_block(now) for t in tracks if t.stats and t.stats.packets_received]
+        blocks = [
+            t.stats.report_block(now)
+            for t in leg.receive_streams()
+            if t.stats and t.stats.packets_received
+        ]
         if not blocks:
             return
         leg.send_rtcp(rtcp.receiver_report(leg.participant.rtcp_ssrc, blocks[:31]))
@@ -286,7 +288,8 @@ class TransportCcSender:
 
 
 class NackResponder:
-    """Answers one subscriber's NACKs for one outbound stream from the track's packet history.
+    """Answers one subscriber's NACKs for one outbound stream from the packet history of the
+    track (with simulcast: of the layer) it is forwarded from.
 
     The history is the track's, shared by every subscriber: a packet is stored once, as the
     publisher sent it, and rewritten for the asking subscriber when it is resent. Each packet
@@ -299,7 +302,6 @@ class NackResponder:
 
     __slots__ = (
         "stream",
-        "history",
         "budget",
         "rtx_ssrc",
         "rtx_payload_type",
@@ -318,21 +320,21 @@ class NackResponder:
     def __init__(
         self,
         stream: OutboundStream,
-        history: PacketHistory,
+        capacity: int,
         budget_fraction: float,
         rtx: tuple[int, int, int] | None,
     ) -> None:
-        """``rtx``: (RTX SSRC, RTX payload type, first RTX sequence number), None without."""
+        """``capacity``: the tracks' history capacity (a power of two); ``rtx``: (RTX SSRC,
+        RTX payload type, first RTX sequence number), None without."""
         self.stream = stream
-        self.history = history
         self.budget = RetransmissionBudget(budget_fraction)
         self.rtx_ssrc, self.rtx_payload_type, self.rtx_seq = rtx or (0, 0, 0)
         #: ``out_seq << 16 | transport-wide stamp`` of the packets sent recently, by
         #: ``out_seq & stamp_mask`` (only without RTX: a resend must repeat the stamp)
         self.stamps: array[int] | None = None
-        self.stamp_mask = history.capacity - 1
+        self.stamp_mask = capacity - 1
         if rtx is None:
-            self.stamps = array("I", bytes(4 * history.capacity))
+            self.stamps = array("I", bytes(4 * capacity))
         #: output seq -> (time of the last resend, resends)
         self._resent: dict[int, tuple[float, int]] = {}
         self.nacks_received = 0
@@ -351,7 +353,8 @@ class NackResponder:
         not in the history (counted in :attr:`misses`) or is suppressed."""
         stream = self.stream
         in_seq = stream.rewriter.input_seq_of(out_seq)
-        stored = None if in_seq is None else self.history.get(in_seq, now)
+        history = stream.track.history  # the layer's the stream is on now, with simulcast
+        stored = None if in_seq is None or history is None else history.get(in_seq, now)
         if stored is None:
             self.misses += 1
             return None

@@ -25,6 +25,7 @@ from relay.rtc.transport import Address, WebRtcTransport
 if TYPE_CHECKING:
     from relay.metrics import Metrics
     from relay.sfu.feedback import NackResponder, TransportCcSender
+    from relay.sfu.participant import Participant
     from relay.sfu.track import Track
 
 #: how many of our recent sender reports are remembered to compute RTT from receiver reports
@@ -43,6 +44,8 @@ class OutboundStream:
 
     __slots__ = (
         "track",
+        "target",
+        "participant",
         "metrics",
         "ssrc",
         "payload_type",
@@ -63,8 +66,15 @@ class OutboundStream:
         "sr_sent",
     )
 
-    def __init__(self, track: Track, payload_type: int, metrics: Metrics) -> None:
+    def __init__(
+        self, track: Track, payload_type: int, metrics: Metrics, participant: Participant
+    ) -> None:
+        #: the track (with simulcast: the layer) this stream is forwarded from now, and the
+        #: layer it should be forwarded from (it moves there at that layer's next keyframe)
         self.track = track
+        self.target: Track | None = None
+        #: the subscribing participant
+        self.participant = participant
         self.metrics = metrics
         self.ssrc = secrets.randbits(32) or 1
         self.payload_type = payload_type

@@ -42,6 +42,8 @@ class PublisherLeg(Leg):
         self.mid_ext_id: int | None = None
         #: ... and of repaired-rtp-stream-id, which only RTX packets carry
         self.repaired_rid_ext_id: int | None = None
+        #: ... and of rtp-stream-id, which names a simulcast layer (RFC 8852)
+        self.rid_ext_id: int | None = None
         #: payload types unique to one published m-line of a track with unsignalled SSRCs ->
         #: (track, is the RTX payload type): the last way to route a packet with an unknown
         #: SSRC and no mid (RFC 8843 §9.2)
@@ -92,6 +94,13 @@ class PublisherLeg(Leg):
                 except RtpError:
                     metrics.drops["rtx_padding"] += 1
                     return
+                history = track.history
+                if history is not None and history.get(seq) is not None:
+                    # libwebrtc probes bandwidth with retransmissions of packets it sent
+                    # before: the subscribers have them (a second copy would be an SRTP
+                    # replay for them)
+                    metrics.drops["rtx_duplicate"] += 1
+                    return
                 track.rtx_received += 1
         if pt != track.payload_type:
             metrics.drops["unknown_payload_type"] += 1
@@ -115,9 +124,21 @@ class PublisherLeg(Leg):
                     break
         if track is not None:
             rrid_id = self.repaired_rid_ext_id
+            repaired = next((v for i, v in elements if i == rrid_id), None) if rrid_id else None
             is_rtx = (pt == track.rtx_payload_type and pt != track.payload_type) or (
-                bool(rrid_id) and any(ext_id == rrid_id for ext_id, _ in elements)
+                repaired is not None
             )
+            if track.layers:
+                # simulcast: the rid (of the stream an RTX packet repairs) names the layer
+                rid_id = self.rid_ext_id
+                rid_value = repaired
+                if rid_value is None and rid_id:
+                    rid_value = next((v for i, v in elements if i == rid_id), None)
+                rid = rid_value.decode("ascii", "replace") if rid_value is not None else None
+                layer = next((t for t in track.layers if t.rid == rid), None)
+                if layer is None:
+                    return None
+                track = layer
         else:
             route = self.payload_routes.get(pt)
             if route is None:
@@ -142,6 +163,8 @@ class PublisherLeg(Leg):
         used by one m-line only, of a track whose SSRCs the SDP does not name."""
         seen: dict[int, list[tuple[Track, bool]]] = {}
         for track in self.participant.tracks.values():
+            if track.layers:
+                continue  # the layers share the payload types: only mid and rid tell them apart
             seen.setdefault(track.payload_type, []).append((track, False))
             if track.rtx_payload_type is not None:
                 seen.setdefault(track.rtx_payload_type, []).append((track, True))
@@ -152,17 +175,22 @@ class PublisherLeg(Leg):
         }
 
     def unroute(self, track: Track) -> None:
-        """Forget the SSRCs (media and RTX) that lead packets to `track`."""
-        for ssrc in [s for s, t in self.ssrc_map.items() if t is track]:
+        """Forget the SSRCs (media and RTX) that lead packets to `track` or its layers."""
+        targets = [track, *track.layers]
+        for ssrc in [s for s, t in self.ssrc_map.items() if any(t is x for x in targets)]:
             del self.ssrc_map[ssrc]
-        if track.rtx_ssrc is not None and self.rtx_map.get(track.rtx_ssrc) is track:
-            del self.rtx_map[track.rtx_ssrc]
+        for ssrc in [s for s, t in self.rtx_map.items() if any(t is x for x in targets)]:
+            del self.rtx_map[ssrc]
+
+    def receive_streams(self) -> list[Track]:
+        """Every track (or simulcast layer) that receives packets on this leg."""
+        return [t for track in self.participant.tracks.values() for t in track.receive_streams()]
 
     def media_ssrcs(self) -> list[int]:
-        return [t.ssrc for t in self.participant.tracks.values() if t.ssrc is not None]
+        return [t.ssrc for t in self.receive_streams() if t.ssrc is not None]
 
     def any_media_ssrc(self) -> int | None:
-        return next((t.ssrc for t in self.participant.tracks.values() if t.ssrc), None)
+        return next((t.ssrc for t in self.receive_streams() if t.ssrc), None)
 
     # -- RTCP -----------------------------------------------------------------------------
     def receive_rtcp(self, data: bytes, plain: bytes | None = None) -> None:
@@ -182,12 +210,9 @@ class PublisherLeg(Leg):
         """The publisher's SR for each subscriber (its SSRC, its timestamps, its counts). The
         NTP time is kept: audio and video of one publisher share its clock, which is what the
         subscriber needs for lip sync."""
-        for sub in track.subscriptions.values():
-            if not sub.active:
-                continue
-            stream = sub.stream
+        for stream in track.outputs:
             translated = stream.sender_report(sr.ntp_timestamp, sr.rtp_timestamp, now)
-            leg = sub.participant.subscriber_leg
+            leg = stream.participant.subscriber_leg
             if translated is None or leg is None:
                 continue
             out_ts, ntp = translated
@@ -199,7 +224,7 @@ class PublisherLeg(Leg):
                     stream.packets_sent & 0xFFFFFFFF,
                     stream.payload_bytes & 0xFFFFFFFF,
                 )
-                + rtcp.sdes_cname(stream.ssrc, sub.participant.cname)
+                + rtcp.sdes_cname(stream.ssrc, stream.participant.cname)
             )
 
     def on_connected(self, now: float) -> None:

@@ -27,6 +27,7 @@ from relay.rtc.extensions import (
     MID_URI,
     PLAYOUT_DELAY_URI,
     REPAIRED_RTP_STREAM_ID_URI,
+    RTP_STREAM_ID_URI,
     TOFFSET_URI,
     TRANSPORT_CC_URI,
     VIDEO_ORIENTATION_URI,
@@ -434,13 +435,15 @@ class Sfu:
             first.fingerprints,
             dtls_server=(first.setup or "actpass") != "passive",
         )
-        leg.mid_ext_id = leg.repaired_rid_ext_id = None
+        leg.mid_ext_id = leg.repaired_rid_ext_id = leg.rid_ext_id = None
         for m in accepted:
             for ext in m.extmaps:
                 if ext.uri == MID_URI:
                     leg.mid_ext_id = ext.id
                 elif ext.uri == REPAIRED_RTP_STREAM_ID_URI:
                     leg.repaired_rid_ext_id = ext.id
+                elif ext.uri == RTP_STREAM_ID_URI:
+                    leg.rid_ext_id = ext.id
         self._configure_feedback(leg, accepted)
         for track in list(p.tracks.values()):
             if track.mid not in kept:
@@ -480,12 +483,18 @@ class Sfu:
         track.audio_level_id = next((e.id for e in m.extmaps if e.uri == AUDIO_LEVEL_URI), 0)
         track.rtx_payload_type = codec.rtx_payload_type
         rtp = self.settings.rtp
-        track.enable_retransmission(
-            rtp.nack and m.kind == "video" and "nack" in codec.rtcp_fb,
-            rtp.history_size if rtp.nack else 0,
+        nack = rtp.nack and m.kind == "video" and "nack" in codec.rtcp_fb
+        history_size = rtp.history_size if rtp.nack else 0
+        self._configure_layers(leg, track, m, nack, history_size)
+        if track.layers:
+            track.enable_retransmission(False, 0)  # the layers receive, not the track
+            media_ssrc = rtx_ssrc = None
+        else:
+            track.enable_retransmission(nack, history_size)
+            media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
+        track.ssrc_signalled = media_ssrc is not None or any(
+            layer.ssrc_signalled for layer in track.layers
         )
-        media_ssrc, rtx_ssrc = _media_ssrcs(m.offer)
-        track.ssrc_signalled = media_ssrc is not None
         if media_ssrc is not None:
             # signalled SSRCs replace whatever was bound; unsignalled ones keep what the media
             # router learned from packets (by mid or payload type), which may be all there is
@@ -513,6 +522,122 @@ class Sfu:
         else:
             for sub in track.subscriptions.values():
                 self._configure_extensions(sub)
+
+    def _configure_layers(
+        self,
+        leg: PublisherLeg,
+        track: Track,
+        m: sdpmod.AnsweredMedia,
+        nack: bool,
+        history_size: int,
+    ) -> None:
+        """Simulcast: one layer per stream the answer receives (RID layers, or the SSRCs of an
+        ``a=ssrc-group:SIM``), each a Track of its own that the publisher leg routes to by rid
+        or SSRC. Layers that stay the same keep their state; a changed list replaces them."""
+        wanted = [(layer.rid, layer.ssrc, layer.rtx_ssrc) for layer in m.layers]
+        if len(wanted) < 2:
+            wanted = []
+        current = [(layer.rid, layer.ssrc, layer.rtx_ssrc) for layer in track.layers]
+        now = self.clock()
+        if wanted != current:
+            leg.unroute(track)
+            for old in track.layers:
+                old.ended = True
+                old.close()
+            track.layers = []
+            for index, (rid, ssrc, rtx_ssrc) in enumerate(wanted):
+                layer = Track(
+                    self.media,
+                    f"{track.track_id}.{rid if rid is not None else index}",
+                    track.participant,
+                    track.kind,
+                    track.mid,
+                    track.codec,
+                    track.ext_uris,
+                )
+                layer.parent = track
+                layer.rid = rid
+                if ssrc is not None:  # SSRC simulcast: the SDP names each layer's SSRCs
+                    layer.ssrc_signalled = True
+                    leg.ssrc_map[ssrc] = layer
+                    layer.set_ssrc(ssrc, now)
+                    layer.rtx_ssrc = rtx_ssrc
+                track.layers.append(layer)
+            for sub in track.subscriptions.values():
+                sub.stream.track = track  # placed anew on a layer
+                sub.stream.target = None
+        for layer in track.layers:
+            layer.codec = track.codec
+            layer.payload_type = track.payload_type
+            layer.ext_uris = track.ext_uris
+            layer.rtx_payload_type = track.rtx_payload_type
+            if layer.rtx_ssrc is not None and layer.rtx_payload_type is not None:
+                leg.rtx_map[layer.rtx_ssrc] = layer
+            layer.enable_retransmission(nack, history_size)
+        if track.layers:
+            self._allocate(track, now)
+            track.rebuild_outputs()
+
+    def _allocate(self, track: Track, now: float) -> bool:
+        """Choose the layer each active subscription of a simulcast track is forwarded from:
+        the best one within the subscriber's size limits (the lowest when none fits), the
+        best one without limits. Layers are ranked by the picture size their keyframes
+        announce, else by bit rate, else in the offer's order; layers that send nothing are
+        left out while others send. A stream moving to another layer asks that layer for a
+        keyframe (it switches there). True when some target changed."""
+        layers = track.layers
+        if not layers:
+            return False
+        live = [t for t in layers if t.packets and now - t.last_packet < 2.0] or layers
+        if all(t.height for t in live):
+            ranked = sorted(live, key=lambda t: (t.height, t.width, t.bitrate))
+        elif any(t.bitrate for t in live):
+            ranked = sorted(live, key=lambda t: t.bitrate)
+        else:
+            ranked = list(live)
+        changed = False
+        for sub in track.subscriptions.values():
+            if not sub.active:
+                continue
+            target = ranked[-1]
+            if sub.max_width is not None or sub.max_height is not None:
+                fitting = [
+                    t
+                    for t in ranked
+                    if t.height
+                    and (sub.max_height is None or t.height <= sub.max_height)
+                    and (sub.max_width is None or t.width <= sub.max_width)
+                ]
+                target = fitting[-1] if fitting else ranked[0]
+            stream = sub.stream
+            if stream.target is not target:
+                stream.target = target
+                changed = True
+                if stream.track is not target and stream.track in layers:
+                    target.keyframes.request(now, force=True)
+        return changed
+
+    def _announce_layers(self, track: Track) -> None:
+        """``publisher.layers`` when the set of layers some subscriber receives or moves to
+        changed (nobody subscribed: none are wanted)."""
+        used = {
+            id(t)
+            for s in track.subscriptions.values()
+            if s.active
+            for t in (s.stream.track, s.stream.target)
+        }
+        wanted = [str(t.rid) for t in track.layers if id(t) in used]
+        if wanted == track.wanted_layers:
+            return
+        track.wanted_layers = wanted
+        self.emit(
+            events.PublisherLayers,
+            track.participant.room,
+            participant_id=track.participant_id,
+            track_id=track.track_id,
+            wanted=wanted,
+            unused=[str(t.rid) for t in track.layers if id(t) not in used],
+        )
 
     def _unpublish(self, track: Track) -> None:
         p = track.participant
@@ -738,18 +863,21 @@ class Sfu:
         self.refresh_outputs(p)
 
     def _configure_retransmission(self, sub: Subscription, codec: Codec) -> None:
-        """Answer the subscriber's NACKs when its answer kept NACK (on RTX when it kept RTX)."""
+        """Answer the subscriber's NACKs when its answer kept NACK (on RTX when it kept RTX)
+        and the track keeps a history (video with NACK enabled)."""
         stream = sub.stream
-        history = sub.track.history
-        if sub.rtx_payload_type is None or "nack" not in codec.rtcp_fb or history is None:
+        track = sub.track
+        kept = any(t.history is not None for t in track.receive_streams())
+        if sub.rtx_payload_type is None or "nack" not in codec.rtcp_fb or not kept:
             stream.nack = None
             return
         use_rtx = codec.rtx_payload_type == sub.rtx_payload_type
         current = stream.nack
-        if current is not None and current.use_rtx == use_rtx and current.history is history:
+        if current is not None and current.use_rtx == use_rtx:
             return
+        capacity = next(t.history.capacity for t in track.receive_streams() if t.history)
         rtx = (sub.rtx_ssrc, sub.rtx_payload_type, secrets.randbits(15)) if use_rtx else None
-        stream.nack = NackResponder(stream, history, self.settings.rtp.retransmission_budget, rtx)
+        stream.nack = NackResponder(stream, capacity, self.settings.rtp.retransmission_budget, rtx)
 
     def _declined(self, sub: Subscription, reason: str) -> None:
         """Record that a subscriber's answer did not take a track: an event when that is news."""
@@ -803,11 +931,13 @@ class Sfu:
                     sub.stream.attach(leg.transport, leg.twcc)
                     # forwarding (re)starts on the track's next keyframe, asked for now
                     sub.stream.restart(now)
+                    self._allocate(sub.track, now)
                 else:
                     sub.stream.detach()
                 sub.track.rebuild_outputs()
                 if active and sub.track.kind == "video":
-                    sub.track.keyframes.request(now, force=True)
+                    # the stream's track: with simulcast, the layer it was placed on
+                    sub.stream.track.keyframes.request(now, force=True)
 
     def set_subscription_preferences(
         self,
@@ -849,6 +979,8 @@ class Sfu:
                 raise BadRequest(f"{key} must be a number in (0, {limit}]", code="invalid_field")
             setattr(sub, key, value)
         self.refresh_outputs(p)
+        if self._allocate(sub.track, self.clock()):
+            sub.track.rebuild_outputs()
         return sub
 
     # -- leg callbacks (from the media port) ----------------------------------------------
@@ -866,8 +998,9 @@ class Sfu:
         elif leg is p.publisher_leg:
             p.publisher_leg.on_connected(now)
             for track in p.tracks.values():
-                if track.kind == "video" and track.outputs:
-                    track.keyframes.request(now, force=True)
+                for receiving in track.receive_streams():
+                    if track.kind == "video" and (receiving.outputs or receiving.pending):
+                        receiving.keyframes.request(now, force=True)
 
     def on_leg_failed(self, leg: Leg) -> None:
         p = leg.participant
@@ -926,6 +1059,14 @@ class Sfu:
         return False
 
     def _track_tick(self, track: Track, now: float, interval: float) -> None:
+        if track.layers:
+            for layer in track.layers:
+                layer.tick(interval)
+            track.packets = sum(layer.packets for layer in track.layers)
+            track.bytes = sum(layer.bytes for layer in track.layers)
+            if self._allocate(track, now):
+                track.rebuild_outputs()
+            self._announce_layers(track)
         before = track.bytes - track._bytes_at_tick
         track.tick(interval)
         if before > 0:

@@ -31,7 +31,7 @@ class Subscription:
         self.mid = mid
         self.payload_type = payload_type
         #: the packet path's end for this subscriber
-        self.stream = OutboundStream(track, payload_type, metrics)
+        self.stream = OutboundStream(track, payload_type, metrics, participant)
         self.rtx_ssrc = secrets.randbits(32) or 1
         #: the RTX payload type offered, when the relay offers retransmissions
         self.rtx_payload_type: int | None = None

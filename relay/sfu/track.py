@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from relay.rtc.codecs import KeyframeStart, keyframe_detector
+from relay.rtc.codecs import KeyframeStart, keyframe_detector, vp8_keyframe_size
 from relay.rtc.nack import PacketHistory
 from relay.rtc.rtp import ReceiveStatistics
 from relay.rtc.sdp import Codec
@@ -90,6 +90,21 @@ class Track:
         self.level_sum = 0
         self.level_count = 0
         self.last_media = 0.0
+        #: simulcast: the layers of this track (each a Track of its own with its SSRCs,
+        #: statistics, loss recovery and fan-out; this one then receives nothing itself),
+        #: and, on a layer, the track it belongs to and its rid
+        self.layers: list[Track] = []
+        self.parent: Track | None = None
+        self.rid: str | None = None
+        #: on a layer: streams that move here from another layer at this layer's next
+        #: keyframe, the picture size its keyframes announce (VP8), its latest packet
+        self.pending: list[OutboundStream] = []
+        self.width = 0
+        self.height = 0
+        self.last_packet = 0.0
+        self._vp8 = codec.name.lower() == "vp8"
+        #: on a simulcast track: the rids last announced as wanted (publisher.layers)
+        self.wanted_layers: list[str] | None = None
 
     @property
     def participant_id(self) -> str:
@@ -108,6 +123,8 @@ class Track:
                 self.history.clear()
             for sub in self.subscriptions.values():
                 sub.stream.restart(now)
+            for stream in self.outputs if self.parent is not None else ():
+                stream.restart(now)  # a layer's new source: the streams on it start over
 
     def enable_retransmission(self, nack: bool, history_size: int) -> None:
         """NACK generation upstream (``nack``) and the history that answers subscribers."""
@@ -120,8 +137,57 @@ class Track:
             self.history = PacketHistory(history_size, max_age=HISTORY_AGE)
 
     def rebuild_outputs(self) -> None:
-        """Recompute the fan-out list after any subscription changed state."""
-        self.outputs = [s.stream for s in self.subscriptions.values() if s.active]
+        """Recompute the fan-out lists after any subscription changed state. With simulcast,
+        each active stream is forwarded from the layer it is on (``stream.track``) and, when
+        its target layer is another one, waits in that layer's :attr:`pending` list for a
+        keyframe; a stream on none of the layers starts on its target."""
+        active = [s.stream for s in self.subscriptions.values() if s.active]
+        layers = self.layers
+        if not layers:
+            self.outputs = active
+            return
+        outputs: dict[int, list[OutboundStream]] = {id(layer): [] for layer in layers}
+        pending: dict[int, list[OutboundStream]] = {id(layer): [] for layer in layers}
+        for stream in active:
+            target = stream.target if stream.target in layers else layers[-1]
+            current = stream.track
+            if current not in layers:
+                stream.track = current = target
+                stream.target = target
+            outputs[id(current)].append(stream)
+            if target is not current:
+                pending[id(target)].append(stream)
+        for layer in layers:
+            layer.outputs = outputs[id(layer)]
+            layer.pending = pending[id(layer)]
+
+    def receive_streams(self) -> list[Track]:
+        """The tracks that receive packets: the layers with simulcast, else this one."""
+        return self.layers or [self]
+
+    def _layer_keyframe(self, plain: bytes, offset: int, now: float) -> None:
+        """A newest packet of a simulcast layer: at the first packet of a keyframe, note the
+        picture size and take over the streams waiting to switch to this layer."""
+        keyframe_start = self.keyframe_start
+        if keyframe_start is None or not keyframe_start(plain, offset):
+            return
+        self.keyframes.arrived = now
+        if self._vp8:
+            size = vp8_keyframe_size(plain, offset)
+            if size is not None:
+                self.width, self.height = size
+        if not self.pending:
+            return
+        moving = self.pending
+        self.pending = []
+        for stream in moving:
+            old = stream.track
+            if old is not self:
+                old.outputs = [s for s in old.outputs if s is not stream]
+                stream.track = self
+                stream.rewriter.switch_source()
+                stream.start_by = now
+        self.outputs = self.outputs + [s for s in moving if s not in self.outputs]
 
     # -- the packet path ------------------------------------------------------------------
     def receive(
@@ -142,6 +208,9 @@ class Track:
         newest = highest < 0 or 0 < ((seq - highest) & 0xFFFF) < 0x8000
         if newest:
             self.highest_seq = seq
+            if self.parent is not None:
+                self.last_packet = now
+                self._layer_keyframe(plain, offset, now)
         metrics = self.metrics
         metrics.packets_in += 1
         metrics.bytes_in += size
@@ -182,10 +251,13 @@ class Track:
         metrics.forward_latency.observe(self.ctx.clock() - now)
 
     def close(self) -> None:
-        """The track ended: stop its timers."""
+        """The track ended: stop its timers (and its layers')."""
         self.keyframes.close()
         if self.nack is not None:
             self.nack.close()
+        for layer in self.layers:
+            layer.ended = True
+            layer.close()
 
     # -- housekeeping and views -----------------------------------------------------------
     def tick(self, interval: float) -> None:
@@ -200,10 +272,32 @@ class Track:
             "codec": self.codec.mime_type,
             "mid": self.mid,
             "muted": self.muted,
-            "simulcast_layers": [],
+            "simulcast_layers": [layer.layer_dict() for layer in self.layers],
+        }
+
+    def layer_dict(self) -> dict[str, Any]:
+        """A simulcast layer as the API shows it."""
+        return {
+            "rid": self.rid,
+            "ssrc": self.ssrc,
+            "width": self.width or None,
+            "height": self.height or None,
+            "bitrate": self.bitrate,
         }
 
     def stats_dict(self) -> dict[str, Any]:
+        if self.layers:
+            layers = [layer.stats_dict() for layer in self.layers]
+            out = dict(layers[-1]) if layers else {}
+            out.update(
+                track_id=self.track_id,
+                ssrc=None,
+                packets=sum(x["packets"] for x in layers),
+                bytes=sum(x["bytes"] for x in layers),
+                bitrate=sum(x["bitrate"] for x in layers),
+                layers=layers,
+            )
+            return out
         st = self.stats
         generator = self.nack.generator if self.nack is not None else None
         return {
@@ -222,4 +316,7 @@ class Track:
             "nacks_sent": generator.nacks_sent if generator else 0,
             "retransmissions_received": self.rtx_received,
             "lost_unrepaired": generator.lost_unrepaired if generator else 0,
+            **(
+                {"rid": self.rid, "width": self.width, "height": self.height} if self.parent else {}
+            ),
         }

@@ -31,6 +31,7 @@ from relay.sfu.events import (
     ParticipantConnected,
     ParticipantJoined,
     ParticipantLeft,
+    PublisherLayers,
     RoomClosed,
     SpeakerChanged,
     SubscriberRenegotiate,
@@ -116,6 +117,11 @@ WIRE: list[tuple[Event, bytes]] = [
         SubscriberRenegotiate("r1", AT, "b", 3),
         b'{"type":"subscriber.renegotiate","room_id":"r1","at":1700000000.5,'
         b'"participant_id":"b","revision":3}',
+    ),
+    (
+        PublisherLayers("r1", AT, "a", "TR_1", ["f"], ["q", "h"]),
+        b'{"type":"publisher.layers","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"track_id":"TR_1","wanted":["f"],"unused":["q","h"]}',
     ),
     (
         SpeakerChanged("r1", AT, "a"),

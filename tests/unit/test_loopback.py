@@ -77,7 +77,7 @@ def test_nack_is_answered_on_rtx_from_the_shared_history(relay: LoopbackRelay) -
     sub1 = track.subscriptions["s1"]
     assert track.history is not None
     for sub in track.subscriptions.values():  # one history for the track, not per subscriber
-        assert sub.stream.nack is not None and sub.stream.nack.history is track.history
+        assert sub.stream.nack is not None and sub.stream.track.history is track.history
     lost = parse_rtp(got["s1"].rtp[3])[1]
 
     s1 = relay.endpoint("s1").peer

@@ -322,3 +322,18 @@ def test_a_translated_sender_report_counts_the_subscriber_stream_and_its_payload
     assert report.ntp_timestamp == ntp  # kept: lip sync with the publisher's other tracks
     last_ts = parse_rtp(forwarded[-1])[2]
     assert report.rtp_timestamp == last_ts  # the publisher's 9103, in this stream's units
+
+
+def test_a_retransmission_of_a_packet_already_received_is_not_forwarded_again() -> None:
+    h = Harness()
+    _alice, _bob, video = _video_call(h)
+    track = video.track
+    _send_video(h, range(100, 106))
+    h.sent.clear()
+    # libwebrtc's RTX probe: packet 103 again on the RTX stream
+    probe = rtp(
+        track.rtx_ssrc, track.rtx_payload_type, 1, 9103, [], (103).to_bytes(2, "big") + b"x"
+    )
+    h.receive(probe, ALICE)
+    assert [d for d in _sent_to(h, BOB) if 127 < d[0] < 192 and not rtcp_packet(d)] == []
+    assert h.sfu.metrics.drops["rtx_duplicate"] == 1 and track.rtx_received == 0

@@ -1,0 +1,211 @@
+"""Simulcast from a publisher, with bytes over real handshakes: the answer lets Chromium send its
+three RID layers, each layer's packets are routed by rid (and their retransmissions by
+repaired rid), a subscriber gets one layer at a time (the best one, or the best within its
+size limits) and moves between layers only at a keyframe of the target, its numbering
+continuous; NACKs and sender reports follow the layer it is on."""
+
+from __future__ import annotations
+
+import struct
+
+from relay.rtc import rtcp
+from relay.rtc.rtp import is_rtcp, parse_rtp
+from relay.rtc.sdp import parse_sdp
+from tests.unit.test_sfu import FIXTURES, Harness, rtp
+
+ALICE = ("10.0.0.1", 4000)
+BOB = ("10.0.0.2", 5000)
+MID_ID, RID_ID, RRID_ID = 4, 10, 11
+VP8_PT, RTX_PT = 96, 97
+#: (rid, SSRC, picture size) of the three layers Chromium sends for sendEncodings q, h, f
+LAYERS = [("q", 0x1111, (320, 180)), ("h", 0x2222, (640, 360)), ("f", 0x3333, (1280, 720))]
+
+
+def vp8(keyframe: bool, size: tuple[int, int], tag: int) -> bytes:
+    """A VP8 payload: descriptor (X=1, S=1, PID=0; 15-bit PictureID), then for a keyframe
+    the frame tag, start code and picture size (RFC 6386 §9.1)."""
+    descriptor = bytes([0x90, 0x80, 0x80 | (tag >> 8 & 0x7F), tag & 0xFF])
+    if not keyframe:
+        return descriptor + b"\x01\x00\x00delta"
+    width, height = size
+    return descriptor + b"\x10\x02\x00\x9d\x01\x2a" + struct.pack("<HH", width, height) + b"key"
+
+
+class Call:
+    def __init__(self) -> None:
+        self.h = h = Harness()
+        h.sfu.add_participant("r", "alice")
+        h.sfu.add_participant("r", "bob")
+        self.answer = parse_sdp(
+            h.publish("alice", (FIXTURES / "chrome_simulcast_offer.sdp").read_text())
+        )
+        h.answer("bob")
+        self.alice, self.bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
+        h.connect(self.alice.publisher_leg, ALICE)
+        h.connect(self.bob.subscriber_leg, BOB)
+        self.video = next(s for s in self.bob.subscriptions.values() if s.track.kind == "video")
+        self.track = self.video.track
+        self.seq = {ssrc: 1000 * i for i, (_rid, ssrc, _size) in enumerate(LAYERS)}
+        self.sent_seq: dict[int, list[int]] = {ssrc: [] for _r, ssrc, _s in LAYERS}
+
+    def send(self, layer: int, keyframe: bool = False, first: bool = False) -> int:
+        """One packet of a layer (its first carries mid and rid, as Chromium's do)."""
+        rid, ssrc, size = LAYERS[layer]
+        self.seq[ssrc] += 1
+        seq = self.seq[ssrc]
+        elements = [(MID_ID, b"1"), (RID_ID, rid.encode())] if first else []
+        payload = vp8(keyframe, size, seq)
+        self.h.receive(rtp(ssrc, VP8_PT, seq, seq * 3000, elements, payload), ALICE)
+        self.sent_seq[ssrc].append(seq)
+        return seq
+
+    def start_all(self) -> None:
+        for layer in range(3):
+            self.send(layer, keyframe=True, first=True)
+
+    def to_bob(self) -> list[bytes]:
+        return [
+            d
+            for d, a in self.h.sent
+            if a == BOB
+            and 127 < d[0] < 192
+            and not is_rtcp(d)
+            and parse_rtp(d)[3] == self.video.ssrc
+        ]
+
+
+def test_the_answer_receives_every_rid_layer() -> None:
+    call = Call()
+    video = next(m for m in call.answer.media if m.kind == "video")
+    assert [(rid, direction) for rid, direction in video.rids] == [
+        ("q", "recv"),
+        ("h", "recv"),
+        ("f", "recv"),
+    ]
+    assert video.simulcast is not None and "recv" in video.simulcast
+    assert [layer.rid for layer in call.track.layers] == ["q", "h", "f"]
+    assert call.track.to_dict()["simulcast_layers"][0]["rid"] == "q"
+
+
+def test_each_layer_is_routed_by_rid_and_the_subscriber_gets_the_best_one() -> None:
+    call = Call()
+    call.start_all()
+    leg = call.alice.publisher_leg
+    by_ssrc = {ssrc: leg.ssrc_map[ssrc] for _r, ssrc, _s in LAYERS}
+    assert [by_ssrc[ssrc].rid for _r, ssrc, _s in LAYERS] == ["q", "h", "f"]
+    assert [(t.width, t.height) for t in call.track.layers] == [s for _r, _x, s in LAYERS]
+    call.h.sent.clear()
+    for _ in range(3):
+        for layer in range(3):
+            call.send(layer)
+    out = call.to_bob()
+    # only the top layer's packets, in its own order, numbered continuously for bob
+    assert len(out) == 3
+    seqs = [parse_rtp(d)[1] for d in out]
+    assert seqs == [seqs[0], (seqs[0] + 1) & 0xFFFF, (seqs[0] + 2) & 0xFFFF]
+    assert call.video.stream.track is call.track.layers[2]
+    stats = call.h.sfu.participant_stats("r", "alice")["inbound"]
+    video = next(e for e in stats if e["kind"] == "video")
+    assert [x["rid"] for x in video["layers"]] == ["q", "h", "f"]
+    assert all(x["packets"] == 4 for x in video["layers"])
+
+
+def _plis_for(call: Call, ssrc: int) -> int:
+    return sum(
+        isinstance(p, rtcp.Pli) and p.media_ssrc == ssrc
+        for d, a in call.h.sent
+        if a == ALICE and 127 < d[0] < 192 and is_rtcp(d)
+        for p in rtcp.parse_rtcp(d)
+    )
+
+
+def test_a_size_limit_moves_the_subscriber_at_the_target_layers_keyframe() -> None:
+    call = Call()
+    call.start_all()
+    for layer in range(3):
+        call.send(layer)
+    call.h.sent.clear()
+    call.h.now += 1.0
+    call.h.sfu.set_subscription_preferences("r", "bob", call.track.track_id, {"max_height": 180})
+    q = call.track.layers[0]
+    assert call.video.stream.target is q
+    assert _plis_for(call, LAYERS[0][1]) == 1  # the lowest layer is asked for a keyframe
+    call.h.sent.clear()
+    # until q's keyframe, bob stays on the top layer
+    call.send(0)
+    call.send(2)
+    assert len(call.to_bob()) == 1
+    last_top = parse_rtp(call.to_bob()[0])[1]
+    call.send(0, keyframe=True)  # the switch
+    call.send(2)  # no longer bob's
+    call.send(0)
+    out = call.to_bob()
+    assert len(out) == 3
+    seqs = [parse_rtp(d)[1] for d in out]
+    assert seqs == [last_top, (last_top + 1) & 0xFFFF, (last_top + 2) & 0xFFFF]
+    assert out[1][parse_rtp(out[1])[5] :] == vp8(True, LAYERS[0][2], call.seq[0x1111] - 1)
+    assert call.video.stream.track is q
+
+
+def test_nacks_and_sender_reports_follow_the_layer_the_subscriber_is_on() -> None:
+    call = Call()
+    call.start_all()
+    for _ in range(4):
+        for layer in range(3):
+            call.send(layer)
+    call.h.sent.clear()
+    # a NACK for bob's last packet is answered from the top layer's history, on RTX
+    call.send(2)
+    (latest,) = call.to_bob()
+    call.h.sent.clear()
+    call.h.receive(rtcp.nack(1, call.video.ssrc, [parse_rtp(latest)[1]]), BOB)
+    resent = [d for d, a in call.h.sent if a == BOB and 127 < d[0] < 192 and not is_rtcp(d)]
+    assert len(resent) == 1 and parse_rtp(resent[0])[3] == call.video.rtx_ssrc
+    # a sender report of the top layer is translated for bob; one of another layer is not
+    call.h.sent.clear()
+    f_ssrc, q_ssrc = LAYERS[2][1], LAYERS[0][1]
+    call.h.receive(rtcp.sender_report(q_ssrc, 0xE000000000000000, 5000, 9, 99), ALICE)
+    call.h.receive(rtcp.sender_report(f_ssrc, 0xE000000100000000, 9000, 9, 99), ALICE)
+    reports = [
+        p
+        for d, a in call.h.sent
+        if a == BOB and 127 < d[0] < 192 and is_rtcp(d)
+        for p in rtcp.parse_rtcp(d)
+        if isinstance(p, rtcp.SenderReport)
+    ]
+    assert [r.ntp_timestamp for r in reports] == [0xE000000100000000]
+
+
+def test_a_retransmission_is_routed_to_its_layer_by_repaired_rid() -> None:
+    call = Call()
+    call.start_all()
+    call.send(2)
+    call.seq[LAYERS[2][1]] += 1  # this one is lost on the way
+    lost = call.seq[LAYERS[2][1]]
+    call.send(2)
+    call.h.sent.clear()
+    # f's lost packet repaired on an RTX SSRC first seen now: bound to f's RTX slot by rrid
+    rtx = rtp(0x9999, RTX_PT, 1, lost * 3000, [(MID_ID, b"1"), (RRID_ID, b"f")])
+    call.h.receive(rtx[: -len(b"\x90\x10payload-bytes")] + lost.to_bytes(2, "big") + b"x", ALICE)
+    f = call.track.layers[2]
+    assert f.rtx_ssrc == 0x9999 and call.alice.publisher_leg.rtx_map[0x9999] is f
+    assert f.rtx_received == 1
+    (repaired,) = call.to_bob()  # and bob gets it, in its place in his numbering
+    assert repaired[parse_rtp(repaired)[5] :] == b"x"
+
+
+def test_layers_nobody_receives_are_announced_as_unused() -> None:
+    call = Call()
+    call.start_all()
+    call.h.now += 1.0
+    call.h.sfu.tick(call.h.now)
+    (first,) = call.h.events_of("publisher.layers")
+    assert first["track_id"] == call.track.track_id and first["participant_id"] == "alice"
+    assert (first["wanted"], first["unused"]) == (["f"], ["q", "h"])
+    call.h.sfu.tick(call.h.now + 0.5)
+    assert len(call.h.events_of("publisher.layers")) == 1  # only changes are announced
+    call.h.sfu.set_subscription_preferences("r", "bob", call.track.track_id, {"max_height": 360})
+    call.send(1, keyframe=True)  # bob moves to h
+    call.h.sfu.tick(call.h.now + 1.0)
+    last = call.h.events_of("publisher.layers")[-1]
+    assert (last["wanted"], last["unused"]) == (["h"], ["q", "f"])
