@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from relay.rtc import rtcp
 from relay.rtc.bwe import RembEstimator
+from relay.rtc.gcc import GccEstimator, feedback_report
 from relay.rtc.nack import (
     MAX_RESENDS,
     MIN_RESEND_INTERVAL,
@@ -272,19 +273,22 @@ class KeyframeRequester:
 
 # -- subscriber side ---------------------------------------------------------------------------
 class TransportCcSender:
-    """Transport-wide sequence numbers on a subscriber leg, and what its feedback says."""
+    """Transport-wide sequence numbers on a subscriber leg, what its feedback says about
+    delivery, and the send-side bandwidth estimate it feeds (GCC, relay/rtc/gcc.py)."""
 
-    __slots__ = ("ext_id", "history")
+    __slots__ = ("ext_id", "history", "estimator")
 
     def __init__(self, ext_id: int) -> None:
         self.ext_id = ext_id
         self.history = TwccSendHistory()
+        self.estimator = GccEstimator()
 
     def stamp(self, size: int, now: float) -> int:
         return self.history.next_seq(size, now)
 
     def on_feedback(self, feedback: TwccFeedback, now: float) -> None:
-        self.history.on_feedback(feedback, now)
+        # feedback_report matches the feedback against the history (on_feedback) itself
+        self.estimator.on_report(feedback_report(self.history, feedback, now), now)
 
 
 class NackResponder:

@@ -1150,7 +1150,10 @@ def _delivery(leg: SubscriberLeg | None) -> dict[str, Any] | None:
     if leg is None or leg.twcc is None:
         return None
     history = leg.twcc.history
+    estimator = leg.twcc.estimator
     return {
+        "estimated_bitrate": estimator.estimate,
+        "estimator_state": estimator.state.value,
         "packets_acked": history.packets_acked,
         "packets_lost": history.packets_lost,
         "loss_fraction": history.loss_fraction,

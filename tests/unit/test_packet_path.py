@@ -337,3 +337,28 @@ def test_a_retransmission_of_a_packet_already_received_is_not_forwarded_again() 
     h.receive(probe, ALICE)
     assert [d for d in _sent_to(h, BOB) if 127 < d[0] < 192 and not rtcp_packet(d)] == []
     assert h.sfu.metrics.drops["rtx_duplicate"] == 1 and track.rtx_received == 0
+
+
+def test_the_subscribers_feedback_feeds_its_bandwidth_estimate() -> None:
+    from relay.rtc.gcc import GccEstimator
+    from relay.rtc.twcc import TwccRecorder
+
+    h = Harness()
+    _alice, _bob, video = _video_call(h)
+    recorder = TwccRecorder(sender_ssrc=1, media_ssrc=video.ssrc)
+    for round_ in range(20):  # 2 s of video, bob's feedback every 100 ms
+        _send_video(h, range(100 + 10 * round_, 110 + 10 * round_))
+        for data in _sent_to(h, BOB):
+            if 127 < data[0] < 192 and not rtcp_packet(data):
+                *_, ext_offset, ext_length = parse_rtp(data)
+                stamp = dict(parse_extensions(data, ext_offset, ext_length, 0xBEDE))[3]
+                recorder.on_packet(int.from_bytes(stamp, "big"), h.now + 0.02)
+        h.sent.clear()
+        h.now += 0.1
+        for packet in recorder.build_feedback(h.now):
+            h.receive(packet, BOB)
+    delivery = h.sfu.participant_stats("r", "bob")["subscriber_delivery"]
+    assert delivery["packets_acked"] == 200 and delivery["packets_lost"] == 0
+    assert delivery["estimator_state"] in ("normal", "underusing", "overusing")
+    # fed: the estimate moved from where every estimator starts
+    assert delivery["estimated_bitrate"] != GccEstimator().estimate
