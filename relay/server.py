@@ -153,6 +153,21 @@ class Relay:
             timers=driver.timers,
         )
         protocol.port = sfu.port
+        sender = sfu.media.sender
+        assert isinstance(sender, BatchSender)
+        for path in ("batched", "direct", "fallback"):
+            self.metrics.counter(
+                f"udp_sent_{path}_total",
+                {
+                    "batched": "Datagrams sent several per sendmmsg call.",
+                    "direct": "Datagrams sent one per sendto call.",
+                    "fallback": "Datagrams handed to the event loop's transport (socket busy).",
+                }[path],
+                lambda path=path: getattr(sender, f"sent_{path}"),  # type: ignore[misc]
+            )
+        self.metrics.counter(
+            "sendmmsg_calls_total", "sendmmsg system calls.", lambda: sender.sendmmsg_calls
+        )
         self.media_port = port
         app = create_app(sfu, settings, self.events, self.metrics)
         config = uvicorn.Config(

@@ -312,6 +312,10 @@ async def test_join_storm_during_a_call(tmp_path: Path) -> None:
     assert refused > 0 and len(result.completed) > 0, report
     assert 503 in ready, report
     assert metrics["relay_overload_refused_sessions_total"] >= 1
+    # the viewers' copies of each packet left several per sendmmsg call, and the socket kept up
+    batched, calls = metrics["relay_udp_sent_batched_total"], metrics["relay_sendmmsg_calls_total"]
+    assert calls > 0 and batched >= 3 * calls, (batched, calls)
+    assert metrics["relay_udp_sent_fallback_total"] < 0.01 * batched, report
     assert baseline >= 0.9 * CALL_PPS, report
     # every second of the storm: at least 90% of what the publisher sent arrived in time (the
     # publisher's own pace, set by its process's scheduling, is not the relay's doing)
