@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from relay.rtc.rtcp import ntp_middle32
-from relay.rtc.rtp import ExtensionRewriter, SequenceRewriter, rewrite_packet
+from relay.rtc.rtp import ExtensionRewriter, RtpError, SequenceRewriter, rewrite_packet
 from relay.rtc.srtp import SrtpError
 from relay.rtc.transport import Address, WebRtcTransport
+from relay.rtc.vp8 import Vp8Error, Vp8Rewriter, parse_vp8
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
@@ -56,6 +57,9 @@ class OutboundStream:
         "protect",
         "twcc",
         "nack",
+        "vp8",
+        "vp8_switch",
+        "vp8_heads",
         "packets_sent",
         "bytes_sent",
         "payload_bytes",
@@ -90,6 +94,12 @@ class OutboundStream:
         self.twcc: TransportCcSender | None = None
         #: retransmissions, when the subscriber negotiated NACK
         self.nack: NackResponder | None = None
+        #: VP8 simulcast: PictureID and TL0PICIDX renumbered so that the subscriber's decoder
+        #: sees one stream across layer switches; the next packet starts a new source; the
+        #: descriptor each recent packet was sent with, by output seq (for retransmissions)
+        self.vp8: Vp8Rewriter | None = None
+        self.vp8_switch = False
+        self.vp8_heads: list[tuple[int, bytes, int] | None] = []
         self.packets_sent = 0
         #: bytes sent on the wire (SRTP), and payload octets sent (the sender report's count)
         self.bytes_sent = 0
@@ -115,8 +125,24 @@ class OutboundStream:
     def restart(self, now: float) -> None:
         """Start over on the track's next keyframe (first activation or a new source), with
         seq and timestamp continuing from what the subscriber already got."""
-        self.rewriter.switch_source()
+        self.switch_source()
         self.start_by = now + KEYFRAME_WAIT
+
+    def switch_source(self) -> None:
+        """The next packet forwarded starts a new source (a keyframe: a restart, or another
+        simulcast layer)."""
+        self.rewriter.switch_source()
+        self.vp8_switch = True
+
+    def rewrite_vp8(self, enabled: bool, capacity: int = 1024) -> None:
+        """Renumber VP8 descriptors (simulcast layers of a VP8 track) or stop doing so."""
+        if enabled and self.vp8 is None:
+            self.vp8 = Vp8Rewriter()
+            self.vp8_switch = True
+            self.vp8_heads = [None] * capacity
+        elif not enabled:
+            self.vp8 = None
+            self.vp8_heads = []
 
     # -- the packet path ------------------------------------------------------------------
     def forward(
@@ -132,11 +158,28 @@ class OutboundStream:
     ) -> int:
         """Append this subscriber's protected copy of ``plain`` to ``batch``; its size (0 when
         there is none: a packet from before the current source, or a protection failure)."""
+        vp8 = self.vp8
+        head: tuple[bytes, int] | None = None
+        if vp8 is not None:
+            try:
+                desc = parse_vp8(plain, offset)
+            except Vp8Error:
+                self.metrics.drops["rtp_malformed"] += 1
+                return 0
+            descriptor = vp8.rewrite(desc, self.vp8_switch)
+            self.vp8_switch = False
+            if descriptor is None:
+                return 0  # before the new source's keyframe: nothing sent, no seq used
+            head = (descriptor, desc.size)
+            plain = plain[:offset] + descriptor + plain[offset + desc.size :]
         rewritten = self.rewriter.rewrite(seq, ts, now)
         if rewritten is None:
             self.metrics.drops["stale_packet"] += 1
             return 0
         out_seq, out_ts = rewritten
+        if head is not None:
+            heads = self.vp8_heads
+            heads[out_seq % len(heads)] = (out_seq, head[0], head[1])
         twcc = self.twcc
         if twcc is not None:
             stamp = twcc.history.next_seq(size, now)
@@ -169,7 +212,15 @@ class OutboundStream:
         stamp: int | None,
     ) -> bytes:
         """This subscriber's plain copy of a packet, with the given output seq, timestamp and
-        transport-wide stamp (for retransmissions: :meth:`forward` builds it inline)."""
+        transport-wide stamp (for retransmissions: :meth:`forward` builds it inline). With VP8
+        renumbering, the descriptor is the one that packet was first sent with."""
+        if self.vp8 is not None:
+            heads = self.vp8_heads
+            entry = heads[out_seq % len(heads)]
+            if entry is None or entry[0] != out_seq:
+                raise RtpError("the packet's VP8 descriptor is no longer known")
+            _seq, descriptor, size = entry
+            plain = plain[:offset] + descriptor + plain[offset + size :]
         block = self.ext.block(elements) if stamp is None else self.ext.stamped(elements, stamp)
         return rewrite_packet(plain, offset, self.ssrc, self.payload_type, out_seq, out_ts, block)
 

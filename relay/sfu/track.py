@@ -185,7 +185,7 @@ class Track:
             if old is not self:
                 old.outputs = [s for s in old.outputs if s is not stream]
                 stream.track = self
-                stream.rewriter.switch_source()
+                stream.switch_source()
                 stream.start_by = now
         self.outputs = self.outputs + [s for s in moving if s not in self.outputs]
 

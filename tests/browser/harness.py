@@ -666,3 +666,135 @@ class EventLog:
 
     def __iter__(self) -> Iterator[tuple[float, dict[str, Any]]]:
         return iter(list(self.events))
+
+
+# --------------------------------------------------------------------------------------------
+# Firefox driven over WebDriver BiDi (its remote agent): a script before the page's own
+
+
+def launch_firefox_bidi(
+    namespace: Namespace, folder: Path, label: str, port: int, *, camera: bool = False
+) -> Browser:
+    """Headless Firefox ESR as :func:`launch_firefox`, on about:blank, with its remote agent
+    (WebDriver BiDi) listening on ``port`` of the namespace's 127.0.0.1."""
+    executable = browser_path(FIREFOX)
+    profile = folder / f"{label}-profile"
+    profile.mkdir()
+    prefs = dict(FIREFOX_PREFS)
+    allowed = 1 if camera else 2
+    prefs["media.navigator.permission.disabled"] = camera
+    prefs["permissions.default.camera"] = allowed
+    prefs["permissions.default.microphone"] = allowed
+    lines = [f"user_pref({json.dumps(k)}, {json.dumps(v)});" for k, v in prefs.items()]
+    (profile / "user.js").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, MOZ_HEADLESS="1", HOME=str(profile))
+    # libwebrtc's own log lines (frame buffer, VP8 reference finder), one file per process
+    env["MOZ_LOG"] = os.environ.get("FIREFOX_MOZ_LOG", "webrtc_trace:4,timestamp,sync")
+    env["MOZ_LOG_FILE"] = str(folder / f"{label}-moz.log")
+    args = [executable, "--headless", "--no-remote", "--profile", str(profile)]
+    args += [f"--remote-debugging-port={port}", "--window-size=1280,800", "about:blank"]
+    process = Process([*namespace.prefix(), *args], folder / f"{label}.log", env=env)
+    return Browser("firefox", label, process, None)
+
+
+class BidiSession:
+    """A WebDriver BiDi session over a minimal WebSocket client (asyncio streams; call its
+    coroutines on the namespace's loop)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ids = itertools.count(1)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.writer.write(
+            (
+                f"GET /session HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"BiDi handshake refused: {head.decode(errors='replace')}")
+
+    async def _send(self, text: str) -> None:
+        assert self.writer is not None
+        data = text.encode()
+        header = bytearray([0x81])
+        if len(data) < 126:
+            header.append(0x80 | len(data))
+        elif len(data) < 65536:
+            header.append(0x80 | 126)
+            header += len(data).to_bytes(2, "big")
+        else:
+            header.append(0x80 | 127)
+            header += len(data).to_bytes(8, "big")
+        mask = os.urandom(4)
+        header += mask
+        self.writer.write(bytes(header) + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+        await self.writer.drain()
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.reader is not None
+        message = b""
+        while True:
+            first, second = await self.reader.readexactly(2)
+            length = second & 0x7F
+            if length == 126:
+                length = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif length == 127:
+                length = int.from_bytes(await self.reader.readexactly(8), "big")
+            mask = await self.reader.readexactly(4) if second & 0x80 else b""
+            payload = await self.reader.readexactly(length)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                raise ConnectionError("BiDi connection closed")
+            if opcode in (0x9, 0xA):
+                continue
+            message += payload
+            if first & 0x80:
+                return json.loads(message)
+
+    async def command(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send a command; its result (events in between are dropped)."""
+        ident = next(self.ids)
+        await self._send(json.dumps({"id": ident, "method": method, "params": params}))
+        while True:
+            reply = await asyncio.wait_for(self._receive(), 30)
+            if reply.get("id") == ident:
+                if reply.get("type") == "error":
+                    raise RuntimeError(f"BiDi {method}: {reply}")
+                return reply.get("result", {})
+
+    async def open_with_script(self, url: str, script: str) -> None:
+        """A new session; ``script`` runs in every document before its own scripts; the first
+        tab navigates to ``url``."""
+        await self.connect()
+        await self.command("session.new", {"capabilities": {}})
+        await self.command(
+            "script.addPreloadScript", {"functionDeclaration": f"() => {{ {script} }}"}
+        )
+        tree = await self.command("browsingContext.getTree", {})
+        context = tree["contexts"][0]["context"]
+        await self.command(
+            "browsingContext.navigate", {"context": context, "url": url, "wait": "none"}
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()

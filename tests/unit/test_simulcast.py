@@ -11,6 +11,7 @@ import struct
 from relay.rtc import rtcp
 from relay.rtc.rtp import is_rtcp, parse_rtp
 from relay.rtc.sdp import parse_sdp
+from relay.rtc.vp8 import parse_vp8
 from tests.unit.test_sfu import FIXTURES, Harness, rtp
 
 ALICE = ("10.0.0.1", 4000)
@@ -143,7 +144,12 @@ def test_a_size_limit_moves_the_subscriber_at_the_target_layers_keyframe() -> No
     assert len(out) == 3
     seqs = [parse_rtp(d)[1] for d in out]
     assert seqs == [last_top, (last_top + 1) & 0xFFFF, (last_top + 2) & 0xFFFF]
-    assert out[1][parse_rtp(out[1])[5] :] == vp8(True, LAYERS[0][2], call.seq[0x1111] - 1)
+    # the keyframe's payload as q sent it, behind a descriptor renumbered for bob: its
+    # PictureIDs go on from the top layer's, one per picture, across the switch
+    q_keyframe = vp8(True, LAYERS[0][2], call.seq[0x1111] - 1)
+    assert out[1][parse_rtp(out[1])[5] + 4 :] == q_keyframe[4:]
+    picture_ids = [parse_vp8(d, parse_rtp(d)[5]).picture_id for d in out]
+    assert picture_ids == [picture_ids[0], picture_ids[0] + 1, picture_ids[0] + 2]
     assert call.video.stream.track is q
 
 
@@ -186,12 +192,13 @@ def test_a_retransmission_is_routed_to_its_layer_by_repaired_rid() -> None:
     call.h.sent.clear()
     # f's lost packet repaired on an RTX SSRC first seen now: bound to f's RTX slot by rrid
     rtx = rtp(0x9999, RTX_PT, 1, lost * 3000, [(MID_ID, b"1"), (RRID_ID, b"f")])
-    call.h.receive(rtx[: -len(b"\x90\x10payload-bytes")] + lost.to_bytes(2, "big") + b"x", ALICE)
+    repair = vp8(False, LAYERS[2][2], lost)
+    call.h.receive(rtx[: -len(b"\x90\x10payload-bytes")] + lost.to_bytes(2, "big") + repair, ALICE)
     f = call.track.layers[2]
     assert f.rtx_ssrc == 0x9999 and call.alice.publisher_leg.rtx_map[0x9999] is f
     assert f.rtx_received == 1
     (repaired,) = call.to_bob()  # and bob gets it, in its place in his numbering
-    assert repaired[parse_rtp(repaired)[5] :] == b"x"
+    assert repaired[parse_rtp(repaired)[5] + 4 :] == repair[4:]
 
 
 def test_layers_nobody_receives_are_announced_as_unused() -> None:
