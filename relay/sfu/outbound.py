@@ -46,6 +46,7 @@ class OutboundStream:
     __slots__ = (
         "track",
         "target",
+        "wanted",
         "participant",
         "metrics",
         "ssrc",
@@ -77,6 +78,8 @@ class OutboundStream:
         #: layer it should be forwarded from (it moves there at that layer's next keyframe)
         self.track = track
         self.target: Track | None = None
+        #: the layer the subscriber should get, which the target becomes once it sends
+        self.wanted: Track | None = None
         #: the subscribing participant
         self.participant = participant
         self.metrics = metrics

@@ -565,7 +565,7 @@ class Sfu:
                 track.layers.append(layer)
             for sub in track.subscriptions.values():
                 sub.stream.track = track  # placed anew on a layer
-                sub.stream.target = None
+                sub.stream.target = sub.stream.wanted = None
         for layer in track.layers:
             layer.codec = track.codec
             layer.payload_type = track.payload_type
@@ -582,37 +582,30 @@ class Sfu:
             track.rebuild_outputs()
 
     def _allocate(self, track: Track, now: float) -> bool:
-        """Choose the layer each active subscription of a simulcast track is forwarded from:
-        the best one within the subscriber's size limits (the lowest when none fits), the
-        best one without limits. Layers are ranked by the picture size their keyframes
-        announce, else by bit rate, else in the offer's order; layers that send nothing are
-        left out while others send. A stream moving to another layer asks that layer for a
-        keyframe (it switches there). True when some target changed."""
+        """Choose the layer each active subscription of a simulcast track should get (its
+        ``wanted`` layer): the best one within the subscriber's size limits (the lowest when
+        none fits), the best one without limits. Layers are ranked by the picture size their
+        keyframes announced, else in the offer's order. The stream's target is its wanted
+        layer while that one sends, else the best that does (a layer the publisher stopped,
+        for bandwidth or because nobody wanted it, is announced as wanted again and taken
+        when it sends). A stream moving to another layer asks that layer for a keyframe (it
+        switches there). True when some target changed."""
         layers = track.layers
         if not layers:
             return False
-        live = [t for t in layers if t.packets and now - t.last_packet < 2.0] or layers
-        if all(t.height for t in live):
-            ranked = sorted(live, key=lambda t: (t.height, t.width, t.bitrate))
-        elif any(t.bitrate for t in live):
-            ranked = sorted(live, key=lambda t: t.bitrate)
+        if all(t.height for t in layers):
+            ranked = sorted(layers, key=lambda t: (t.height, t.width))
         else:
-            ranked = list(live)
+            ranked = list(layers)
+        live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
         changed = False
         for sub in track.subscriptions.values():
             if not sub.active:
                 continue
-            target = ranked[-1]
-            if sub.max_width is not None or sub.max_height is not None:
-                fitting = [
-                    t
-                    for t in ranked
-                    if t.height
-                    and (sub.max_height is None or t.height <= sub.max_height)
-                    and (sub.max_width is None or t.width <= sub.max_width)
-                ]
-                target = fitting[-1] if fitting else ranked[0]
+            wanted = _best_layer(ranked, sub)
+            target = wanted if wanted in live or not live else _best_layer(live, sub)
             stream = sub.stream
+            stream.wanted = wanted
             if stream.target is not target:
                 stream.target = target
                 changed = True
@@ -621,13 +614,13 @@ class Sfu:
         return changed
 
     def _announce_layers(self, track: Track) -> None:
-        """``publisher.layers`` when the set of layers some subscriber receives or moves to
-        changed (nobody subscribed: none are wanted)."""
+        """``publisher.layers`` when the set of layers some subscriber receives, moves to or
+        would rather get changed (nobody subscribed: none are wanted)."""
         used = {
             id(t)
             for s in track.subscriptions.values()
             if s.active
-            for t in (s.stream.track, s.stream.target)
+            for t in (s.stream.track, s.stream.target, s.stream.wanted)
         }
         wanted = [str(t.rid) for t in track.layers if id(t) in used]
         if wanted == track.wanted_layers:
@@ -1126,6 +1119,21 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber_leg),
         }
+
+
+def _best_layer(ranked: list[Track], sub: Subscription) -> Track:
+    """The best of ``ranked`` (lowest first) within the subscriber's size limits, the lowest
+    when none fits (or when the sizes are unknown), the best without limits."""
+    if sub.max_width is None and sub.max_height is None:
+        return ranked[-1]
+    fitting = [
+        t
+        for t in ranked
+        if t.height
+        and (sub.max_height is None or t.height <= sub.max_height)
+        and (sub.max_width is None or t.width <= sub.max_width)
+    ]
+    return fitting[-1] if fitting else ranked[0]
 
 
 def _codec_preference(names: Sequence[str]) -> tuple[str, ...]:

@@ -6,7 +6,15 @@
  * track, POST .../subscriber; this page answers, PUT .../subscriber with the revision, and
  * fetches a fresh offer on 409). The room's events arrive over GET /v1/events read with
  * fetch(), which can send the participant token in the Authorization header. Remote tiles are
- * keyed by the msid stream id of the subscriber offer, which is the publisher's participant id.
+ * keyed by the msid stream id of the subscriber offer, which is the publisher's participant id;
+ * the msid track id is the relay's track id.
+ *
+ * Simulcast: the camera is published with up to three layers (a quarter, half and full size)
+ * when the browser takes them, as many as the picture is big enough for. For every remote
+ * video the page tells the relay what it wants (PUT .../subscriptions/{track_id}): no more
+ * than the tile shows, in device pixels, rounded up to a step, and nothing while the tile is
+ * out of view or the page is hidden. On publisher.layers for its own video it pauses the
+ * layers nobody receives.
  *
  * Credentials: a participant token from the URL fragment
  *   #room=ROOM&participant=ID&token=JWT
@@ -14,8 +22,9 @@
  * while the demo is enabled and the relay's API listens on loopback.
  *
  * Other fragment options: join (join at once), recvonly, codec=vp8|vp9|h264|av1 (preferred
- * video codec), width, height, fps (camera constraints), report=URL (POST a statistics
- * summary there every second; loopback URLs only, for automated tests).
+ * video codec), width, height, fps (camera constraints), simulcast=0 (one video layer),
+ * report=URL (POST a statistics summary there every second; loopback URLs only, for automated
+ * tests).
  */
 'use strict';
 
@@ -25,6 +34,26 @@
   const STATS_INTERVAL_MS = 1000;
   const MAX_NOTICES = 8;
   const MAX_EVENTS = 100;
+  // The camera's simulcast layers, lowest first. libwebrtc sends no more layers than the
+  // picture has pixels for (three from 960x540, two from 480x270) and drops the top ones, the
+  // full-size picture first: a smaller camera is offered only the layers it will send.
+  const SIMULCAST_ENCODINGS = [
+    { rid: 'q', scaleResolutionDownBy: 4 },
+    { rid: 'h', scaleResolutionDownBy: 2 },
+    { rid: 'f' },
+  ];
+  const SIMULCAST_PIXELS = [[960 * 540, 3], [480 * 270, 2]];
+  // What a remote tile asks of its video: its size in device pixels rounded up to these steps
+  // (past the last one, no limit), after the tile has kept still for WISH_DELAY_MS.
+  const WISH_WIDTHS = [160, 320, 640, 1280, 1920, 3840];
+  const WISH_HEIGHTS = [90, 180, 360, 720, 1080, 2160];
+  const WISH_DELAY_MS = 500;
+  // The relay chooses among the layers it receives, and calls unused those it has not received
+  // yet: a layer is paused only once it has been sent for LAYER_GRACE_MS (the browser starts
+  // its layers as its bandwidth estimate grows), and every LAYER_PROBE_MS the paused ones are
+  // sent again so that a subscriber that wants more (or less) can move to them.
+  const LAYER_GRACE_MS = 3000;
+  const LAYER_PROBE_MS = 10000;
 
   const $ = (id) => document.getElementById(id);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -41,8 +70,11 @@
     width: Number(fragment.get('width')) || 640,
     height: Number(fragment.get('height')) || 480,
     fps: Number(fragment.get('fps')) || 30,
+    // simulcast=0: publish the camera as a single layer
+    simulcast: !fragment.has('simulcast') || flag('simulcast'),
     // "noise": a moving noise picture instead of the camera, which an encoder cannot compress
-    // below the bitrate it is allowed (to measure how fast the sender's estimate ramps up)
+    // below the bitrate it is allowed (to measure how fast the sender's estimate ramps up; sent
+    // as one layer, so that one encoder takes all of it)
     source: fragment.get('source') || 'camera',
     report: loopbackUrl(fragment.get('report')),
   };
@@ -260,11 +292,11 @@
     const media = new Map();
     for (const section of sdp.split(/\r?\n(?=m=)/).slice(1)) {
       const lines = section.split(/\r?\n/);
-      const info = { kind: lines[0].slice(2).split(' ')[0], stream: null, direction: 'sendrecv', ssrc: null };
+      const info = { kind: lines[0].slice(2).split(' ')[0], stream: null, track: null, direction: 'sendrecv', ssrc: null };
       let mid = null;
       for (const line of lines) {
         if (line.startsWith('a=mid:')) mid = line.slice(6).trim();
-        else if (line.startsWith('a=msid:')) info.stream = line.slice(7).trim().split(' ')[0];
+        else if (line.startsWith('a=msid:')) [info.stream, info.track = null] = line.slice(7).trim().split(' ');
         else if (/^a=(sendrecv|sendonly|recvonly|inactive)\s*$/.test(line)) info.direction = line.slice(2).trim();
         else if (line.startsWith('a=ssrc:') && info.ssrc === null) info.ssrc = Number(line.slice(7).split(' ')[0]);
       }
@@ -312,6 +344,13 @@
       this.id = id;
       this.tracks = [];
       this.bytes = null;
+      // remote tiles: the relay's id of the video shown, what the page last asked of it (the
+      // relay's defaults for a new subscription), and whether and how large the tile shows
+      this.videoTrackId = null;
+      this.asked = null;
+      this.view = { intersecting: true, width: 0, height: 0 };
+      this.wishTimer = null;
+      this.wishing = null;
       this.el = document.createElement('figure');
       this.el.className = local ? 'tile local' : 'tile';
       this.el.dataset.participant = id;
@@ -373,6 +412,7 @@
     }
 
     remove() {
+      clearTimeout(this.wishTimer);
       this.video.srcObject = null;
       this.el.remove();
     }
@@ -400,6 +440,31 @@
       this.states = { publisher: 'none', subscriber: 'new', events: 'connecting' };
       this.ended = false;
       this.last = { out: null, at: 0 };
+      this.layers = null; // the latest publisher.layers for this page's video: { wanted, unused }
+      this.layerTimer = null;
+      this.layerChain = Promise.resolve(); // setParameters calls, one after the other
+      this.sending = new Map(); // rid -> { frames, since }: since when the layer is sent
+      this.probedAt = 0;
+      // remote tiles in view and their sizes, for what the page asks of their video
+      this.onVisibility = () => this.wishAll();
+      document.addEventListener('visibilitychange', this.onVisibility);
+      this.inView = new IntersectionObserver((entries) => {
+        for (const entry of entries) {
+          const tile = this.tileOf(entry.target);
+          if (!tile) continue;
+          tile.view.intersecting = entry.isIntersecting;
+          this.wishSoon(tile);
+        }
+      });
+      this.sizes = new ResizeObserver((entries) => {
+        for (const entry of entries) {
+          const tile = this.tileOf(entry.target);
+          if (!tile) continue;
+          tile.view.width = entry.contentRect.width;
+          tile.view.height = entry.contentRect.height;
+          this.wishSoon(tile);
+        }
+      });
     }
 
     /**
@@ -478,13 +543,167 @@
       const pc = this.pub = new RTCPeerConnection(PC_CONFIG);
       this.watch(pc, 'publisher');
       for (const track of this.local.getTracks()) {
-        const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [this.local] });
+        const transceiver = this.addSender(pc, track);
         if (track.kind === 'video' && options.codec) preferCodec(transceiver, options.codec);
       }
       await pc.setLocalDescription(await pc.createOffer());
       const answer = await this.api.call('POST', `${this.api.base}/publisher`,
         { type: 'offer', sdp: pc.localDescription.sdp });
       await pc.setRemoteDescription(answer);
+    }
+
+    /**
+     * The camera with its simulcast layers when the browser takes them (as many as the
+     * picture is big enough for, the full size always among them), else as one encoding.
+     */
+    addSender(pc, track) {
+      const init = { direction: 'sendonly', streams: [this.local] };
+      const settings = track.kind === 'video' ? track.getSettings() : {};
+      const pixels = (settings.width || options.width) * (settings.height || options.height);
+      const [, count] = SIMULCAST_PIXELS.find(([least]) => pixels >= least) || [0, 1];
+      if (options.simulcast && options.source !== 'noise' && track.kind === 'video' && count > 1) {
+        const layers = SIMULCAST_ENCODINGS.slice(-count);
+        try {
+          const transceiver = pc.addTransceiver(track,
+            { ...init, sendEncodings: layers.map((e) => ({ ...e })) });
+          const encodings = transceiver.sender.getParameters().encodings || [];
+          if (encodings.length === layers.length) {
+            this.layerTimer = setInterval(() => this.applyLayers(), STATS_INTERVAL_MS);
+            return transceiver;
+          }
+          pc.removeTrack(transceiver.sender); // took fewer layers: publish it plainly instead
+          transceiver.stop();
+        } catch (error) {
+          // no simulcast here
+        }
+        notice('this browser does not send simulcast; publishing one video layer');
+      }
+      return pc.addTransceiver(track, init);
+    }
+
+    /** The sender of this page's simulcast video, if any. */
+    simulcastSender() {
+      if (!this.pub) return null;
+      return this.pub.getSenders().find((s) => s.track && s.track.kind === 'video' &&
+        (s.getParameters().encodings || []).length > 1) || null;
+    }
+
+    /**
+     * Layers as publisher.layers last said (on each one, and every second): a layer nobody
+     * receives is paused once it has been sent for a while, the others are sent; all of them
+     * while nobody receives any (the next subscriber gets the best at once) and, briefly,
+     * every LAYER_PROBE_MS. The lowest is always sent: it costs little, and a subscriber that
+     * asks for less moves to it at once (one that asks for more waits for the next probe).
+     */
+    applyLayers() {
+      this.layerChain = this.layerChain.then(() => this.applyLayersNow()).catch((error) => {
+        notice(`could not change the simulcast layers: ${error.message}`, true);
+      });
+      return this.layerChain;
+    }
+
+    async applyLayersNow() {
+      const sender = this.simulcastSender();
+      if (!sender || this.ended) return;
+      const now = performance.now();
+      const frames = new Map();
+      (await sender.getStats()).forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.rid !== undefined) frames.set(s.rid, s.framesEncoded || 0);
+      });
+      const parameters = sender.getParameters();
+      const probe = now - this.probedAt >= LAYER_PROBE_MS && parameters.encodings.some((e) => e.active === false);
+      if (probe) this.probedAt = now;
+      const unused = new Set(this.layers && this.layers.wanted.length ? this.layers.unused : []);
+      unused.delete(parameters.encodings[0].rid);
+      let changed = false;
+      for (const encoding of parameters.encodings) {
+        const was = encoding.active !== false;
+        // since when the layer's frames are encoded (browsers without rid stats: since active)
+        const count = frames.has(encoding.rid) ? frames.get(encoding.rid) : null;
+        const before = this.sending.get(encoding.rid);
+        const grows = count === null || (before && count > before.frames);
+        const since = was && grows ? (before && before.since !== null ? before.since : now) : null;
+        this.sending.set(encoding.rid, { frames: count ?? 0, since });
+        let active = !unused.has(encoding.rid) || probe;
+        if (!active && was) active = since === null || now - since < LAYER_GRACE_MS;
+        if (active !== was) {
+          encoding.active = active;
+          changed = true;
+          if (!active) {
+            this.sending.set(encoding.rid, { frames: count ?? 0, since: null });
+            this.probedAt = now; // the next probe counts from the latest pause
+          }
+        }
+      }
+      if (!changed) return;
+      await sender.setParameters(parameters);
+      const paused = parameters.encodings.filter((e) => e.active === false).map((e) => e.rid);
+      console.info('[relay demo]', `simulcast layers paused: ${paused.join(', ') || 'none'}`);
+    }
+
+    /** rid -> sent (active) of this page's simulcast video, for the report; null without. */
+    layerStates() {
+      const sender = this.simulcastSender();
+      if (!sender) return null;
+      return Object.fromEntries(sender.getParameters().encodings.map((e) => [e.rid, e.active !== false]));
+    }
+
+    tileOf(element) {
+      const tile = this.tiles.get(element.dataset.participant);
+      return tile && tile.el === element ? tile : null;
+    }
+
+    /** What a remote tile wants of its video now (a PUT .../subscriptions body). */
+    wishFor(tile) {
+      const { width, height } = tile.view;
+      const shown = width > 0 && height > 0;
+      const wish = { paused: document.visibilityState === 'hidden' || !tile.view.intersecting || !shown };
+      if (!shown) return wish; // hidden by the layout: keep the size asked before
+      // object-fit: cover fills the tile, so the picture must cover it in both directions
+      const ratio = devicePixelRatio || 1;
+      const video = tile.video;
+      const aspect = video.videoWidth && video.videoHeight ? video.videoWidth / video.videoHeight : width / height;
+      const step = (value, steps) => steps.find((s) => s >= Math.ceil(value * ratio)) ?? null;
+      wish.max_width = step(Math.max(width, height * aspect), WISH_WIDTHS);
+      wish.max_height = step(Math.max(height, width / aspect), WISH_HEIGHTS);
+      if (wish.max_width === null || wish.max_height === null) wish.max_width = wish.max_height = null;
+      return wish;
+    }
+
+    wishSoon(tile) {
+      clearTimeout(tile.wishTimer);
+      tile.wishTimer = setTimeout(() => this.wish(tile), WISH_DELAY_MS);
+    }
+
+    wishAll() {
+      for (const [id, tile] of this.tiles) if (id !== this.me) this.wishSoon(tile);
+    }
+
+    /** Tell the relay what changed in what the tile wants; one request at a time per tile. */
+    async wish(tile) {
+      if (this.ended || !tile.videoTrackId || this.tiles.get(tile.id) !== tile) return;
+      if (tile.wishing) {
+        tile.wishing.again = true;
+        return;
+      }
+      const trackId = tile.videoTrackId;
+      const wanted = this.wishFor(tile);
+      const changes = {};
+      for (const [key, value] of Object.entries(wanted)) if (tile.asked[key] !== value) changes[key] = value;
+      if (!Object.keys(changes).length) return;
+      tile.wishing = { again: false };
+      try {
+        await this.api.call('PUT',
+          `${this.api.base}/subscriptions/${encodeURIComponent(trackId)}`, changes);
+        if (tile.videoTrackId === trackId) Object.assign(tile.asked, changes);
+      } catch (error) {
+        // 404: the track went away meanwhile (the next offer drops it)
+        if (error.status !== 404) notice(`could not update the subscription to ${tile.id}: ${error.message}`, true);
+      } finally {
+        const { again } = tile.wishing;
+        tile.wishing = null;
+        if (again) this.wish(tile);
+      }
     }
 
     /** Fetch the current subscriber offer and answer it; serialised, skips stale requests. */
@@ -525,8 +744,9 @@
         const info = transceiver.mid !== null && media.get(transceiver.mid);
         if (!info || !info.stream || info.stream === '-' || this.gone.has(info.stream)) continue;
         if (info.direction !== 'sendonly' && info.direction !== 'sendrecv') continue;
-        const group = groups.get(info.stream) || { tracks: [], receivers: [] };
+        const group = groups.get(info.stream) || { tracks: [], receivers: [], video: null };
         group.tracks.push(transceiver.receiver.track);
+        if (info.kind === 'video' && info.track) group.video = info.track;
         group.receivers.push({ kind: info.kind, ssrc: info.ssrc, receiver: transceiver.receiver });
         groups.set(info.stream, group);
       }
@@ -535,8 +755,17 @@
         if (!tile) {
           tile = new Tile(id, id, false);
           this.tiles.set(id, tile);
+          tile.video.addEventListener('resize', () => this.wishSoon(tile)); // its aspect known
+          this.inView.observe(tile.el);
+          this.sizes.observe(tile.el);
         }
         tile.setTracks(group.tracks);
+        if (tile.videoTrackId !== group.video) {
+          // a new subscription starts with the relay's defaults
+          tile.videoTrackId = group.video;
+          tile.asked = { paused: false, max_width: null, max_height: null };
+          this.wishSoon(tile);
+        }
       }
       for (const [id, tile] of this.tiles) {
         if (id !== this.me && !groups.has(id)) this.dropTile(id);
@@ -548,6 +777,8 @@
     dropTile(id) {
       const tile = this.tiles.get(id);
       if (!tile || id === this.me) return;
+      this.inView.unobserve(tile.el);
+      this.sizes.unobserve(tile.el);
       tile.remove();
       this.tiles.delete(id);
       this.receivers.delete(id);
@@ -596,6 +827,12 @@
           if (tile) tile.setBadges(this.badgesFor(event.participant_id));
           break;
         }
+        case 'publisher.layers':
+          if (event.participant_id === this.me) {
+            this.layers = { wanted: event.wanted || [], unused: event.unused || [] };
+            this.applyLayers();
+          }
+          break;
         case 'room.closed':
           this.end('the room was closed');
           break;
@@ -661,6 +898,10 @@
       this.ended = true;
       record.state = 'left';
       clearInterval(this.timer);
+      clearInterval(this.layerTimer);
+      document.removeEventListener('visibilitychange', this.onVisibility);
+      this.inView.disconnect();
+      this.sizes.disconnect();
       if (this.events) this.events.close();
       for (const pc of [this.pub, this.sub]) if (pc) pc.close();
       if (this.local) for (const track of this.local.getTracks()) track.stop();
@@ -913,6 +1154,7 @@
         states: call ? call.states : null,
         tiles: call ? [...call.tiles.keys()].filter((id) => id !== call.me) : [],
         stats: call && call.lastStats ? call.lastStats : null,
+        layers: call ? call.layerStates() : null,
       };
       fetch(options.report, { method: 'POST', mode: 'no-cors', body: JSON.stringify(payload) })
         .catch(() => {});

@@ -216,3 +216,32 @@ def test_layers_nobody_receives_are_announced_as_unused() -> None:
     call.h.sfu.tick(call.h.now + 1.0)
     last = call.h.events_of("publisher.layers")[-1]
     assert (last["wanted"], last["unused"]) == (["h"], ["q", "f"])
+
+
+def test_a_layer_that_stops_is_left_and_still_wanted_and_taken_again_when_it_returns() -> None:
+    call = Call()
+    call.start_all()
+    for layer in range(3):
+        call.send(layer)
+    f, h = call.track.layers[2], call.track.layers[1]
+    assert call.video.stream.track is f
+    # the publisher stops f (its bandwidth estimate fell, say): q and h go on for 3 s
+    for _ in range(3):
+        call.h.now += 1.0
+        call.send(0)
+        call.send(1)
+        call.h.sfu.tick(call.h.now)
+    assert call.video.stream.target is h and call.video.stream.wanted is f
+    call.send(1, keyframe=True)
+    assert call.video.stream.track is h  # moved at h's keyframe
+    announced = call.h.events_of("publisher.layers")[-1]
+    assert set(announced["wanted"]) == {"h", "f"}  # f stays wanted: the publisher may resume it
+    # f comes back: bob returns to it at its keyframe
+    call.send(2, keyframe=True)
+    call.h.now += 1.0
+    call.h.sfu.tick(call.h.now)
+    assert call.video.stream.target is f
+    call.send(2, keyframe=True)
+    assert call.video.stream.track is f
+    seqs = [parse_rtp(d)[1] for d in call.to_bob()]
+    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
