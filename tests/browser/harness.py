@@ -1,7 +1,7 @@
 """Plumbing for browser tests: a network namespace, an event loop inside it, the relay, a
 statistics collector, headless Chromium and Firefox ESR, and an aiortc participant.
 
-Everything WebRTC happens inside a network namespace the tests make and remove (TESTING.md):
+Everything WebRTC happens inside a network namespace the tests make and remove:
 browsers and aioice do not use 127.0.0.1 as a host candidate. The relay, the browsers and the
 collector run there; the test process joins it from one thread only (``setns`` changes the
 namespace of the calling thread), which runs an asyncio loop for the API calls, the event
