@@ -139,7 +139,6 @@ class LostPacket(NamedTuple):
 
 # --- the adapter from TwccSendHistory ----------------------------------------------------
 
-_REFERENCE_UNIT = 0.064  # transport-cc reference time unit, seconds (draft §3.1)
 
 
 @dataclass(slots=True)
@@ -157,57 +156,17 @@ class FeedbackReport:
 
 
 def feedback_report(history: TwccSendHistory, fb: TwccFeedback, now: float) -> FeedbackReport:
-    """Match ``fb`` against ``history`` — this CALLS ``history.on_feedback(fb, now)`` itself
-    (call this instead of it, never both) — and return the per-packet results for
-    :meth:`GccEstimator.on_report`.
-
-    :class:`TwccSendHistory` keeps send time, size and reported state per sequence number but
-    exposes only aggregates, so this reads its ring (``_ext``, ``_time``, ``_size``,
-    ``_state``, ``_mask``, ``_next``, ``_reference``) without changing it: the states are
-    noted before ``on_feedback`` runs, so a packet counts as newly acknowledged (or newly
-    lost) exactly when ``on_feedback`` counts it so, and arrival times get the same 24-bit
-    reference-time unwrapping (read back from ``_reference`` afterwards). A statistic
-    of this report is in :attr:`FeedbackReport.stats`. Statuses about sequence numbers no
-    longer (or never) in the ring are skipped, as ``on_feedback`` counts them ``unknown``.
-    """
-    highest = history._next - 1
-    delta = ((fb.base_seq - highest + 0x8000) & 0xFFFF) - 0x8000
-    base = highest + delta
-    mask = history._mask
-    exts = history._ext
-    states = history._state
-    symbols = fb.symbols
-    # State of each status's packet before this report (-1: not in the history).
-    before = [
-        states[(base + k) & mask] if exts[(base + k) & mask] == base + k else -1
-        for k in range(len(symbols))
-    ]
+    """Match ``fb`` against ``history`` (this calls ``history.on_feedback(fb, now)``: call
+    this instead of it, never both) and return the per-packet results for
+    :meth:`GccEstimator.on_report`: the packets the report newly acknowledges, with send and
+    arrival times, and those it newly reports lost, as :class:`DeliveryStats` lists them."""
     stats = history.on_feedback(fb, now)
-    reference = history._reference
-    offset = 0.0 if reference is None else (reference - (fb.reference_time & 0xFFFFFF))
-    offset *= _REFERENCE_UNIT
-    times = history._time
-    sizes = history._size
-    arrivals = fb.arrivals
-    report = FeedbackReport(stats=stats)
-    acked = report.acked
-    lost = report.lost
-    for k, sym in enumerate(symbols):
-        prior = before[k]
-        if prior < 0:
-            continue
-        i = (base + k) & mask
-        if sym:
-            if prior == 2:
-                continue  # acknowledged by an earlier report
-            arrival = arrivals[k]
-            if arrival is None:
-                report.received_without_time += 1
-            else:
-                acked.append(PacketResult(times[i], arrival + offset, sizes[i]))
-        elif prior == 0:
-            lost.append(LostPacket(times[i], sizes[i]))
-    return report
+    return FeedbackReport(
+        acked=[PacketResult(send, arrival, size) for send, arrival, size in stats.received],
+        lost=[LostPacket(send, size) for send, size in stats.lost_packets],
+        received_without_time=stats.received_without_time,
+        stats=stats,
+    )
 
 
 # --- delay-based: grouping (draft §5.2) ----------------------------------------------------

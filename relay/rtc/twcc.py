@@ -577,6 +577,14 @@ class DeliveryStats:
     #: now minus the send time of the newest packet reported received (RTT + feedback delay)
     feedback_delay: float | None = None
     unknown: int = 0  # statuses for sequence numbers not (or no longer) in the history
+    #: the packets newly reported received with an arrival time, in sequence order: (send
+    #: time on our clock, arrival time on the receiver's clock unwrapped, size); what a
+    #: bandwidth estimator needs (relay/rtc/gcc.py)
+    received: list[tuple[float, float, int]] = field(default_factory=list)
+    #: packets newly reported received without an arrival time
+    received_without_time: int = 0
+    #: the packets reported lost for the first time: (send time, size)
+    lost_packets: list[tuple[float, int]] = field(default_factory=list)
 
 
 class TwccSendHistory:
@@ -713,7 +721,8 @@ class TwccSendHistory:
         sends: list[float] = []
         arrivals: list[float] = []
         acked_sizes: list[int] = []
-        acked = lost = bytes_acked = unknown = 0
+        acked = lost = bytes_acked = unknown = untimed = 0
+        lost_packets = stats.lost_packets
         fb_arrivals = fb.arrivals
         for k, sym in enumerate(fb.symbols):
             ext = base + k
@@ -735,11 +744,16 @@ class TwccSendHistory:
                     sends.append(times[i])
                     arrivals.append(arrival + clock_offset)
                     acked_sizes.append(sizes[i])
+                else:
+                    untimed += 1
             elif st == 0:
                 state[i] = 1
                 lost += 1
+                lost_packets.append((times[i], sizes[i]))
         stats.acked = acked
         stats.lost = lost
+        stats.received = list(zip(sends, arrivals, acked_sizes, strict=True))
+        stats.received_without_time = untimed
         stats.bytes_acked = bytes_acked
         stats.unknown = unknown
         if acked + lost:
