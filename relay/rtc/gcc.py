@@ -140,7 +140,6 @@ class LostPacket(NamedTuple):
 # --- the adapter from TwccSendHistory ----------------------------------------------------
 
 
-
 @dataclass(slots=True)
 class FeedbackReport:
     """What one transport-cc feedback says about packets not reported received before."""

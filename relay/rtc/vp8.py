@@ -227,6 +227,38 @@ def pack_vp8(desc: Vp8Descriptor) -> bytes:
     return _pack(desc, desc.picture_id, desc.long_picture_id, desc.tl0picidx)
 
 
+class Tl0PicIdxMap:
+    """Input TL0PICIDX of successive sources -> one continuous 8-bit output numbering: the
+    first value of a new source follows the newest output by one (RFC 7741 §4.2: incremented
+    for each base-layer picture); within a source the output is the input plus an offset."""
+
+    __slots__ = ("last", "_started", "_offset")
+
+    def __init__(self, initial: int | None = None) -> None:
+        """``initial``: the output value of the first picture (random when None)."""
+        if initial is None:
+            initial = random.getrandbits(8)
+        #: output TL0PICIDX of the newest picture
+        self.last = (initial - 1) & 0xFF
+        self._started = False
+        self._offset = 0
+
+    def start(self, tl0picidx: int | None) -> None:
+        """A new source begins at ``tl0picidx`` (None: at its first packet that has one)."""
+        self._started = tl0picidx is not None
+        if tl0picidx is not None:
+            self._offset = (self.last + 1 - tl0picidx) & 0xFF
+
+    def output(self, tl0picidx: int) -> int:
+        """The output value of an input TL0PICIDX of the current source."""
+        if not self._started:
+            self.start(tl0picidx)
+        out = (tl0picidx + self._offset) & 0xFF
+        if 0 < ((out - self.last) & 0xFF) < 0x80:  # ahead of the newest
+            self.last = out
+        return out
+
+
 class PictureIdMap:
     """Input PictureIDs of successive sources -> one continuous output numbering.
 
@@ -342,9 +374,7 @@ class Vp8Rewriter:
         "target_tid",
         "current_tid",
         "pictures",
-        "_tl0_started",
-        "_tl0_offset",
-        "_tl0_out",
+        "tl0",
         "_newest",
         "_newest_dropped",
     )
@@ -368,11 +398,7 @@ class Vp8Rewriter:
         #: the highest temporal layer forwarded now: below the target until a sync point
         self.current_tid = tid
         self.pictures = PictureIdMap(picture_id, long_picture_id)
-        self._tl0_started = False
-        self._tl0_offset = 0
-        if tl0picidx is None:
-            tl0picidx = random.getrandbits(8)
-        self._tl0_out = (tl0picidx - 1) & 0xFF  # output TL0PICIDX of the newest picture
+        self.tl0 = Tl0PicIdxMap(tl0picidx)
         self._newest = -1  # unwrapped input id of the newest picture, and whether it is dropped
         self._newest_dropped = False
 
@@ -395,7 +421,7 @@ class Vp8Rewriter:
     @property
     def tl0picidx(self) -> int:
         """The output TL0PICIDX of the newest picture."""
-        return self._tl0_out
+        return self.tl0.last
 
     def _start(self, desc: Vp8Descriptor) -> None:
         self.starting = False
@@ -406,14 +432,7 @@ class Vp8Rewriter:
             self._newest_dropped = False
         else:  # numbered from the first packet of the new source that has one
             self.pictures.stop()
-        if desc.tl0picidx is not None:
-            self._start_tl0(desc.tl0picidx)
-        else:
-            self._tl0_started = False
-
-    def _start_tl0(self, tl0picidx: int) -> None:
-        self._tl0_started = True
-        self._tl0_offset = (self._tl0_out + 1 - tl0picidx) & 0xFF
+        self.tl0.start(desc.tl0picidx)
 
     def _new_picture(self, desc: Vp8Descriptor) -> bool:
         """Apply a change of temporal target at the start of a picture; whether the picture is
@@ -485,11 +504,5 @@ class Vp8Rewriter:
         elif desc.tid is not None and desc.tid > self.current_tid:
             return None
         tl0 = desc.tl0picidx
-        out_tl0: int | None = None
-        if tl0 is not None:
-            if not self._tl0_started:
-                self._start_tl0(tl0)
-            out_tl0 = (tl0 + self._tl0_offset) & 0xFF
-            if 0 < ((out_tl0 - self._tl0_out) & 0xFF) < 0x80:  # ahead of the newest
-                self._tl0_out = out_tl0
+        out_tl0 = None if tl0 is None else self.tl0.output(tl0)
         return _pack(desc, out_id, pictures.long, out_tl0)

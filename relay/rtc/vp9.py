@@ -68,10 +68,9 @@ Decisions:
 
 from __future__ import annotations
 
-import random
 from typing import NamedTuple
 
-from relay.rtc.vp8 import PictureIdMap
+from relay.rtc.vp8 import PictureIdMap, Tl0PicIdxMap
 
 __all__ = [
     "Vp9Descriptor",
@@ -343,9 +342,7 @@ class Vp9Rewriter:
         "current_sid",
         "current_tid",
         "pictures",
-        "_tl0_started",
-        "_tl0_offset",
-        "_tl0_out",
+        "tl0",
         "_newest",
         "_layers",
         "_checked_above",
@@ -374,11 +371,7 @@ class Vp9Rewriter:
         self.current_sid = spatial
         self.current_tid = temporal
         self.pictures = PictureIdMap(picture_id, long_picture_id)
-        self._tl0_started = False
-        self._tl0_offset = 0
-        if tl0picidx is None:
-            tl0picidx = random.getrandbits(8)
-        self._tl0_out = (tl0picidx - 1) & 0xFF
+        self.tl0 = Tl0PicIdxMap(tl0picidx)
         self._newest = 0  # unwrapped input id of the newest picture
         self._layers = 0  # bit s: the newest picture's spatial layer s frame was forwarded
         self._checked_above = 7  # newest picture: frames above this layer must be switchable
@@ -403,7 +396,7 @@ class Vp9Rewriter:
     @property
     def tl0picidx(self) -> int:
         """The output TL0PICIDX of the newest forwarded picture."""
-        return self._tl0_out
+        return self.tl0.last
 
     def _new_picture(self, desc: Vp9Descriptor) -> None:
         """Apply a change of target at the start of a picture (its first packet seen)."""
@@ -438,15 +431,8 @@ class Vp9Rewriter:
             self._newest = desc.picture_id
         else:  # numbered from the first packet of the new source that has one
             self.pictures.stop()
-        if desc.tl0picidx is not None:
-            self._start_tl0(desc.tl0picidx)
-        else:
-            self._tl0_started = False
+        self.tl0.start(desc.tl0picidx)
         self._new_picture(desc)
-
-    def _start_tl0(self, tl0picidx: int) -> None:
-        self._tl0_started = True
-        self._tl0_offset = (self._tl0_out + 1 - tl0picidx) & 0xFF
 
     def rewrite(
         self, desc: Vp9Descriptor, marker: bool, new_source: bool = False
@@ -531,12 +517,7 @@ class Vp9Rewriter:
             )
             tl0 = desc.tl0picidx
             if tl0 is not None:
-                if not self._tl0_started:
-                    self._start_tl0(tl0)
-                out_tl0 = (tl0 + self._tl0_offset) & 0xFF
-                if 0 < ((out_tl0 - self._tl0_out) & 0xFF) < 0x80:
-                    self._tl0_out = out_tl0
-                out.append(out_tl0)
+                out.append(self.tl0.output(tl0))
         out += desc.rest
         end_marker = marker or (desc.end and desc.sid == self.current_sid)
         return bytes(out), end_marker
