@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from relay.rtc.vp8 import Vp8Error, parse_vp8
+
 __all__ = [
     "KeyframeStart",
     "av1_keyframe_start",
@@ -71,20 +73,14 @@ def vp8_keyframe_size(packet: bytes, offset: int) -> tuple[int, int] | None:
     keyframe header after the 3-byte frame tag is the start code 9d 01 2a and two 16-bit
     little-endian fields whose low 14 bits are the size (RFC 6386 §9.1). None for any other
     packet."""
-    if not vp8_keyframe_start(packet, offset):
+    try:
+        desc = parse_vp8(packet, offset)
+    except Vp8Error:
         return None
-    first = packet[offset]
-    i = offset + 1
-    if first & 0x80:
-        ext = packet[i]
-        i += 1
-        if ext & 0x80:
-            i += 2 if packet[i] & 0x80 else 1
-        if ext & 0x40:
-            i += 1
-        if ext & 0x30:
-            i += 1
-    if i + 10 > _payload_end(packet) or packet[i + 3 : i + 6] != b"\x9d\x01\x2a":
+    i = offset + desc.size
+    if not desc.keyframe or i + 10 > _payload_end(packet):
+        return None
+    if packet[i + 3 : i + 6] != b"\x9d\x01\x2a":
         return None
     width = (packet[i + 6] | packet[i + 7] << 8) & 0x3FFF
     height = (packet[i + 8] | packet[i + 9] << 8) & 0x3FFF
