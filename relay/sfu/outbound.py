@@ -137,8 +137,9 @@ class OutboundStream:
         self.rewriter.switch_source()
         self.vp8_switch = True
 
-    def rewrite_vp8(self, enabled: bool, capacity: int = 1024) -> None:
-        """Renumber VP8 descriptors (simulcast layers of a VP8 track) or stop doing so."""
+    def rewrite_vp8(self, enabled: bool, capacity: int) -> None:
+        """Renumber VP8 descriptors (simulcast layers of a VP8 track) or stop doing so;
+        ``capacity``: how many recent packets' descriptors are kept for retransmissions."""
         if enabled and self.vp8 is None:
             self.vp8 = Vp8Rewriter()
             self.vp8_switch = True

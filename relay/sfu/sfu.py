@@ -574,9 +574,8 @@ class Sfu:
             if layer.rtx_ssrc is not None and layer.rtx_payload_type is not None:
                 leg.rtx_map[layer.rtx_ssrc] = layer
             layer.enable_retransmission(nack, history_size)
-        vp8 = bool(track.layers) and track.codec.name.lower() == "vp8"
         for sub in track.subscriptions.values():
-            sub.stream.rewrite_vp8(vp8, history_size or 1024)
+            sub.stream.rewrite_vp8(track.renumbers_vp8, self.settings.rtp.history_size)
         if track.layers:
             self._allocate(track, now)
             track.rebuild_outputs()
@@ -687,8 +686,7 @@ class Sfu:
             slot = Slot(mid=str(len(p.slots)), kind=track.kind)
             p.slots.append(slot)
         sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec), self.metrics)
-        if track.layers and track.codec.name.lower() == "vp8":
-            sub.stream.rewrite_vp8(True, self.settings.rtp.history_size)
+        sub.stream.rewrite_vp8(track.renumbers_vp8, self.settings.rtp.history_size)
         if retransmit:
             sub.rtx_payload_type = self._payload_type(
                 p,

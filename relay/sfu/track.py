@@ -161,6 +161,12 @@ class Track:
             layer.outputs = outputs[id(layer)]
             layer.pending = pending[id(layer)]
 
+    @property
+    def renumbers_vp8(self) -> bool:
+        """VP8 simulcast: the subscribers' streams renumber the VP8 descriptors, whose
+        PictureID and TL0PICIDX sequences differ from layer to layer."""
+        return bool(self.layers) and self._vp8
+
     def receive_streams(self) -> list[Track]:
         """The tracks that receive packets: the layers with simulcast, else this one."""
         return self.layers or [self]
