@@ -73,6 +73,11 @@ class Metrics:
         #: packets held back from subscriptions waiting to start on a keyframe (per copy)
         self.keyframe_waits = 0
         self.retransmission_bytes = 0
+        #: bandwidth probes sent to subscribers (RTX copies of recent packets), and layer
+        #: switches the bandwidth allocation made (up: a better layer; down: a lesser one)
+        self.probe_packets = 0
+        self.probe_bytes = 0
+        self.layer_switches: dict[str, int] = {"up": 0, "down": 0}
         #: NACKed packets not resent: "repeat" (resent too recently or too often), "budget"
         #: (the subscriber's retransmission budget was spent)
         self.retransmissions_suppressed: dict[str, int] = {"repeat": 0, "budget": 0}
@@ -172,6 +177,24 @@ class Metrics:
             "counter",
             "Bytes resent to subscribers in answer to NACKs (SRTP size).",
             [("", self.retransmission_bytes)],
+        )
+        metric(
+            "probe_packets_total",
+            "counter",
+            "Bandwidth probe packets sent to subscribers (RTX copies of recent packets).",
+            [("", self.probe_packets)],
+        )
+        metric(
+            "probe_bytes_total",
+            "counter",
+            "Bytes of bandwidth probes sent to subscribers (SRTP size).",
+            [("", self.probe_bytes)],
+        )
+        metric(
+            "layer_switches_total",
+            "counter",
+            "Layer changes the bandwidth allocation made for subscribers, by direction.",
+            [(f'{{direction="{d}"}}', n) for d, n in self.layer_switches.items()],
         )
         metric(
             "retransmissions_suppressed_total",

@@ -337,6 +337,14 @@ class SubscriptionPreferences(_Request):
     max_fps: int | float | None = Field(
         default=None, gt=0, le=240, description="Highest frame rate wanted."
     )
+    priority: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="Share of the subscriber's bandwidth: higher priorities get better layers "
+        "first (a screen share, say); 0 by default. Among equal priorities the room's "
+        "current speaker comes first.",
+    )
 
 
 class SubscriptionInfo(_Response):
@@ -353,3 +361,4 @@ class SubscriptionInfo(_Response):
     max_width: int | None
     max_height: int | None
     max_fps: float | None
+    priority: int

@@ -53,7 +53,7 @@ the estimate to the measured rate. What the caller does (sending is not this mod
 
 1. Ask :meth:`GccEstimator.wants_probe` with the rate it would like to send (the sum of the
    layers it would forward). True means "probe now": the estimator has noted it and will not
-   ask again for a while: 1 s, doubling with every probe up to 30 s, back to 1 s (and the
+   ask again for a while: 1 s, doubling with every probe up to 5 s, back to 1 s (and the
    next probe due 1 s later) after a probe that lifted the estimate by more than 10 %, and allowed at once when the
    acknowledged bitrate rises out of the link capacity band and 10 % above what the last
    failed probe found (the path changed).
@@ -815,7 +815,8 @@ PROBE_MAX_RATIO = 2.0  # receive rate above 2 x send rate: measurement artefact,
 PROBE_SATURATED = 0.9  # receive rate below 0.9 x send rate: the probe hit the capacity ...
 PROBE_UTILIZATION = 0.95  # ... which is then taken as 0.95 x the receive rate
 PROBE_INTERVAL = 1.0  # seconds between probes, doubling up to PROBE_MAX_INTERVAL ...
-PROBE_MAX_INTERVAL = 30.0  # ... while probes fail to lift the estimate
+PROBE_MAX_INTERVAL = 5.0  # ... while probes fail to lift the estimate (a path that
+# widens is found within that long: goog_cc's periodic probes are 5 s apart as well)
 PROBE_QUIET = 2.0  # no probing within this long after an overuse or a loss cut
 PROBE_GAIN = 2.0  # probe at 2 x the estimate (goog_cc's further probes), at most the target
 PROBE_RETRY_GAIN = 1.1  # a probe lifting the estimate less than 10 % counts as failed; and
@@ -1023,7 +1024,7 @@ class GccEstimator:
         is quiet (detector normal, no overuse or loss cut for :data:`PROBE_QUIET` seconds,
         the last loss window at most 2 %), and the probe interval has passed. A True answer
         records the probe as started: send it now (see the module docstring); the next one
-        is allowed after the probe interval (1 s, doubling with every probe up to 30 s; see
+        is allowed after the probe interval (1 s, doubling with every probe up to 5 s; see
         :meth:`on_probe_result` and the module docstring for what brings it back to 1 s)."""
         estimate = self.estimate
         if estimate >= min(target, self.max_bitrate):

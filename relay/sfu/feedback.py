@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from relay.rtc import rtcp
 from relay.rtc.bwe import RembEstimator
-from relay.rtc.gcc import GccEstimator, feedback_report
+from relay.rtc.gcc import FeedbackReport, GccEstimator, feedback_report
 from relay.rtc.nack import (
     MAX_RESENDS,
     MIN_RESEND_INTERVAL,
@@ -286,9 +286,12 @@ class TransportCcSender:
     def stamp(self, size: int, now: float) -> int:
         return self.history.next_seq(size, now)
 
-    def on_feedback(self, feedback: TwccFeedback, now: float) -> None:
+    def on_feedback(self, feedback: TwccFeedback, now: float) -> FeedbackReport:
+        """Match a feedback against the history and feed the estimator; what it reported."""
         # feedback_report matches the feedback against the history (on_feedback) itself
-        self.estimator.on_report(feedback_report(self.history, feedback, now), now)
+        report = feedback_report(self.history, feedback, now)
+        self.estimator.on_report(report, now)
+        return report
 
 
 class NackResponder:
@@ -385,6 +388,22 @@ class NackResponder:
         self._resent[out_seq] = (now, count)
         self.retransmissions += 1
         return packet
+
+    def probe_copy(self, out_seq: int, now: float) -> bytes | None:
+        """An RTX copy of a packet sent recently, for a bandwidth probe (not a retransmission:
+        no budget, no resend accounting); None without RTX or when the packet is gone."""
+        if self.stamps is not None:
+            return None
+        stream = self.stream
+        in_seq = stream.rewriter.input_seq_of(out_seq)
+        history = stream.track.history
+        stored = None if in_seq is None or history is None else history.get(in_seq, now)
+        if stored is None:
+            return None
+        try:
+            return self._rebuild(stored, out_seq, now)
+        except RtpError:
+            return None
 
     def _rebuild(self, stored: bytes, out_seq: int, now: float) -> bytes:
         stream = self.stream

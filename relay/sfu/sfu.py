@@ -32,11 +32,20 @@ from relay.rtc.extensions import (
     TRANSPORT_CC_URI,
     VIDEO_ORIENTATION_URI,
 )
+from relay.rtc.gcc import BandwidthUsage
 from relay.rtc.rtp import ExtensionRewriter
 from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
 from relay.rtc.transport import TransportState, WebRtcTransport
 from relay.sfu import events
 from relay.sfu.admission import OverloadDetector
+from relay.sfu.allocation import (
+    PROBATION,
+    Demand,
+    allocate,
+    hold_after,
+    nominal_bitrate,
+    probe_target,
+)
 from relay.sfu.errors import (
     BadRequest,
     Conflict,
@@ -46,7 +55,7 @@ from relay.sfu.errors import (
     NotFound,
     TooLarge,
 )
-from relay.sfu.feedback import NackResponder, TransportCcSender, publisher_feedback
+from relay.sfu.feedback import NackResponder, publisher_feedback
 from relay.sfu.leg import DatagramSender, Leg, MediaContext
 from relay.sfu.participant import OfferState, Participant, Slot
 from relay.sfu.port import MediaPort
@@ -93,8 +102,13 @@ _PLACEHOLDER = {
     ),
     "video": Codec(payload_type=96, name="VP8", clock_rate=90000, kind="video"),
 }
-_SUBSCRIBER_RTCP_FB = {"audio": ["transport-cc"], "video": ["transport-cc", "nack pli", "ccm fir"]}
+_SUBSCRIBER_RTCP_FB = {
+    "audio": ["transport-cc"],
+    "video": ["transport-cc", "goog-remb", "nack pli", "ccm fir"],
+}
 
+#: Shortest time between two layer allocations for one subscriber when its estimate drops.
+REALLOCATE_INTERVAL = 0.2
 #: Seconds without packets after which a track is reported muted.
 MUTE_AFTER = 3.0
 #: Audio level (dBov below 0, as the extension carries it) quieter than this is silence.
@@ -580,37 +594,134 @@ class Sfu:
             self._allocate(track, now)
             track.rebuild_outputs()
 
-    def _allocate(self, track: Track, now: float) -> bool:
-        """Choose the layer each active subscription of a simulcast track should get (its
-        ``wanted`` layer): the best one within the subscriber's size limits (the lowest when
-        none fits), the best one without limits. Layers are ranked by the picture size their
-        keyframes announced, else in the offer's order. The stream's target is its wanted
-        layer while that one sends, else the best that does (a layer the publisher stopped,
-        for bandwidth or because nobody wanted it, is announced as wanted again and taken
-        when it sends). A stream moving to another layer asks that layer for a keyframe (it
-        switches there). True when some target changed."""
-        layers = track.layers
-        if not layers:
-            return False
-        if all(t.height for t in layers):
-            ranked = sorted(layers, key=lambda t: (t.height, t.width))
-        else:
-            ranked = list(layers)
-        live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
-        changed = False
-        for sub in track.subscriptions.values():
+    def _allocate(self, track: Track, now: float) -> None:
+        """Allocate anew for every subscriber of a simulcast track (its layers changed)."""
+        if not track.layers:
+            return
+        for sub in list(track.subscriptions.values()):
+            if sub.active:
+                self._allocate_subscriber(sub.participant, now)
+
+    def _allocate_subscriber(self, p: Participant, now: float) -> None:
+        """Choose the layer of each simulcast track one subscriber receives (each stream's
+        ``wanted`` layer), within its bandwidth estimate (relay/sfu/allocation.py): the best
+        layers within its size limits that its estimate carries, explicit priority first, then
+        the room's speaker, the rest round-robin; a subscriber without an estimate gets the
+        best within its limits. Layers are ranked by the picture size their keyframes
+        announced, else in the offer's order; a layer's cost is its measured bitrate, or a
+        nominal one for its size while the publisher does not send it. A move up needs the
+        estimate to be confirmed (the detector not overusing; a probe is sent when more would
+        be wanted than the estimate allows) and margin to spare.
+
+        The stream's target is its wanted layer while that one sends, else the best sending
+        layer at or below it (a layer the publisher stopped, for bandwidth or because nobody
+        wanted it, is announced as wanted again and taken when it sends). A stream moving to
+        another layer asks that layer for a keyframe (it switches there); the tracks whose
+        targets moved get their fan-out rebuilt."""
+        leg = p.subscriber_leg
+        layered: list[tuple[Subscription, list[Track], list[Track]]] = []
+        demands: list[Demand] = []
+        other = 0.0
+        speaker = p.room.speaker
+        for sub in p.subscriptions.values():
             if not sub.active:
                 continue
-            wanted = _best_layer(ranked, sub)
-            target = wanted if wanted in live or not live else _best_layer(live, sub)
+            track = sub.track
+            if not track.layers:
+                other += sub.bitrate
+                continue
+            ranked = _ranked_layers(track)
+            live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
+            rates = [
+                t.bitrate if t in live and t.bitrate > 0 else nominal_bitrate(t.height, i)
+                for i, t in enumerate(ranked)
+            ]
+            on = sub.stream.target or sub.stream.track
+            current = ranked.index(on) if on in ranked else None
+            priority = 2 * sub.priority + (track.participant_id == speaker)
+            cap = ranked.index(_best_layer(ranked, sub))
+            if current is not None and now < sub.hold_until:
+                cap = min(cap, current)  # a move up failed lately: not yet again
+            layered.append((sub, ranked, live))
+            demands.append(Demand(rates, cap, current, priority))
+        if not layered:
+            if leg is not None:
+                leg.allocated = 0.0
+            return
+        estimate = leg.estimate if leg is not None else None
+        confirmed = True
+        if leg is not None and leg.twcc is not None:
+            confirmed = leg.twcc.estimator.state is not BandwidthUsage.OVERUSING
+        if estimate is not None and not confirmed:
+            for demand in demands:  # no move up on an estimate the path is contradicting
+                if demand.current is not None:
+                    demand.cap = min(demand.cap, demand.current)
+        choices = allocate(estimate, demands)
+        changed: list[Track] = []
+        for (sub, ranked, live), choice in zip(layered, choices, strict=True):
+            wanted = ranked[choice]
+            if live and wanted not in live:
+                below = [t for t in live if ranked.index(t) <= choice]
+                target = below[-1] if below else live[0]
+            else:
+                target = wanted
             stream = sub.stream
+            if stream.wanted is not None and stream.wanted is not wanted and estimate is not None:
+                before = ranked.index(stream.wanted) if stream.wanted in ranked else -1
+                self._count_move(sub, choice > before, now)
             stream.wanted = wanted
             if stream.target is not target:
                 stream.target = target
-                changed = True
-                if stream.track is not target and stream.track in layers:
+                changed.append(sub.track)
+                if stream.track is not target and stream.track in ranked:
                     target.keyframes.request(now, force=True)
-        return changed
+        if leg is not None:
+            leg.allocated_at = now
+            leg.allocated = (
+                0.0
+                if estimate is None
+                else other + sum(d.rates[c] for d, c in zip(demands, choices, strict=True))
+            )
+            self._probe(leg, demands, choices, other, now)
+        for track in dict.fromkeys(changed):
+            track.rebuild_outputs()
+
+    def _count_move(self, sub: Subscription, up: bool, now: float) -> None:
+        """A layer move the estimate made; a move down soon after a move up holds the next."""
+        self.metrics.layer_switches["up" if up else "down"] += 1
+        if up:
+            if now - sub.raised_at >= PROBATION:
+                sub.failed_raises = 0  # the last move up held
+            sub.raised_at = now
+        elif now - sub.raised_at < PROBATION:
+            sub.failed_raises += 1
+            sub.hold_until = now + hold_after(sub.failed_raises)
+            sub.raised_at = float("-inf")
+
+    def _probe(
+        self,
+        leg: SubscriberLeg,
+        demands: list[Demand],
+        choices: list[int],
+        other: float,
+        now: float,
+    ) -> None:
+        """Probe the subscriber's path when its wishes ask for more than its estimate gives."""
+        twcc, prober = leg.twcc, leg.prober
+        if twcc is None or prober is None or prober.busy:
+            return
+        if all(c >= d.cap for d, c in zip(demands, choices, strict=True)):
+            return
+        target = probe_target(demands, other)
+        estimator = twcc.estimator
+        if estimator.wants_probe(now, target):
+            prober.start(estimator.probe_rate(target), now)
+
+    def _on_estimate_drop(self, leg: SubscriberLeg, now: float) -> None:
+        """The subscriber's estimate fell below what its allocation sends: allocate again
+        now (at most every :data:`REALLOCATE_INTERVAL`) rather than at the next tick."""
+        if now - leg.allocated_at >= REALLOCATE_INTERVAL:
+            self._allocate_subscriber(leg.participant, now)
 
     def _announce_layers(self, track: Track) -> None:
         """``publisher.layers`` when the set of layers some subscriber receives, moves to or
@@ -781,6 +892,7 @@ class Sfu:
             )
             transport.created_at = self.clock()
             p.subscriber_leg = leg = SubscriberLeg(self.media, p, transport)
+            leg.on_estimate_drop = self._on_estimate_drop
             self.port.add(leg)
         if not p.slots:
             p.slots.append(Slot(mid="0", kind="audio"))
@@ -846,10 +958,7 @@ class Sfu:
             self._configure_retransmission(sub, codec)
             if "transport-cc" in codec.rtcp_fb:
                 twcc_id = twcc_id or sub.answer_extmaps.get(TRANSPORT_CC_URI, 0)
-        if not twcc_id:
-            leg.twcc = None
-        elif leg.twcc is None or leg.twcc.ext_id != twcc_id:
-            leg.twcc = TransportCcSender(twcc_id)
+        leg.set_twcc(twcc_id)
         for sub in p.subscriptions.values():
             if sub.negotiated:
                 self._configure_extensions(sub)
@@ -918,6 +1027,7 @@ class Sfu:
         leg = p.subscriber_leg
         ready = leg is not None and leg.transport.ready
         now = self.clock()
+        changed: list[Subscription] = []
         for sub in p.subscriptions.values():
             active = ready and sub.negotiated and not sub.track.ended and not sub.paused
             if active != sub.active:
@@ -927,13 +1037,17 @@ class Sfu:
                     sub.stream.attach(leg.transport, leg.twcc)
                     # forwarding (re)starts on the track's next keyframe, asked for now
                     sub.stream.restart(now)
-                    self._allocate(sub.track, now)
                 else:
                     sub.stream.detach()
-                sub.track.rebuild_outputs()
-                if active and sub.track.kind == "video":
-                    # the stream's track: with simulcast, the layer it was placed on
-                    sub.stream.track.keyframes.request(now, force=True)
+                changed.append(sub)
+        if not changed:
+            return
+        self._allocate_subscriber(p, now)  # the layers of the simulcast tracks among them
+        for sub in changed:
+            sub.track.rebuild_outputs()
+            if sub.active and sub.track.kind == "video":
+                # the stream's track: with simulcast, the layer it was placed on
+                sub.stream.track.keyframes.request(now, force=True)
 
     def set_subscription_preferences(
         self,
@@ -953,7 +1067,7 @@ class Sfu:
                 f"participant {participant_id} has no subscription to track {track_id}",
                 code="subscription_not_found",
             )
-        unknown = set(changes) - {"paused", "max_width", "max_height", "max_fps"}
+        unknown = set(changes) - {"paused", "max_width", "max_height", "max_fps", "priority"}
         if unknown:
             raise BadRequest(f"unknown preference {sorted(unknown)[0]}", code="invalid_field")
         if "paused" in changes:
@@ -961,6 +1075,15 @@ class Sfu:
             if not isinstance(paused, bool):
                 raise BadRequest("paused must be true or false", code="invalid_field")
             sub.paused = paused
+        if "priority" in changes:
+            priority = 0 if changes["priority"] is None else changes["priority"]
+            if (
+                isinstance(priority, bool)
+                or not isinstance(priority, int)
+                or not 0 <= priority <= 10
+            ):
+                raise BadRequest("priority must be an integer in [0, 10]", code="invalid_field")
+            sub.priority = priority
         for key, kinds, limit in (
             ("max_width", int, 16384),
             ("max_height", int, 16384),
@@ -975,8 +1098,7 @@ class Sfu:
                 raise BadRequest(f"{key} must be a number in (0, {limit}]", code="invalid_field")
             setattr(sub, key, value)
         self.refresh_outputs(p)
-        if self._allocate(sub.track, self.clock()):
-            sub.track.rebuild_outputs()
+        self._allocate_subscriber(p, self.clock())
         return sub
 
     # -- leg callbacks (from the media port) ----------------------------------------------
@@ -1035,6 +1157,14 @@ class Sfu:
                 for sub in p.subscriptions.values():
                     sub.tick(interval)
             self._detect_speaker(room)
+            # with every rate of this second known: each subscriber's layers, then which
+            # layers are wanted at all
+            for p in list(room.participants.values()):
+                self._allocate_subscriber(p, now)
+            for p in list(room.participants.values()):
+                for track in p.tracks.values():
+                    if track.layers:
+                        self._announce_layers(track)
 
     def _timed_out(self, p: Participant, now: float, consent: float, connect: float) -> bool:
         legs = p.legs
@@ -1060,9 +1190,6 @@ class Sfu:
                 layer.tick(interval)
             track.packets = sum(layer.packets for layer in track.layers)
             track.bytes = sum(layer.bytes for layer in track.layers)
-            if self._allocate(track, now):
-                track.rebuild_outputs()
-            self._announce_layers(track)
         before = track.bytes - track._bytes_at_tick
         track.tick(interval)
         if before > 0:
@@ -1119,6 +1246,15 @@ class Sfu:
         }
 
 
+def _ranked_layers(track: Track) -> list[Track]:
+    """A simulcast track's layers, lowest first: by the picture size their keyframes
+    announced when every layer has shown one, else in the offer's order."""
+    layers = track.layers
+    if all(t.height for t in layers):
+        return sorted(layers, key=lambda t: (t.height, t.width))
+    return list(layers)
+
+
 def _best_layer(ranked: list[Track], sub: Subscription) -> Track:
     """The best of ``ranked`` (lowest first) within the subscriber's size limits, the lowest
     when none fits (or when the sizes are unknown), the best without limits."""
@@ -1157,13 +1293,25 @@ def _codec_preference(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def _delivery(leg: SubscriberLeg | None) -> dict[str, Any] | None:
-    """What the subscriber's transport-cc feedback says about the relay's packets to it."""
-    if leg is None or leg.twcc is None:
+    """What the subscriber's congestion-control feedback says about the relay's packets to it
+    (transport-cc; else its REMB), and what the layer allocation makes of it."""
+    if leg is None or (leg.twcc is None and leg.remb is None):
         return None
+    prober = leg.prober
+    common = {
+        "estimated_bitrate": leg.estimate,
+        "allocated_bitrate": leg.allocated or None,
+        "probe_clusters": prober.clusters if prober is not None else 0,
+        "probe_bytes": prober.bytes if prober is not None else 0,
+        "last_probe_bitrate": prober.last_result if prober is not None else None,
+    }
+    if leg.twcc is None:
+        return {"estimate_source": "remb", **common}
     history = leg.twcc.history
     estimator = leg.twcc.estimator
     return {
-        "estimated_bitrate": estimator.estimate,
+        "estimate_source": "transport-cc",
+        **common,
         "estimator_state": estimator.state.value,
         "packets_acked": history.packets_acked,
         "packets_lost": history.packets_lost,

@@ -9,15 +9,17 @@ transport-cc feedback about the relay's own packets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from relay.rtc import rtcp
 from relay.rtc.rtp import RtpError
 from relay.rtc.srtp import SrtpError
 from relay.rtc.transport import WebRtcTransport
-from relay.rtc.twcc import parse_feedback
+from relay.rtc.twcc import TwccFeedback, parse_feedback
 from relay.sfu.feedback import MAX_NACK_ITEMS, TransportCcSender
 from relay.sfu.leg import Leg, MediaContext
+from relay.sfu.probe import Prober
 
 if TYPE_CHECKING:
     from relay.sfu.outbound import OutboundStream
@@ -33,8 +35,46 @@ class SubscriberLeg(Leg):
         self, ctx: MediaContext, participant: Participant, transport: WebRtcTransport
     ) -> None:
         super().__init__(ctx, participant, transport)
-        #: transport-wide sequence numbers, when the subscriber's answer kept transport-cc
+        #: transport-wide sequence numbers, when the subscriber's answer kept transport-cc,
+        #: and the bandwidth probes measured through them
         self.twcc: TransportCcSender | None = None
+        self.prober: Prober | None = None
+        #: the latest REMB the subscriber sent (bits/s) and when: its own estimate, used when
+        #: transport-cc was not negotiated
+        self.remb: int | None = None
+        self.remb_at = 0.0
+        #: what the layer allocation expects this subscriber to receive, bits/s (0: no
+        #: estimate in use), and whom to tell when the estimate falls below it
+        self.allocated = 0.0
+        self.allocated_at = -1.0
+        self.on_estimate_drop: Callable[[SubscriberLeg, float], None] | None = None
+
+    def set_twcc(self, ext_id: int) -> None:
+        """Stamp transport-wide sequence numbers with element ``ext_id`` (0: not negotiated):
+        a new estimator and prober when the id changes."""
+        if not ext_id:
+            self.twcc = None
+        elif self.twcc is None or self.twcc.ext_id != ext_id:
+            self.twcc = TransportCcSender(ext_id)
+        else:
+            return
+        if self.prober is not None:
+            self.prober.close()
+        self.prober = Prober(self, self.twcc) if self.twcc is not None else None
+
+    @property
+    def estimate(self) -> int | None:
+        """The bandwidth estimate for this subscriber, bits/s: from transport-cc feedback,
+        else from its REMB; None when there is neither. With transport-cc it starts at the
+        estimator's start value (300 kbit/s) before the first feedback, and grows with probes."""
+        if self.twcc is not None:
+            return self.twcc.estimator.estimate
+        return self.remb
+
+    def close(self) -> None:
+        super().close()
+        if self.prober is not None:
+            self.prober.close()
 
     def receive_rtp(self, data: bytes, plain: bytes | None = None) -> None:
         self.transport.rx_seen = True
@@ -78,9 +118,33 @@ class SubscriberLeg(Leg):
             elif isinstance(packet, rtcp.TransportFeedback):
                 if self.twcc is not None:
                     try:
-                        self.twcc.on_feedback(parse_feedback(packet.fci), now)
+                        self.on_transport_feedback(parse_feedback(packet.fci), now)
                     except (rtcp.RtcpError, RtpError, ValueError):
                         self.metrics.drops["rtcp_malformed"] += 1
+            elif isinstance(packet, rtcp.Remb):
+                self.remb = packet.bitrate
+                self.remb_at = now
+                self._check_estimate(now)
+
+    def on_transport_feedback(self, feedback: TwccFeedback, now: float) -> None:
+        """One transport-cc feedback: the estimate, a probe's result, the allocation told when
+        the estimate fell below what it sends."""
+        twcc = self.twcc
+        assert twcc is not None
+        report = twcc.on_feedback(feedback, now)
+        prober = self.prober
+        if prober is not None and prober.window is not None:
+            result = prober.on_report(report, now)
+            if result is not None:
+                twcc.estimator.on_probe_result(result, now)
+        self._check_estimate(now)
+
+    def _check_estimate(self, now: float) -> None:
+        allocated = self.allocated
+        if allocated and self.on_estimate_drop is not None:
+            estimate = self.estimate
+            if estimate is not None and estimate < allocated:
+                self.on_estimate_drop(self, now)
 
     def retransmit(self, stream: OutboundStream, lost: list[int], now: float) -> None:
         """Answer a NACK for one stream (on its RTX stream when negotiated), within the

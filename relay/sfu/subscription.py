@@ -49,6 +49,14 @@ class Subscription:
         self.max_width: int | None = None
         self.max_height: int | None = None
         self.max_fps: float | None = None
+        #: bandwidth shares go to higher priorities first (0-10; a screen share, say)
+        self.priority = 0
+        #: the bandwidth allocation's memory of this stream's moves: when it last moved up a
+        #: layer, how many moves up in a row had to be taken back soon after, and until when
+        #: it may not move up again (relay/sfu/sfu.py _allocate_subscriber)
+        self.raised_at = float("-inf")
+        self.failed_raises = 0
+        self.hold_until = float("-inf")
         self.bitrate = 0.0
         self._bytes_at_tick = 0
 
@@ -92,6 +100,7 @@ class Subscription:
             "max_width": self.max_width,
             "max_height": self.max_height,
             "max_fps": self.max_fps,
+            "priority": self.priority,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import dataclasses
 from relay.client.peer import ClientPeer, RemoteDescription
 from relay.config import Settings
 from relay.rtc.dtls import Certificate
+from relay.rtc.extensions import TRANSPORT_CC_URI
 from relay.rtc.rtp import is_rtcp
 from relay.rtc.sdp import LocalTransport, OfferedMedia, build_offer, parse_sdp
 from relay.rtc.srtp import SrtpError
@@ -108,24 +109,36 @@ class Harness:
         self.sfu.subscriber_answer("r", pid, self.as_peer(pid, "subscriber", answer), revision)
         peer.set_remote_description(RemoteDescription.parse(offer, revision))
 
-    def answer(self, pid: str, setup: str = "active", rtx: bool = True) -> tuple[str, int]:
+    def answer(
+        self, pid: str, setup: str = "active", rtx: bool = True, twcc: bool = True
+    ) -> tuple[str, int]:
         """Answer the current subscriber offer the way a client would (recvonly, same mids;
-        without ``rtx``, refusing the RTX payload types offered)."""
+        without ``rtx``, refusing the RTX payload types offered; without ``twcc``, refusing
+        transport-cc: the relay then has no bandwidth estimate for the subscriber)."""
         offer_sdp, revision = self.sfu.subscriber_offer("r", pid)
         offer = parse_sdp(offer_sdp)
-        media = [
-            OfferedMedia(
-                mid=m.mid,
-                kind=m.kind,
-                direction="recvonly" if m.direction == "sendonly" else "inactive",
-                codecs=m.codecs
-                if rtx
-                else [dataclasses.replace(c, rtx_payload_type=None) for c in m.codecs],
-                extmaps=m.extmaps,
-                ssrc=None,
+        media = []
+        for m in offer.media:
+            codecs = m.codecs
+            if not rtx:
+                codecs = [dataclasses.replace(c, rtx_payload_type=None) for c in codecs]
+            extmaps = m.extmaps
+            if not twcc:
+                codecs = [
+                    dataclasses.replace(c, rtcp_fb=[f for f in c.rtcp_fb if f != "transport-cc"])
+                    for c in codecs
+                ]
+                extmaps = [e for e in extmaps if e.uri != TRANSPORT_CC_URI]
+            media.append(
+                OfferedMedia(
+                    mid=m.mid,
+                    kind=m.kind,
+                    direction="recvonly" if m.direction == "sendonly" else "inactive",
+                    codecs=codecs,
+                    extmaps=extmaps,
+                    ssrc=None,
+                )
             )
-            for m in offer.media
-        ]
         self.subscriber_answer(
             pid, build_offer(client_transport(setup), media), offer_sdp, revision
         )

@@ -33,14 +33,18 @@ def vp8(keyframe: bool, size: tuple[int, int], tag: int) -> bytes:
 
 
 class Call:
-    def __init__(self) -> None:
+    """Alice publishes Chromium's three layers; bob subscribes without transport-cc (no
+    bandwidth estimate: layers are chosen by his size wishes alone; test_allocation.py has
+    the estimate's part)."""
+
+    def __init__(self, twcc: bool = False) -> None:
         self.h = h = Harness()
         h.sfu.add_participant("r", "alice")
         h.sfu.add_participant("r", "bob")
         self.answer = parse_sdp(
             h.publish("alice", (FIXTURES / "chrome_simulcast_offer.sdp").read_text())
         )
-        h.answer("bob")
+        h.answer("bob", twcc=twcc)
         self.alice, self.bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
         h.connect(self.alice.publisher_leg, ALICE)
         h.connect(self.bob.subscriber_leg, BOB)
@@ -49,13 +53,16 @@ class Call:
         self.seq = {ssrc: 1000 * i for i, (_rid, ssrc, _size) in enumerate(LAYERS)}
         self.sent_seq: dict[int, list[int]] = {ssrc: [] for _r, ssrc, _s in LAYERS}
 
-    def send(self, layer: int, keyframe: bool = False, first: bool = False) -> int:
-        """One packet of a layer (its first carries mid and rid, as Chromium's do)."""
+    def send(
+        self, layer: int, keyframe: bool = False, first: bool = False, padding: int = 0
+    ) -> int:
+        """One packet of a layer (its first carries mid and rid, as Chromium's do), its payload
+        ``padding`` bytes longer than the bare descriptor and frame header."""
         rid, ssrc, size = LAYERS[layer]
         self.seq[ssrc] += 1
         seq = self.seq[ssrc]
         elements = [(MID_ID, b"1"), (RID_ID, rid.encode())] if first else []
-        payload = vp8(keyframe, size, seq)
+        payload = vp8(keyframe, size, seq) + bytes(padding)
         self.h.receive(rtp(ssrc, VP8_PT, seq, seq * 3000, elements, payload), ALICE)
         self.sent_seq[ssrc].append(seq)
         return seq

@@ -84,13 +84,24 @@ def test_limits_are_kept_lifted_with_none_and_checked() -> None:
         "max_width": None,
         "max_height": 180,
         "max_fps": 15,
+        "priority": 0,
     }
     sub = sfu.set_subscription_preferences("r", "bob", track_id, {"max_width": 320})
     assert (sub.max_width, sub.max_height) == (320, 180)  # a field left out is kept
     sub = sfu.set_subscription_preferences("r", "bob", track_id, {"max_height": None})
     assert sub.max_height is None and sub.max_width == 320
     assert sub.active  # limits alone never stop a track with one layer
-    for bad in ({"max_width": 0}, {"max_height": 1.5}, {"max_fps": 500}, {"paused": 1}):
+    sub = sfu.set_subscription_preferences("r", "bob", track_id, {"priority": 7})
+    assert sub.priority == 7 and sub.to_dict()["priority"] == 7
+    for bad in (
+        {"max_width": 0},
+        {"max_height": 1.5},
+        {"max_fps": 500},
+        {"paused": 1},
+        {"priority": 11},
+        {"priority": 2.5},
+        {"priority": True},
+    ):
         with pytest.raises(BadRequest):
             sfu.set_subscription_preferences("r", "bob", track_id, bad)
     with pytest.raises(NotFound) as info:
