@@ -32,9 +32,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: a step above the current layer needs the budget to exceed its cost by this factor (a path
-#: loaded above ~80 % with bursty video frames builds queues the delay detector reacts to)
-UP_MARGIN = 1.25
+#: a step above the current layer needs the budget to exceed its cost by this factor: a move
+#: up starts with the new layer's keyframe, a burst several frames long, and a path loaded
+#: above two thirds with bursty video builds queues the delay detector reacts to (and that
+#: a shallow bottleneck buffer turns into loss)
+UP_MARGIN = 1.5
 #: a move up taken back within this many seconds failed: the next one waits HOLD_BASE
 #: seconds, doubling with each failure in a row up to HOLD_MAX
 PROBATION = 10.0
@@ -42,7 +44,7 @@ HOLD_BASE = 8.0
 HOLD_MAX = 64.0
 #: probes look for this much more than the wishes would take (above UP_MARGIN: a probe
 #: measures a little under what it sent, and the move up must still fit with its margin)
-PROBE_HEADROOM = 1.5
+PROBE_HEADROOM = 2.0
 
 #: Nominal bitrates (bits/s) of a layer whose rate is not measured (the publisher does not
 #: send it now), by picture height: what browsers' encoders aim at for a camera at 30 fps.

@@ -184,11 +184,13 @@ class Prober:
         or :data:`RESULT_TIMEOUT` passed), else None. The caller applies it
         (:meth:`~relay.rtc.gcc.GccEstimator.on_probe_result`)."""
         window = self.window
-        if window is None or self.sending:
+        if window is None:
             return None
         first, last = window
         self.results.extend(p for p in report.acked if first <= p.send_time <= last)
         self.lost += sum(1 for p in report.lost if first <= p.send_time <= last)
+        if self.sending:
+            return None  # (feedback for its first packets may come before its last is sent)
         if len(self.results) + self.lost < self.sent_in_window and now - last < RESULT_TIMEOUT:
             return None
         result = probe_bitrate(self.results, max(self.sent_in_window, len(self.results)))

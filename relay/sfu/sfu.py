@@ -608,8 +608,9 @@ class Sfu:
         layers within its size limits that its estimate carries, explicit priority first, then
         the room's speaker, the rest round-robin; a subscriber without an estimate gets the
         best within its limits. Layers are ranked by the picture size their keyframes
-        announced, else in the offer's order; a layer's cost is its measured bitrate, or a
-        nominal one for its size while the publisher does not send it. A move up needs the
+        announced, else in the offer's order; a layer's cost is its peak bit rate of the
+        last seconds (a path must carry its keyframe bursts too), or a nominal one for its
+        size while the publisher does not send it. A move up needs the
         estimate to be confirmed (the detector not overusing; a probe is sent when more would
         be wanted than the estimate allows) and margin to spare.
 
@@ -633,7 +634,7 @@ class Sfu:
             ranked = _ranked_layers(track)
             live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
             rates = [
-                t.bitrate if t in live and t.bitrate > 0 else nominal_bitrate(t.height, i)
+                t.peak_bitrate if t in live and t.peak_bitrate > 0 else nominal_bitrate(t.height, i)
                 for i, t in enumerate(ranked)
             ]
             on = sub.stream.target or sub.stream.track
@@ -675,6 +676,10 @@ class Sfu:
                 changed.append(sub.track)
                 if stream.track is not target and stream.track in ranked:
                     target.keyframes.request(now, force=True)
+            elif stream.track is not target and stream.track in ranked:
+                # still waiting for the target's keyframe: the request (or its answer) may
+                # have been lost; ask again, within the requester's interval
+                target.keyframes.request(now)
         if leg is not None:
             leg.allocated_at = now
             leg.allocated = (

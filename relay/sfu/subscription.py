@@ -92,6 +92,9 @@ class Subscription:
             "forwarded": self.active,
             "reason": self.declined,
             "preferences": self.preferences(),
+            # simulcast: the layer (rid) the stream carries now, and the one it moves to
+            "layer": _rid(stream.track) if self.track.layers else None,
+            "target_layer": _rid(stream.target) if self.track.layers else None,
         }
 
     def preferences(self) -> dict[str, Any]:
@@ -113,3 +116,10 @@ class Subscription:
             "reason": self.declined,
             **self.preferences(),
         }
+
+
+def _rid(layer: Track | None) -> str | None:
+    """A simulcast layer's rid (its index for SSRC simulcast), None for none."""
+    if layer is None or layer.parent is None:
+        return None
+    return layer.rid if layer.rid is not None else str(layer.parent.layers.index(layer))

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: seconds a packet stays in a track's history (older is not worth resending)
 HISTORY_AGE = 2.0
+#: ticks (seconds) over which a track's peak bit rate is taken
+PEAK_SECONDS = 4
 
 
 class Track:
@@ -83,6 +85,10 @@ class Track:
         self.packets = 0
         self.bytes = 0
         self.bitrate = 0.0
+        #: the highest per-second bit rate of the last PEAK_SECONDS ticks (keyframe bursts
+        #: included: what a subscriber's path must carry for this track or layer)
+        self.peak_bitrate = 0.0
+        self._recent_bitrates: list[float] = []
         self._bytes_at_tick = 0
         self.ended = False
         #: publisher's id of ssrc-audio-level (0: none), and the levels seen since the last tick
@@ -269,6 +275,11 @@ class Track:
     def tick(self, interval: float) -> None:
         self.bitrate = (self.bytes - self._bytes_at_tick) * 8 / interval if interval > 0 else 0.0
         self._bytes_at_tick = self.bytes
+        recent = self._recent_bitrates
+        recent.append(self.bitrate)
+        if len(recent) > PEAK_SECONDS:
+            del recent[0]
+        self.peak_bitrate = max(recent)
 
     def to_dict(self) -> dict[str, Any]:
         return {

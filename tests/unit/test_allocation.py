@@ -98,7 +98,8 @@ class Path:
 
 
 class Simulation:
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, feedback_interval: float = FEEDBACK_INTERVAL) -> None:
+        self.feedback_interval = feedback_interval
         self.call = call = Call(twcc=True)
         self.h = call.h
         self.path = Path(rate)
@@ -133,7 +134,7 @@ class Simulation:
             self._carry_new()
             self._deliver()
             if h.now >= self.next_feedback:
-                self.next_feedback += FEEDBACK_INTERVAL
+                self.next_feedback += self.feedback_interval
                 for packet in self.path.recorder.build_feedback(h.now):
                     h.receive(packet, BOB)
             layer = self.layer() if self.call.video.stream.track in self.call.track.layers else -1
@@ -265,3 +266,20 @@ def test_a_subscriber_without_transport_cc_is_allocated_by_its_remb() -> None:
     second(20_000_000)
     second(20_000_000)
     assert call.video.stream.track is call.track.layers[2]
+
+
+def test_probe_feedback_that_comes_while_the_cluster_is_still_being_sent_counts() -> None:
+    # feedback every 5 ms: the first packets of each probe cluster are reported before its
+    # last one leaves; the measurement must still see every packet of the cluster
+    sim = Simulation(rate=None, feedback_interval=0.005)
+    prober = sim.leg.prober
+    assert prober is not None
+    results: list[float | None] = []
+    for _ in range(60):
+        clusters = prober.clusters
+        sim.run(0.1)
+        if prober.clusters != clusters or (results and prober.last_result != results[-1]):
+            results.append(prober.last_result)
+    measured = [r for r in results if r is not None]
+    assert prober.clusters >= 2 and len(measured) >= prober.clusters - 1, results
+    assert sim.layer() == 2, (sim.timeline, results)

@@ -252,3 +252,25 @@ def test_a_layer_that_stops_is_left_and_still_wanted_and_taken_again_when_it_ret
     assert call.video.stream.track is f
     seqs = [parse_rtp(d)[1] for d in call.to_bob()]
     assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+
+
+def test_a_switch_still_waiting_for_its_keyframe_asks_again_every_second() -> None:
+    call = Call()
+    call.start_all()
+    for layer in range(3):
+        call.send(layer)
+    call.h.now += 1.0
+    call.h.sfu.set_subscription_preferences("r", "bob", call.track.track_id, {"max_height": 180})
+    q = call.track.layers[0]
+    assert call.video.stream.target is q and call.video.stream.track is not q
+    assert _plis_for(call, LAYERS[0][1]) == 1
+    # the publisher does not answer (its PLI lost, say): each second asks again
+    for second in range(1, 4):
+        call.h.now += 1.0
+        call.h.sfu.tick(call.h.now)
+        assert _plis_for(call, LAYERS[0][1]) == 1 + second
+    call.send(0, keyframe=True)
+    assert call.video.stream.track is q
+    call.h.now += 1.0
+    call.h.sfu.tick(call.h.now)
+    assert _plis_for(call, LAYERS[0][1]) == 4  # switched: no more asking
