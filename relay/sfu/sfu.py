@@ -109,6 +109,10 @@ _SUBSCRIBER_RTCP_FB = {
 
 #: Shortest time between two layer allocations for one subscriber when its estimate drops.
 REALLOCATE_INTERVAL = 0.2
+#: An estimate below what a subscriber's layers take moves them down at once when under this
+#: fraction of it, else after it stayed below for this many seconds.
+DOWN_FAST = 0.75
+DOWN_DELAY = 1.0
 #: Seconds without packets after which a track is reported muted.
 MUTE_AFTER = 3.0
 #: Audio level (dBov below 0, as the extension carries it) quieter than this is silence.
@@ -649,7 +653,9 @@ class Sfu:
             if leg is not None:
                 leg.allocated = 0.0
             return
-        estimate = leg.estimate if leg is not None else None
+        estimate: float | None = leg.estimate if leg is not None else None
+        if leg is not None and estimate is not None:
+            estimate = _budget(leg, estimate, now)
         confirmed = True
         if leg is not None and leg.twcc is not None:
             confirmed = leg.twcc.estimator.state is not BandwidthUsage.OVERUSING
@@ -724,8 +730,12 @@ class Sfu:
 
     def _on_estimate_drop(self, leg: SubscriberLeg, now: float) -> None:
         """The subscriber's estimate fell below what its allocation sends: allocate again
-        now (at most every :data:`REALLOCATE_INTERVAL`) rather than at the next tick."""
-        if now - leg.allocated_at >= REALLOCATE_INTERVAL:
+        now (at most every :data:`REALLOCATE_INTERVAL`) rather than at the next tick when it
+        fell far below, or has been below for :data:`DOWN_DELAY`."""
+        if now - leg.allocated_at < REALLOCATE_INTERVAL:
+            return
+        estimate = leg.estimate
+        if estimate is not None and _budget(leg, estimate, now) < leg.allocated:
             self._allocate_subscriber(leg.participant, now)
 
     def _announce_layers(self, track: Track) -> None:
@@ -1249,6 +1259,22 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber_leg),
         }
+
+
+def _budget(leg: SubscriberLeg, estimate: float, now: float) -> float:
+    """What a subscriber's allocation may spend: its estimate, except that an estimate a
+    little below what the allocation sends (above :data:`DOWN_FAST` of it) is given
+    :data:`DOWN_DELAY` to recover before layers move down: one noisy delay signal must not
+    cost a subscriber its layer and the keyframe of the move."""
+    allocated = leg.allocated
+    if not allocated or estimate >= allocated:
+        leg.below_since = None
+        return estimate
+    if leg.below_since is None:
+        leg.below_since = now
+    if estimate >= DOWN_FAST * allocated and now - leg.below_since < DOWN_DELAY:
+        return allocated
+    return estimate
 
 
 def _ranked_layers(track: Track) -> list[Track]:

@@ -47,6 +47,8 @@ class SubscriberLeg(Leg):
         #: estimate in use), and whom to tell when the estimate falls below it
         self.allocated = 0.0
         self.allocated_at = -1.0
+        #: since when the estimate has been below ``allocated`` (None: it is not)
+        self.below_since: float | None = None
         self.on_estimate_drop: Callable[[SubscriberLeg, float], None] | None = None
 
     def set_twcc(self, ext_id: int) -> None:

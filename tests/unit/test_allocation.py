@@ -283,3 +283,21 @@ def test_probe_feedback_that_comes_while_the_cluster_is_still_being_sent_counts(
     measured = [r for r in results if r is not None]
     assert prober.clusters >= 2 and len(measured) >= prober.clusters - 1, results
     assert sim.layer() == 2, (sim.timeline, results)
+
+
+def test_a_brief_dip_of_the_estimate_keeps_the_layer_a_lasting_or_deep_one_does_not() -> None:
+    sim = Simulation(rate=None)
+    sim.run(10.0)
+    assert sim.layer() == 2
+    leg = sim.leg
+    assert leg.twcc is not None
+    aimd = leg.twcc.estimator.aimd
+    allocated = leg.allocated
+    # 10 % below what bob's layer takes, for half a second: he keeps it
+    aimd.set_estimate(allocated * 0.9, sim.h.now)
+    sim.run(0.5)
+    assert sim.call.video.stream.target is sim.call.track.layers[2], sim.timeline
+    # far below: down at once
+    aimd.set_estimate(allocated * 0.5, sim.h.now)
+    sim.run(0.3)
+    assert sim.call.video.stream.target is not sim.call.track.layers[2], sim.timeline
