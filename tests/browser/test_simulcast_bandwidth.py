@@ -36,7 +36,13 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import Call
-from tests.browser.harness import MEDIA_PORT, PEER_ADDRESS, RELAY_ADDRESS, wait_until
+from tests.browser.harness import (
+    MEDIA_PORT,
+    PEER_ADDRESS,
+    RELAY_ADDRESS,
+    NamespaceLoop,
+    wait_until,
+)
 from tests.browser.test_simulcast import (
     CAMERA,
     JOIN_TIMEOUT,
@@ -142,18 +148,26 @@ def via_proxy(proxy: ImpairingProxy, path: str) -> str:
 def impairing_proxy(
     call: Call, to_relay: Impairment, to_client: Impairment
 ) -> Iterator[ImpairingProxy]:
-    """An impairing proxy in front of the relay's media port, on the namespace's loop."""
-    proxy = call.loop.run(
-        ImpairingProxy.start(
-            (RELAY_ADDRESS, MEDIA_PORT), to_relay, to_client, seed=SEED, host=PEER_ADDRESS
-        )
-    )
+    """An impairing proxy in front of the relay's media port, on a loop of its own in the
+    namespace: the call's loop also parses the pages' reports and the relay's stats, and
+    would hold packets up for tens of milliseconds at a time (delay the relay's estimator
+    would read as queueing on the path)."""
+    loop = NamespaceLoop(call.loop.namespace)
+    loop.start()
     try:
-        yield proxy
+        proxy = loop.run(
+            ImpairingProxy.start(
+                (RELAY_ADDRESS, MEDIA_PORT), to_relay, to_client, seed=SEED, host=PEER_ADDRESS
+            )
+        )
+        try:
+            yield proxy
+        finally:
+            loop.loop.call_soon_threadsafe(proxy.close)
+            with contextlib.suppress(Exception):
+                loop.run(asyncio.sleep(0))
     finally:
-        call.loop.loop.call_soon_threadsafe(proxy.close)
-        with contextlib.suppress(Exception):
-            call.loop.run(asyncio.sleep(0))
+        loop.stop()
 
 
 # --------------------------------------------------------------------------------------------
