@@ -20,8 +20,11 @@ from relay.rtc.vp8 import Vp8Error, parse_vp8
 __all__ = [
     "KeyframeStart",
     "av1_keyframe_start",
+    "h264_keyframe_size",
     "h264_keyframe_start",
     "keyframe_detector",
+    "keyframe_size_reader",
+    "vp8_keyframe_size",
     "vp8_keyframe_start",
     "vp9_keyframe_start",
 ]
@@ -132,6 +135,130 @@ def h264_keyframe_start(packet: bytes, offset: int) -> bool:
     return False
 
 
+class _Bits:
+    """A reader of an RBSP: bits MSB first, Exp-Golomb codes (H.264 §9.1)."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def bit(self) -> int:
+        byte = self.pos >> 3
+        if byte >= len(self.data):
+            raise ValueError("SPS ends early")
+        value = (self.data[byte] >> (7 - (self.pos & 7))) & 1
+        self.pos += 1
+        return value
+
+    def bits(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            value = value << 1 | self.bit()
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while not self.bit():
+            zeros += 1
+            if zeros > 31:
+                raise ValueError("Exp-Golomb code too long")
+        return (1 << zeros) - 1 + self.bits(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) // 2 if code & 1 else -(code // 2)
+
+
+#: profile_idc values whose SPS carries chroma format, bit depths and scaling matrices
+_HIGH_PROFILES = frozenset((100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135))
+
+
+def h264_sps_size(nal: bytes) -> tuple[int, int]:
+    """(width, height) of the cropped picture a sequence parameter set NAL unit describes
+    (H.264 §7.3.2.1.1, §7.4.2.1.1); ValueError when it is malformed."""
+    rbsp = nal[1:].replace(b"\x00\x00\x03", b"\x00\x00")  # emulation prevention bytes
+    r = _Bits(rbsp)
+    profile = r.bits(8)
+    r.bits(16)  # constraint flags, level_idc
+    r.ue()  # seq_parameter_set_id
+    chroma_format = 1
+    if profile in _HIGH_PROFILES:
+        chroma_format = r.ue()
+        if chroma_format > 3:
+            raise ValueError("chroma_format_idc out of range")
+        if chroma_format == 3:
+            r.bit()  # separate_colour_plane_flag
+        r.ue()  # bit_depth_luma_minus8
+        r.ue()  # bit_depth_chroma_minus8
+        r.bit()  # qpprime_y_zero_transform_bypass_flag
+        if r.bit():  # seq_scaling_matrix_present_flag
+            for i in range(8 if chroma_format != 3 else 12):
+                if r.bit():  # this scaling list is present: skip it
+                    last = following = 8
+                    for _ in range(16 if i < 6 else 64):
+                        if following:
+                            following = (last + r.se() + 256) % 256
+                        last = following or last
+    r.ue()  # log2_max_frame_num_minus4
+    poc_type = r.ue()
+    if poc_type == 0:
+        r.ue()  # log2_max_pic_order_cnt_lsb_minus4
+    elif poc_type == 1:
+        r.bit()
+        r.se()
+        r.se()
+        for _ in range(r.ue()):
+            r.se()
+    r.ue()  # max_num_ref_frames
+    r.bit()  # gaps_in_frame_num_value_allowed_flag
+    width_mbs = r.ue() + 1
+    height_units = r.ue() + 1
+    frame_mbs_only = r.bit()
+    if not frame_mbs_only:
+        r.bit()  # mb_adaptive_frame_field_flag
+    r.bit()  # direct_8x8_inference_flag
+    width = width_mbs * 16
+    height = (2 - frame_mbs_only) * height_units * 16
+    if r.bit():  # frame_cropping_flag
+        left, right, top, bottom = r.ue(), r.ue(), r.ue(), r.ue()
+        sub_width, sub_height = {0: (1, 1), 1: (2, 2), 2: (2, 1), 3: (1, 1)}[chroma_format]
+        width -= sub_width * (left + right)
+        height -= sub_height * (2 - frame_mbs_only) * (top + bottom)
+    if width <= 0 or height <= 0:
+        raise ValueError("SPS crops the whole picture")
+    return width, height
+
+
+def h264_keyframe_size(packet: bytes, offset: int) -> tuple[int, int] | None:
+    """(width, height) from the sequence parameter set a packet carries, alone or in a STAP-A
+    (browsers send SPS and PPS ahead of every IDR picture); None for any other packet."""
+    end = _payload_end(packet)
+    if offset >= end:
+        return None
+    nal = packet[offset] & 0x1F
+    units: list[bytes] = []
+    if nal == _NAL_SPS:
+        units.append(packet[offset:end])
+    elif nal == _NAL_STAP_A:
+        i = offset + 1
+        while i + 2 < end:
+            size = (packet[i] << 8) | packet[i + 1]
+            if i + 2 + size > end:
+                break
+            if packet[i + 2] & 0x1F == _NAL_SPS:
+                units.append(packet[i + 2 : i + 2 + size])
+                break
+            i += 2 + size
+    for unit in units:
+        try:
+            return h264_sps_size(unit)
+        except (ValueError, KeyError):
+            return None
+    return None
+
+
 def av1_keyframe_start(packet: bytes, offset: int) -> bool:
     """First packet of a new AV1 coded video sequence (a keyframe): N=1 in the aggregation
     header (AV1 RTP specification §4.4)."""
@@ -144,6 +271,21 @@ _DETECTORS: dict[str, KeyframeStart] = {
     "h264": h264_keyframe_start,
     "av1": av1_keyframe_start,
 }
+
+
+KeyframeSize = Callable[[bytes, int], "tuple[int, int] | None"]
+
+_SIZE_READERS: dict[str, KeyframeSize] = {
+    "vp8": vp8_keyframe_size,
+    "h264": h264_keyframe_size,
+}
+
+
+def keyframe_size_reader(codec_name: str) -> KeyframeSize | None:
+    """The reader of the picture size a keyframe's first packet announces, for the codecs
+    whose payloads say it where forwarding can see it (VP8's keyframe header, H.264's SPS),
+    else None."""
+    return _SIZE_READERS.get(codec_name.lower())
 
 
 def keyframe_detector(codec_name: str) -> KeyframeStart | None:

@@ -8,8 +8,12 @@ import pytest
 
 from relay.rtc.codecs import (
     av1_keyframe_start,
+    h264_keyframe_size,
     h264_keyframe_start,
+    h264_sps_size,
     keyframe_detector,
+    keyframe_size_reader,
+    vp8_keyframe_size,
     vp8_keyframe_start,
     vp9_keyframe_start,
 )
@@ -107,3 +111,37 @@ def test_detector_by_codec_name() -> None:
     assert keyframe_detector("VP9") is vp9_keyframe_start
     assert keyframe_detector("AV1") is av1_keyframe_start
     assert keyframe_detector("opus") is None
+
+
+# -- picture sizes from H.264 sequence parameter sets ---------------------------------------
+#: x264, High profile, 1920x1080 (68 macroblock rows cropped by 8 lines), with an emulation
+#: prevention byte (00 00 03) inside
+SPS_1080P = bytes.fromhex(
+    "6764002 8acd940780227e5c04400000300040000 0300f03c60c658".replace(" ", "")
+)
+#: Constrained Baseline as browsers send it, 640x480
+SPS_480P = bytes.fromhex("6742c01f8c8d40501ed00f08846a")
+PPS = bytes.fromhex("68ce3c80")
+
+
+def stap_a(*units: bytes) -> bytes:
+    return b"\x18" + b"".join(struct.pack("!H", len(u)) + u for u in units)
+
+
+def test_h264_sps_gives_the_cropped_picture_size() -> None:
+    assert h264_sps_size(SPS_1080P) == (1920, 1080)
+    assert h264_sps_size(SPS_480P) == (640, 480)
+
+
+def test_h264_keyframe_size_reads_the_sps_alone_or_in_a_stap_a() -> None:
+    assert h264_keyframe_size(*packet(SPS_480P)) == (640, 480)
+    assert h264_keyframe_size(*packet(stap_a(SPS_1080P, PPS, b"\x65\x88\x80"))) == (1920, 1080)
+    assert h264_keyframe_size(*packet(stap_a(PPS, SPS_480P))) == (640, 480)
+    # anything else, or a truncated SPS: no size
+    assert h264_keyframe_size(*packet(b"\x65\x88\x80\x00")) is None
+    assert h264_keyframe_size(*packet(b"\x7c\x87" + SPS_480P[1:])) is None  # FU-A
+    assert h264_keyframe_size(*packet(SPS_480P[:6])) is None
+    assert h264_keyframe_size(*packet(stap_a(PPS) + b"\x00\x40" + SPS_480P)) is None
+    assert keyframe_size_reader("H264") is h264_keyframe_size
+    assert keyframe_size_reader("VP8") is vp8_keyframe_size
+    assert keyframe_size_reader("opus") is None
