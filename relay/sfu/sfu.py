@@ -1347,7 +1347,9 @@ def _delivery(leg: SubscriberLeg | None) -> dict[str, Any] | None:
         "packets_acked": history.packets_acked,
         "packets_lost": history.packets_lost,
         "loss_fraction": history.loss_fraction,
-        "delivery_rate": history.delivery_rate,
+        # what arrived over the last half second of arrival time (a rate over one report's
+        # arrival span alone would leave out the gaps between video frames and read high)
+        "delivery_rate": estimator.acked_bitrate,
         "delay_variation": history.delay_variation,
         "queuing_delay": history.queuing_delay,
     }

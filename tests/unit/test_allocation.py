@@ -301,3 +301,16 @@ def test_a_brief_dip_of_the_estimate_keeps_the_layer_a_lasting_or_deep_one_does_
     aimd.set_estimate(allocated * 0.5, sim.h.now)
     sim.run(0.3)
     assert sim.call.video.stream.target is not sim.call.track.layers[2], sim.timeline
+
+
+def test_the_delivery_rate_in_the_stats_is_what_arrived_per_second() -> None:
+    # the top layer's frames are 5 packets that arrive together, 30 ms apart: a rate over
+    # one feedback's arrival span would leave the gaps between frames out
+    sim = Simulation(rate=None)
+    sim.run(10.0)
+    assert sim.layer() == 2
+    delivery = sim.h.sfu.participant_stats("r", "bob")["subscriber_delivery"]
+    sent = sim.call.video.bitrate  # the relay's own count of what it sent bob (SRTP size)
+    assert delivery["estimate_source"] == "transport-cc"
+    assert delivery["allocated_bitrate"] > 0 and delivery["probe_clusters"] >= 1
+    assert sent > 0 and 0.8 * sent < delivery["delivery_rate"] < 1.25 * sent, (delivery, sent)
