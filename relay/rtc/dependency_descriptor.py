@@ -34,11 +34,14 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NoReturn
 
+from relay.rtc.extensions import DEPENDENCY_DESCRIPTOR_URI as _DD_URI
+
 __all__ = [
     "DEPENDENCY_DESCRIPTOR_URI",
     "BitReader",
     "BitWriter",
     "DecodeTargetIndication",
+    "DecodeTargetSelector",
     "DependencyDescriptorError",
     "FrameDescriptor",
     "FrameTemplate",
@@ -53,10 +56,8 @@ __all__ = [
     "write_with_bitmask",
 ]
 
-#: §A.9: the extmap URI of the extension (a=extmap:<id> <URI>)
-DEPENDENCY_DESCRIPTOR_URI = (
-    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
-)
+#: §A.9: the extmap URI of the extension (a=extmap:<id> <URI>), spelled out in extensions.py
+DEPENDENCY_DESCRIPTOR_URI = _DD_URI
 
 #: frame_dependency_template_id has 6 bits: no more templates can be told apart
 MAX_TEMPLATES = 64
@@ -770,3 +771,152 @@ def decode_target_mask(structure: TemplateStructure, decode_target: int) -> int:
         if all(t.dtis[decode_target] or not t.dtis[dt] for t in structure.templates):
             mask |= 1 << dt
     return mask
+
+
+class DecodeTargetSelector:
+    """The frames of one subscriber's stream: those of one decode target, the best whose layers
+    fit the subscriber's spatial and temporal limits, and the active-decode-targets bitmask it
+    must be sent (the targets it can decode with what it gets).
+
+    Per packet, :meth:`forward` says whether it goes to the subscriber; :meth:`bitmask` is the
+    bitmask to write into the descriptors it gets (:func:`write_with_bitmask`), and
+    :meth:`picture_end` whether a packet ends what the subscriber gets of its temporal unit (the
+    RTP marker). The decode target in use changes only at the first frame of a temporal unit
+    (so that the marker of every unit is on the end of the highest layer forwarded, and no
+    unit is cut after its end was marked): down (to a target whose frames are all in the
+    current one's) at the next unit; up at a unit whose first frame has the DTI "switch" for
+    the new target, or a keyframe (a new structure). :attr:`waiting` tells that going up waits
+    for such a frame (the caller may ask for a keyframe).
+
+    ``continuing``: the subscriber got every frame so far (the stream was forwarded unfiltered),
+    so it starts on the target that has everything and can go down at once; otherwise it
+    starts at the next keyframe.
+    """
+
+    __slots__ = (
+        "max_spatial",
+        "max_temporal",
+        "structure",
+        "active",
+        "current",
+        "target",
+        "_continuing",
+        "_mask",
+    )
+
+    def __init__(
+        self, max_spatial: int = 7, max_temporal: int = 7, *, continuing: bool = False
+    ) -> None:
+        self.max_spatial = max_spatial
+        self.max_temporal = max_temporal
+        #: the structure the frames are read with, and the sender's active decode targets
+        self.structure: TemplateStructure | None = None
+        self.active: int | None = None
+        #: the decode target whose frames are forwarded (None: none yet, nothing forwarded),
+        #: and the one wanted
+        self.current: int | None = None
+        self.target: int | None = None
+        self._continuing = continuing
+        self._mask = 0
+
+    def set_layers(self, max_spatial: int, max_temporal: int) -> None:
+        """The subscriber's limits from now on."""
+        self.max_spatial = max_spatial
+        self.max_temporal = max_temporal
+        self._retarget()
+
+    @property
+    def waiting(self) -> bool:
+        """Going up to the wanted decode target (or starting) waits for a switch point."""
+        target, current = self.target, self.current
+        if target is None or target == current:
+            return False
+        return current is None or not self._contains(current, target)
+
+    def _retarget(self) -> None:
+        structure = self.structure
+        if structure is None:
+            self.target = None
+            return
+        dt = select_decode_target(structure, self.max_spatial, self.max_temporal, self.active)
+        if dt is None:  # none fits (or none is active): the lowest that is
+            dt = select_decode_target(structure, 0, 0, self.active)
+        self.target = 0 if dt is None else dt
+        self._update_mask()  # the sender's active set may have changed
+
+    def _contains(self, outer: int, inner: int) -> bool:
+        """Every frame of decode target ``inner`` is one of ``outer``'s."""
+        assert self.structure is not None
+        return bool(decode_target_mask(self.structure, outer) >> inner & 1)
+
+    def _update_mask(self) -> None:
+        structure = self.structure
+        if structure is None or self.current is None:
+            self._mask = 0
+            return
+        full = (1 << structure.decode_target_count) - 1
+        active = full if self.active is None else self.active
+        self._mask = decode_target_mask(structure, self.current) & active
+
+    def bitmask(self) -> int:
+        """The active decode targets the subscriber must be told of."""
+        return self._mask
+
+    def filtering(self) -> bool:
+        """Whether the subscriber gets less than the sender's active decode targets."""
+        structure = self.structure
+        if structure is None:
+            return False
+        full = (1 << structure.decode_target_count) - 1
+        return self._mask != (full if self.active is None else self.active)
+
+    def forward(self, frame: FrameDescriptor, unit_start: bool = True) -> bool:
+        """Whether the subscriber gets this packet of ``frame``; ``unit_start``: the packet
+        is the first of a temporal unit (the caller tells by its RTP timestamp), where the
+        decode target may change."""
+        structure = frame.structure
+        changed = structure is not self.structure
+        if changed:
+            self.structure = structure
+            self.active = None
+        active = frame.active_decode_targets
+        if active is not None and active != self.active:
+            self.active = active
+            changed = True
+        if changed:
+            if frame.new_structure:
+                self.current = None  # the keyframe below starts the new structure
+            elif self.current is not None and self.current >= structure.decode_target_count:
+                self.current = None
+            self._retarget()
+        target = self.target
+        if target is None:
+            return False
+        if self.current is None and self._continuing and not frame.new_structure:
+            # the subscriber got every frame so far: it is on the top target (and gets the
+            # rest of the frames under way), going down at the next temporal unit
+            top = select_decode_target(structure, 7, 7, self.active)
+            self.current = target if top is None else top
+            self._continuing = False
+            self._update_mask()
+        if frame.start_of_frame and unit_start and target != self.current:
+            current = self.current
+            if current is not None and self._contains(current, target):
+                current = target  # going down needs nothing
+            elif frame.new_structure or frame.dtis[target] == DecodeTargetIndication.SWITCH:
+                current = target
+                self._continuing = False
+            if current != self.current:
+                self.current = current
+                self._update_mask()
+        current = self.current
+        if current is None:
+            return False
+        return frame.dtis[current] != DecodeTargetIndication.NOT_PRESENT
+
+    def picture_end(self, frame: FrameDescriptor, marker: bool) -> bool:
+        """The RTP marker a forwarded packet must carry: the publisher's, or the end of a frame
+        of the highest spatial layer of the decode target in use."""
+        if marker or not frame.end_of_frame or self.current is None or self.structure is None:
+            return marker
+        return frame.spatial_id == self.structure.decode_target_layers[self.current][0]

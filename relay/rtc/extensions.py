@@ -19,3 +19,8 @@ PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 #: draft-holmer-rmcat-transport-wide-cc-extensions-01: transport-wide sequence number
 TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+#: AV1 RTP specification, Appendix A: the dependency descriptor (layers of AV1, and of VP9 and
+#: H.264 when the sender uses it), read to filter layers within one RTP stream
+DEPENDENCY_DESCRIPTOR_URI = (
+    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
+)

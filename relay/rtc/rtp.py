@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
+from bisect import bisect_left, bisect_right
 
 from relay.rtc.rtcp import ReportBlock
 
@@ -412,20 +413,34 @@ class ExtensionRewriter:
 
 class SequenceRewriter:
     """Output seq/ts for one subscription: continuous across source switches (publisher
-    renegotiates or restarts with a new SSRC or a seq jump, simulcast layer change)."""
+    renegotiates or restarts with a new SSRC or a seq jump, simulcast layer change) and across
+    packets the subscription does not forward (:meth:`drop`: a layer above its target).
+
+    Without drops the output is the input plus one offset per source. Each drop of the newest
+    packet lowers that offset by one for the packets after it; the dropped input numbers of
+    the last :data:`DROP_WINDOW` input packets are kept (ascending) so that a late packet, and
+    a NACKed output number, map exactly: ``out = in + offset + (drops newer than in)``.
+    """
 
     __slots__ = (
         "clock_rate",
         "_started",
         "starting",
         "_in_start",
+        "_in_floor",
         "_in_max",
         "_seq_offset",
         "_ts_offset",
         "_out_max",
         "_out_ts",
         "_out_time",
+        "_drops",
+        "_filled",
     )
+
+    #: how many input packets back drops are remembered: older packets of a stream that drops
+    #: are neither forwarded nor mapped back (the packet history is shorter than that)
+    DROP_WINDOW = 4096
 
     def __init__(
         self, clock_rate: int, initial_seq: int | None = None, initial_ts: int | None = None
@@ -441,12 +456,17 @@ class SequenceRewriter:
         #: the next packet starts a new input stream (set at creation and by switch_source)
         self.starting = True
         self._in_start = 0  # extended input seq of the current stream's first packet
+        self._in_floor = 0  # older packets are not mapped (before the start, or the drops kept)
         self._in_max = 0  # extended highest input seq of the current stream
-        self._seq_offset = 0  # out_ext = in_ext + offset
+        self._seq_offset = 0  # out_ext = in_ext + offset (+ drops newer than in_ext)
         self._ts_offset = 0
-        self._out_max = (initial_seq & 0xFFFF) - 1  # extended highest output seq
+        self._out_max = (initial_seq & 0xFFFF) - 1  # extended highest output seq (or reserved)
         self._out_ts = initial_ts & 0xFFFFFFFF  # output ts of that packet
         self._out_time = 0.0  # when it was forwarded
+        #: extended input seqs of the current stream dropped as the newest packet, ascending
+        self._drops: list[int] = []
+        #: extended input seqs dropped late, whose output number was already skipped over
+        self._filled: set[int] = set()
 
     def switch_source(self) -> None:
         """The next packet starts a new input stream."""
@@ -469,22 +489,47 @@ class SequenceRewriter:
             return None
         return (ts + self._ts_offset) & 0xFFFFFFFF
 
+    def _extend_out(self, out_seq: int) -> int:
+        out_max = self._out_max
+        return out_max + (((out_seq - out_max + 0x8000) & 0xFFFF) - 0x8000)
+
+    def _input_of(self, ext_out: int) -> int:
+        """The extended input seq an extended output seq stands for (drops accounted)."""
+        y = ext_out - self._seq_offset
+        drops = self._drops
+        k = len(drops)
+        if not k or y > drops[-1]:
+            return y
+        # the smallest j with y - j > drops[k - 1 - j] (that bound falls as j grows)
+        lo, hi = 1, k
+        while lo < hi:
+            j = (lo + hi) >> 1
+            if y - j > drops[k - 1 - j]:
+                hi = j
+            else:
+                lo = j + 1
+        return y - lo
+
     def input_seq(self, out_seq: int) -> int | None:
         """The input sequence number (16 bits) of the current stream that an output sequence
         number stands for; None before the current stream's first packet."""
         if self.starting:
             return None
-        return (out_seq - self._seq_offset) & 0xFFFF
+        if not self._drops:
+            return (out_seq - self._seq_offset) & 0xFFFF
+        return self._input_of(self._extend_out(out_seq)) & 0xFFFF
 
     def input_seq_of(self, out_seq: int) -> int | None:
         """Like :meth:`input_seq`, and None as well for an output sequence number that no
-        packet of the current stream has had yet (beyond the highest, or before its first)."""
+        packet of the current stream has had yet (beyond the highest, or before its first),
+        or that stood for a packet dropped late (see :meth:`drop`)."""
         if self.starting:
             return None
-        out_max = self._out_max
-        ext_out = out_max + (((out_seq - out_max + 0x8000) & 0xFFFF) - 0x8000)
-        ext_in = ext_out - self._seq_offset
-        if ext_out > out_max or ext_in < self._in_start:
+        ext_out = self._extend_out(out_seq)
+        if ext_out > self._out_max:
+            return None
+        ext_in = self._input_of(ext_out)
+        if ext_in < self._in_floor or ext_in in self._filled:
             return None
         return ext_in & 0xFFFF
 
@@ -493,14 +538,55 @@ class SequenceRewriter:
         """Output timestamp minus input timestamp for the current stream (mod 2**32)."""
         return self._ts_offset
 
+    def drop(self, seq: int) -> int | None:
+        """The input packet ``seq`` of the current stream is not forwarded (a layer above the
+        subscriber's target). When it is the newest so far, the packets after it close up over
+        it: None, no output number used. A late packet (one after it was numbered already)
+        had its output number skipped over: that number is returned for the caller to fill (a
+        padding-only packet, which the receiver takes as received), and a NACK for it maps to
+        nothing (:meth:`input_seq_of`). None too while starting, for a packet from before the
+        current stream, and for a duplicate."""
+        if self.starting:
+            return None
+        in_max = self._in_max
+        delta = ((seq - in_max + 0x8000) & 0xFFFF) - 0x8000
+        ext = in_max + delta
+        drops = self._drops
+        if delta > 0:
+            self._in_max = ext
+            self._seq_offset -= 1
+            self._out_max = ext + self._seq_offset
+            drops.append(ext)
+            floor = ext - self.DROP_WINDOW
+            if drops[0] < floor:
+                cut = bisect_left(drops, floor)
+                self._in_floor = max(self._in_floor, drops[cut - 1] + 1)
+                del drops[:cut]
+                filled = self._filled
+                if filled:
+                    self._filled = {x for x in filled if x >= floor}
+            return None
+        if ext < self._in_floor or ext in self._filled:
+            return None
+        i = bisect_left(drops, ext)
+        if i < len(drops) and drops[i] == ext:
+            return None  # dropped already
+        self._filled.add(ext)
+        return (ext + self._seq_offset + len(drops) - i) & 0xFFFF
+
     def rewrite(self, seq: int, ts: int, now: float) -> tuple[int, int] | None:
         """``(out_seq, out_ts)`` for an input packet, or None for a packet older than the
-        current stream's first packet (from before a switch)."""
+        current stream's first packet (from before a switch), or one :meth:`drop` was told
+        of."""
         if self.starting:
             self.starting = False
-            self._in_start = self._in_max = seq
+            self._in_start = self._in_floor = self._in_max = seq
             out_max = self._out_max + 1
             self._seq_offset = out_max - seq
+            if self._drops:
+                self._drops = []
+            if self._filled:
+                self._filled = set()
             if self._started:
                 step = int((now - self._out_time) * self.clock_rate)
                 out_ts = (self._out_ts + (step if step > 1 else 1)) & 0xFFFFFFFF
@@ -515,7 +601,7 @@ class SequenceRewriter:
         in_max = self._in_max
         delta = ((seq - in_max + 0x8000) & 0xFFFF) - 0x8000
         ext = in_max + delta
-        if ext < self._in_start:
+        if ext < self._in_floor:
             return None
         out_seq = ext + self._seq_offset
         out_ts = (ts + self._ts_offset) & 0xFFFFFFFF
@@ -524,6 +610,12 @@ class SequenceRewriter:
             self._out_max = out_seq
             self._out_ts = out_ts
             self._out_time = now
+        elif self._drops:
+            drops = self._drops
+            i = bisect_right(drops, ext)
+            if i and drops[i - 1] == ext:
+                return None  # told it was dropped
+            out_seq += len(drops) - i
         return out_seq & 0xFFFF, out_ts
 
 

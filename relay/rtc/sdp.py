@@ -82,6 +82,9 @@ SUPPORTED_EXTENSIONS: list[str] = [
     ext.REPAIRED_RTP_STREAM_ID_URI,
     ext.TRANSPORT_CC_URI,  # with twcc only
 ]
+#: Codecs whose layers within one RTP stream only the dependency descriptor tells (AV1's
+#: payload has no descriptor the relay reads): their m-lines also take that extension.
+LAYERS_BY_DEPENDENCY_DESCRIPTOR = frozenset({"av1"})
 #: Feedback accepted on every codec; congestion-control feedback is chosen per offer (below).
 SUPPORTED_RTCP_FB = {"nack", "nack pli", "ccm fir"}
 
@@ -1460,6 +1463,8 @@ def _answer_media(
     if not codecs:
         return reject("no supported codec")
     direction = "recvonly" if m.direction in ("sendonly", "sendrecv") else "inactive"
+    if codecs[0].name.lower() in LAYERS_BY_DEPENDENCY_DESCRIPTOR:
+        extensions = extensions | {ext.DEPENDENCY_DESCRIPTOR_URI}
     extmaps = _accept_extmaps(m, extensions, allow_mixed)
     answered = AnsweredMedia(m.mid, m.kind, False, None, direction, codecs, extmaps, m)
     if direction == "recvonly" and m.kind == "video":

@@ -407,6 +407,19 @@ class Vp8Rewriter:
         restart); packets before it are dropped."""
         self.starting = True
 
+    def continue_from(self, desc: Vp8Descriptor) -> None:
+        """Take over, at the first packet of a picture (``desc``), a stream that was forwarded
+        unchanged until now: its PictureID and TL0PICIDX go on as they were (output = input
+        from here, until a picture is dropped), every temporal layer counts as forwarded so
+        far, so going down to the target needs no keyframe. Then :meth:`rewrite` this packet
+        and the next ones as usual."""
+        self.starting = False
+        self.current_tid = 3
+        self.pictures = PictureIdMap(desc.picture_id, self.pictures.long or desc.long_picture_id)
+        self.tl0 = Tl0PicIdxMap(desc.tl0picidx)
+        self._newest = -1
+        self._newest_dropped = False
+
     def forward(self, tid: int) -> None:
         """Forward temporal layers 0..``tid`` from now on. Going down takes effect at the next
         picture; going up one layer at a time, at a picture of the next layer with Y set

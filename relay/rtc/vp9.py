@@ -382,6 +382,21 @@ class Vp9Rewriter:
         packets before it are dropped."""
         self.starting = True
 
+    def continue_from(self, desc: Vp9Descriptor) -> None:
+        """Take over, at the first packet of a picture (``desc``: B=1, SID 0), a stream that
+        was forwarded unchanged until now: its PictureID and TL0PICIDX go on as they were
+        (output = input), and every layer counts as forwarded so far, so going down to the
+        targets happens at this picture without a keyframe. Then :meth:`rewrite` this packet
+        and the next ones as usual."""
+        self.starting = False
+        self.current_sid = self.current_tid = 7
+        self.pictures = PictureIdMap(desc.picture_id, self.pictures.long or desc.long_picture_id)
+        self.tl0 = Tl0PicIdxMap(desc.tl0picidx)
+        self._newest = 0
+        self._layers = 0
+        self._checked_above = 7
+        self._up_next = False
+
     def forward(self, spatial: int, temporal: int) -> None:
         """Forward spatial layers 0..``spatial`` and temporal layers 0..``temporal`` from now
         on (going down at the next picture, going up at the next switching point)."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from relay.rtc.codecs import KeyframeStart, keyframe_detector, vp8_keyframe_size
+from relay.rtc.dependency_descriptor import DEPENDENCY_DESCRIPTOR_URI
 from relay.rtc.nack import PacketHistory
 from relay.rtc.rtp import ReceiveStatistics
 from relay.rtc.sdp import Codec
 from relay.rtc.transport import Address
 from relay.sfu.feedback import KeyframeRequester, NackRequester
+from relay.sfu.svc import LayerStats, layered_codec
 
 if TYPE_CHECKING:
     from relay.sfu.leg import MediaContext
@@ -111,6 +113,21 @@ class Track:
         self._vp8 = codec.name.lower() == "vp8"
         #: on a simulcast track: the rids last announced as wanted (publisher.layers)
         self.wanted_layers: list[str] | None = None
+        #: layers within the RTP stream (VP8 temporal layers, VP9 SVC, AV1 with the dependency
+        #: descriptor): which exist, their picture sizes where known, their bit and frame
+        #: rates, counted while the track has active subscribers and summarised by tick() once
+        #: a second, for the layer allocation (OutboundStream.max_spatial / max_temporal).
+        #: None for other codecs, and from when a VP8 stream turns out to have no temporal
+        #: layers.
+        self.svc: LayerStats | None = (
+            LayerStats(codec.name, self._dd_id())
+            if kind == "video" and layered_codec(codec.name)
+            else None
+        )
+
+    def _dd_id(self) -> int:
+        """The publisher's id of the dependency descriptor extension (0: not negotiated)."""
+        return next((i for i, uri in self.ext_uris.items() if uri == DEPENDENCY_DESCRIPTOR_URI), 0)
 
     @property
     def participant_id(self) -> str:
@@ -242,6 +259,11 @@ class Track:
         outputs = self.outputs
         if not outputs:
             return
+        svc = self.svc
+        if svc is not None:
+            svc.count(plain, offset, elements, size)
+            if svc.temporal is False:  # VP8 without temporal layers: nothing to count
+                self.svc = None
         batch: list[tuple[bytes, Address]] = []
         sent = 0
         startable: bool | None = None
@@ -280,6 +302,10 @@ class Track:
         if len(recent) > PEAK_SECONDS:
             del recent[0]
         self.peak_bitrate = max(recent)
+        svc = self.svc
+        if svc is not None:
+            svc.dd_id = self._dd_id()  # the publisher may have renegotiated its ids
+            svc.tick(interval)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -336,4 +362,6 @@ class Track:
             **(
                 {"rid": self.rid, "width": self.width, "height": self.height} if self.parent else {}
             ),
+            # layers within the stream (VP8 temporal, VP9, AV1), once some were seen
+            **({"svc": self.svc.to_dict()} if self.svc is not None and self.svc.bitrates else {}),
         }

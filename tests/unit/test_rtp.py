@@ -809,3 +809,141 @@ def test_rewriters_with_the_same_map_share_the_mapping_but_keep_their_own_mid() 
 def test_stamped_without_a_stamp_id_adds_nothing() -> None:
     rewriter = ExtensionRewriter({1: 1}, 4, "0")
     assert rewriter.stamped([(1, b"\x85")], 9) == rewriter.block([(1, b"\x85")])
+
+
+# --- SequenceRewriter: packets not forwarded (layer filtering) --------------------------------
+
+
+def test_sequence_drop_of_the_newest_closes_up_the_numbering() -> None:
+    rw = SequenceRewriter(90000, initial_seq=100, initial_ts=0)
+    assert rw.rewrite(1000, 0, 0.0) == (100, 0)
+    assert rw.drop(1001) is None  # nothing to send, no output number used
+    assert rw.drop(1002) is None
+    assert rw.rewrite(1003, 3000, 0.0) == (101, 3000)
+    assert rw.drop(1004) is None
+    assert rw.rewrite(1005, 6000, 0.0) == (102, 6000)
+    assert rw.last_seq == 102
+    # NACK lookups: every output number stands for the packet that had it
+    assert [rw.input_seq_of(s) for s in (100, 101, 102)] == [1000, 1003, 1005]
+    assert [rw.input_seq(s) for s in (100, 101, 102)] == [1000, 1003, 1005]
+    assert rw.input_seq_of(103) is None  # not sent yet
+    assert rw.input_seq_of(99) is None  # before the stream's first packet
+
+
+def test_sequence_without_drops_is_unchanged() -> None:
+    rw = SequenceRewriter(90000, initial_seq=7, initial_ts=0)
+    for k in range(10):
+        assert rw.rewrite(500 + k, k, 0.0) == (7 + k, k)
+    assert [rw.input_seq_of(7 + k) for k in range(10)] == [500 + k for k in range(10)]
+
+
+def test_sequence_late_packet_before_a_drop_keeps_its_number() -> None:
+    rw = SequenceRewriter(90000, initial_seq=0, initial_ts=0)
+    assert rw.rewrite(10, 0, 0.0) == (0, 0)
+    # 11 is late; 12 is dropped (the newest: the numbering closes up over it)
+    assert rw.drop(12) is None
+    assert rw.rewrite(13, 0, 0.0) == (2, 0)  # output 1 is kept for 11
+    assert rw.rewrite(11, 0, 0.0) == (1, 0)  # arrives: its own number, before the drop
+    assert rw.rewrite(14, 0, 0.0) == (3, 0)
+    assert rw.rewrite(13, 0, 0.0) == (2, 0)  # a duplicate after the drop
+    assert rw.rewrite(12, 0, 0.0) is None  # the dropped one is never numbered
+    assert [rw.input_seq_of(s) for s in range(4)] == [10, 11, 13, 14]
+
+
+def test_sequence_late_packet_dropped_gives_back_its_reserved_number() -> None:
+    rw = SequenceRewriter(90000, initial_seq=50, initial_ts=0)
+    assert rw.rewrite(10, 0, 0.0) == (50, 0)
+    assert rw.rewrite(12, 0, 0.0) == (52, 0)  # 11 missing: 51 stays for it
+    # 11 arrives late and is not to be forwarded: 51 was skipped over already, the caller
+    # fills it (a padding packet), and a NACK for it resends nothing
+    assert rw.drop(11) == 51
+    assert rw.input_seq_of(51) is None
+    assert rw.input_seq(51) == 11
+    assert rw.input_seq_of(52) == 12
+    assert rw.drop(11) is None  # a duplicate: already given
+    assert rw.rewrite(13, 0, 0.0) == (53, 0)
+
+
+def test_sequence_drop_of_a_stale_or_starting_packet_changes_nothing() -> None:
+    rw = SequenceRewriter(90000, initial_seq=0, initial_ts=0)
+    assert rw.drop(5) is None  # nothing forwarded yet: the first forwarded packet is output 0
+    assert rw.rewrite(7, 0, 0.0) == (0, 0)
+    assert rw.drop(6) is None  # before the stream's first packet
+    assert rw.rewrite(8, 0, 0.0) == (1, 0)
+    rw.switch_source()
+    assert rw.drop(9) is None  # starting again
+    assert rw.rewrite(100, 0, 1.0)[0] == 2  # type: ignore[index]
+
+
+def test_sequence_drops_across_input_and_output_wrap() -> None:
+    rw = SequenceRewriter(90000, initial_seq=65533, initial_ts=0)
+    sent = []
+    for k, seq in enumerate([65530 + i & 0xFFFF for i in range(12)]):
+        if k % 3 == 1:
+            assert rw.drop(seq) is None
+        else:
+            out = rw.rewrite(seq, 0, 0.0)
+            assert out is not None
+            sent.append((out[0], seq))
+    outs = [o for o, _ in sent]
+    assert outs == [(65533 + i) & 0xFFFF for i in range(len(sent))]
+    assert all(rw.input_seq_of(o) == s for o, s in sent)
+    # late packets of the wrapped stream, around the drops
+    assert rw.rewrite(sent[2][1], 0, 0.0) == (sent[2][0], 0)
+
+
+def test_sequence_switch_after_a_drop_continues_past_reserved_numbers() -> None:
+    rw = SequenceRewriter(90000, initial_seq=0, initial_ts=0)
+    assert rw.rewrite(10, 0, 0.0) == (0, 0)
+    assert rw.drop(12) is None  # 11 missing: output 1 is kept for it
+    rw.switch_source()
+    assert rw.rewrite(900, 0, 1.0)[0] == 2  # type: ignore[index]
+    assert rw.input_seq_of(2) == 900
+    assert rw.input_seq_of(0) is None  # the previous stream's
+
+
+def test_sequence_drops_match_a_reference_numbering_under_reordering() -> None:
+    """Random drops and reordering: every forwarded packet gets the number it would have got
+    in order, the numbers are continuous, and each maps back to its packet."""
+    rng = random.Random(11)
+    for trial in range(40):
+        start = rng.randrange(0x10000)
+        count = 300
+        keep = [rng.random() < 0.6 for _ in range(count)]
+        keep[0] = True
+        order = list(range(count))
+        for i in range(1, count - 1):  # local reordering
+            if rng.random() < 0.15:
+                j = min(count - 1, i + rng.randrange(1, 4))
+                order[i], order[j] = order[j], order[i]
+        order.remove(0)
+        order.insert(0, 0)
+        rw = SequenceRewriter(90000, initial_seq=rng.randrange(0x10000), initial_ts=0)
+        got: dict[int, int] = {}
+        filled: dict[int, int] = {}
+        newest = -1
+        for i in order:
+            seq = (start + i) & 0xFFFF
+            if keep[i]:
+                out = rw.rewrite(seq, 0, 0.0)
+                assert out is not None
+                got[i] = out[0]
+            else:
+                reserved = rw.drop(seq)
+                if i < newest:
+                    if reserved is not None:
+                        filled[i] = reserved
+                else:
+                    assert reserved is None
+            newest = max(newest, i)
+        first = got[0]
+        numbers = sorted(((o - first) & 0xFFFF) for o in list(got.values()) + list(filled.values()))
+        assert numbers == list(range(len(numbers))), trial  # no gap, no duplicate
+        by_order = [got[i] for i in sorted(got)]
+        assert all(
+            ((b - a) & 0xFFFF) < 0x8000 for a, b in zip(by_order, by_order[1:], strict=False)
+        )
+        for i, o in got.items():
+            assert rw.input_seq_of(o) == (start + i) & 0xFFFF, trial
+        for o in filled.values():
+            assert rw.input_seq_of(o) is None

@@ -943,3 +943,22 @@ def test_answer_data_channel_only_offer_rejects_it() -> None:
     ]
     assert "m=application 0 UDP/DTLS/SCTP webrtc-datachannel" in answer_lines(sdp)
     assert not any(line.startswith("a=group:BUNDLE") for line in answer_lines(sdp))
+
+
+def test_dependency_descriptor_is_taken_with_av1_only() -> None:
+    dd = "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
+    codecs = (
+        "a=rtpmap:96 VP8/90000\na=rtpmap:45 AV1/90000\n"
+        f"a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\na=extmap:11 {dd}\n"
+    )
+    offer = parse_sdp(video_only_offer("96 45", codecs))
+    _, answered = build_answer(offer, local_transport(), codec_preference=("AV1", "VP8"))
+    assert answered[0].codecs[0].name == "AV1"
+    assert [(e.id, e.uri) for e in answered[0].extmaps] == [
+        (4, "urn:ietf:params:rtp-hdrext:sdes:mid"),
+        (11, dd),
+    ]
+    # with VP8 (its payload descriptor says its layers) the relay does not ask for it
+    _, answered = build_answer(offer, local_transport(), codec_preference=("VP8", "AV1"))
+    assert answered[0].codecs[0].name == "VP8"
+    assert [e.uri for e in answered[0].extmaps] == ["urn:ietf:params:rtp-hdrext:sdes:mid"]
