@@ -24,6 +24,7 @@ from relay.rtc.dtls import Certificate
 from relay.rtc.extensions import (
     ABS_SEND_TIME_URI,
     AUDIO_LEVEL_URI,
+    DEPENDENCY_DESCRIPTOR_URI,
     MID_URI,
     PLAYOUT_DELAY_URI,
     REPAIRED_RTP_STREAM_ID_URI,
@@ -63,6 +64,7 @@ from relay.sfu.publisher_leg import PublisherLeg
 from relay.sfu.room import Room
 from relay.sfu.subscriber_leg import SubscriberLeg
 from relay.sfu.subscription import Subscription
+from relay.sfu.svc import LayerStats, choose_layers
 from relay.sfu.timers import Timers
 from relay.sfu.track import Track
 
@@ -78,6 +80,7 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?\Z"
 #: own transport (abs-send-time, transport-wide-cc) are not forwarded: they would lie about ours.
 SUBSCRIBER_EXTENSIONS: dict[str, int] = {
     AUDIO_LEVEL_URI: 1,
+    DEPENDENCY_DESCRIPTOR_URI: 5,
     TRANSPORT_CC_URI: 3,
     MID_URI: 4,
     TOFFSET_URI: 14,
@@ -626,14 +629,23 @@ class Sfu:
         leg = p.subscriber_leg
         layered: list[tuple[Subscription, list[Track], list[Track]]] = []
         demands: list[Demand] = []
+        svc_subs: list[tuple[Subscription, list[tuple[int, int]], Demand]] = []
         other = 0.0
         speaker = p.room.speaker
         for sub in p.subscriptions.values():
             if not sub.active:
                 continue
             track = sub.track
+            priority = 2 * sub.priority + (track.participant_id == speaker)
             if not track.layers:
-                other += sub.bitrate
+                svc = track.svc
+                options = _svc_choices(svc, sub) if svc is not None else []
+                if svc is None or len(options) < 2:
+                    if svc is not None and options:  # one choice: the wishes alone decide
+                        sub.stream.set_layers(*_svc_limits(svc, options[-1]))
+                    other += sub.bitrate
+                    continue
+                svc_subs.append((sub, options, _svc_demand(svc, sub, options, priority, now)))
                 continue
             ranked = _ranked_layers(track)
             live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
@@ -643,13 +655,13 @@ class Sfu:
             ]
             on = sub.stream.target or sub.stream.track
             current = ranked.index(on) if on in ranked else None
-            priority = 2 * sub.priority + (track.participant_id == speaker)
             cap = ranked.index(_best_layer(ranked, sub))
             if current is not None and now < sub.hold_until:
                 cap = min(cap, current)  # a move up failed lately: not yet again
             layered.append((sub, ranked, live))
             demands.append(Demand(rates, cap, current, priority))
-        if not layered:
+        demands.extend(demand for _sub, _choices, demand in svc_subs)
+        if not demands:
             if leg is not None:
                 leg.allocated = 0.0
             return
@@ -664,8 +676,12 @@ class Sfu:
                 if demand.current is not None:
                     demand.cap = min(demand.cap, demand.current)
         choices = allocate(estimate, demands)
+        for (sub, options, demand), choice in zip(svc_subs, choices[len(layered) :], strict=True):
+            if choice != demand.current and demand.current is not None and estimate is not None:
+                self._count_move(sub, choice > demand.current, now)
+            sub.stream.set_layers(*_svc_limits(sub.track.svc, options[choice]))  # type: ignore[arg-type]
         changed: list[Track] = []
-        for (sub, ranked, live), choice in zip(layered, choices, strict=True):
+        for (sub, ranked, live), choice in zip(layered, choices, strict=False):
             wanted = ranked[choice]
             if live and wanted not in live:
                 below = [t for t in live if ranked.index(t) <= choice]
@@ -677,6 +693,8 @@ class Sfu:
                 before = ranked.index(stream.wanted) if stream.wanted in ranked else -1
                 self._count_move(sub, choice > before, now)
             stream.wanted = wanted
+            if target.svc is not None:  # a frame rate wish: the layer's temporal layers
+                stream.set_layers(None, choose_layers(target.svc, None, None, sub.max_fps)[1])
             if stream.target is not target:
                 stream.target = target
                 changed.append(sub.track)
@@ -1259,6 +1277,60 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber_leg),
         }
+
+
+def _svc_choices(svc: LayerStats, sub: Subscription) -> list[tuple[int, int]]:
+    """What the bandwidth may choose from for a stream with layers of its own, lowest first:
+    the spatial layers up to the subscriber's size wishes, each with the temporal layers its
+    frame-rate wish allows; a stream with a single spatial layer chooses temporal layers (the
+    frame rate) instead."""
+    spatial, temporal = choose_layers(svc, sub.max_width, sub.max_height, sub.max_fps)
+    top_s = svc.spatial_layers - 1 if spatial is None else spatial
+    top_t = svc.temporal_layers - 1 if temporal is None else temporal
+    if svc.spatial_layers > 1:
+        return [(s, top_t) for s in range(top_s + 1)]
+    return [(0, t) for t in range(top_t + 1)]
+
+
+def _svc_limits(svc: LayerStats, choice: tuple[int, int]) -> tuple[int | None, int | None]:
+    """A (spatial, temporal) choice as stream limits (None for a top layer: all of them)."""
+    spatial, temporal = choice
+    return (
+        None if spatial >= svc.spatial_layers - 1 else spatial,
+        None if temporal >= svc.temporal_layers - 1 else temporal,
+    )
+
+
+def _svc_demand(
+    svc: LayerStats,
+    sub: Subscription,
+    choices: list[tuple[int, int]],
+    priority: int,
+    now: float,
+) -> Demand:
+    """The allocation's view of a stream with layers of its own: the rate of each choice
+    (what it carried over the last second, or a nominal rate for its picture size before
+    that is measured), the one it is on now."""
+    resolutions = svc.resolutions
+    rates = []
+    for s, t in choices:
+        rate = svc.bitrate(s, t)
+        if rate <= 0:
+            height = resolutions[s][1] if s < len(resolutions) else 0
+            rate = nominal_bitrate(height, s) * (t + 1) / svc.temporal_layers
+        rates.append(rate)
+    for i in range(1, len(rates)):  # a choice takes at least what the one below it takes
+        rates[i] = max(rates[i], rates[i - 1])
+    stream = sub.stream
+    on = (
+        svc.spatial_layers - 1 if stream.max_spatial is None else stream.max_spatial,
+        svc.temporal_layers - 1 if stream.max_temporal is None else stream.max_temporal,
+    )
+    current = next((i for i, (s, t) in enumerate(choices) if (s, t) == on), None)
+    cap = len(choices) - 1
+    if current is not None and now < sub.hold_until:
+        cap = min(cap, current)
+    return Demand(rates, cap, current, priority)
 
 
 def _budget(leg: SubscriberLeg, estimate: float, now: float) -> float:
