@@ -1,4 +1,4 @@
-"""``python -m bench {hotpath,load,compare,all,soak}``: see ``--help`` and bench/README.md."""
+"""``python -m bench {hotpath,load,compare,simulcast,all,soak}``: see ``--help`` and bench/README.md."""
 
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ from bench.suite import (
     run_compare,
     run_hotpath,
     run_load,
+    run_simulcast,
     run_soak_command,
 )
 
 SCHEMA = "relay-bench/1"
-COMMANDS = ("hotpath", "load", "compare", "all", "soak")
+COMMANDS = ("hotpath", "load", "compare", "simulcast", "all", "soak")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -64,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not make a network namespace (Janus is then skipped)",
     )
     parser.add_argument(
-        "--systems", type=_names, help=f"compare: subset of {','.join(SYSTEM_ORDER)}"
+        "--systems", type=_names, help=f"compare, simulcast: subset of {','.join(SYSTEM_ORDER)}"
     )
     parser.add_argument("--scenarios", type=_names, help="load: subset of the scenarios")
-    parser.add_argument("--fanouts", type=_ints, help="hotpath and compare: fan-outs to run")
+    parser.add_argument(
+        "--fanouts", type=_ints, help="hotpath, compare and simulcast: fan-outs to run"
+    )
     parser.add_argument(
         "--duration",
         type=float,
@@ -77,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="load/compare: py-spy profile of the relay in every window (OUT/profiles)",
+        help="load/compare/simulcast: py-spy profile of the relay in every window (OUT/profiles)",
+    )
+    parser.add_argument(
+        "--no-feedback",
+        action="store_true",
+        help="simulcast: subscribers send no transport-cc feedback (layers by size wishes alone)",
     )
     soak = parser.add_argument_group("soak")
     soak.add_argument(
@@ -124,9 +132,11 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.scenarios:
         cfg.scenarios = tuple(args.scenarios)
     if args.fanouts:
-        cfg.hotpath_fanouts = cfg.compare_fanouts = args.fanouts
+        cfg.hotpath_fanouts = cfg.compare_fanouts = cfg.simulcast_fanouts = args.fanouts
     if args.duration:
         cfg.duration = cfg.ramp_duration = cfg.codec_seconds = args.duration
+    if args.no_feedback:
+        cfg.simulcast_feedback = False
     if args.samples:
         cfg.hotpath_samples = args.samples
     if args.profile:
@@ -137,7 +147,7 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def needs_namespace(args: argparse.Namespace, cfg: Config) -> bool:
     return (
-        args.command in ("compare", "all")
+        args.command in ("compare", "simulcast", "all")
         and "janus" in cfg.systems
         and not args.no_netns
         and not netns.inside()
@@ -198,6 +208,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data["compare"] = compare
             data["ratios"].update(compare["ratios"])
             data["skipped"].update(compare["skipped"])
+        if args.command in ("simulcast", "all"):
+            sim = run_simulcast(cfg, reporter)
+            data["simulcast"] = sim
+            data["skipped"].update({f"simulcast/{k}": v for k, v in sim["skipped"].items()})
         if args.command == "soak":
             data["soak"] = run_soak_command(
                 reporter,

@@ -67,9 +67,11 @@ def markdown(data: dict[str, Any]) -> str:
         lines += _load(data["load"])
     if "compare" in data:
         lines += _compare(data["compare"])
+    if "simulcast" in data:
+        lines += _simulcast(data["simulcast"])
     if "soak" in data:
         lines += _soak(data["soak"])
-    if "targets" in data and data.get("command") != "soak":
+    if "targets" in data and data.get("command") not in ("soak", "simulcast"):
         lines += [
             "## Targets (measured, not asserted)",
             "",
@@ -257,6 +259,139 @@ def _compare(c: dict[str, Any]) -> list[str]:
     for name, reason in c.get("skipped", {}).items():
         lines.append(f"- {name} skipped: {reason}")
     for name, error in c.get("errors", {}).items():
+        lines.append(f"- {name} failed: {error}")
+    return lines + [""]
+
+
+def _us(value: Any) -> str:
+    return _f(value, 1)
+
+
+def _simulcast(sim: dict[str, Any]) -> list[str]:
+    layers = ", ".join(
+        f"{x['rid']} {x['width']}x{x['height']} {x['bitrate_bps'] / 1e3:.0f} kbit/s "
+        f"({x['packets_per_second']:g} pkt/s of {x['packet_bytes']} B)"
+        for x in sim.get("layers", [])
+    )
+    single = sim.get("single_layer", {})
+    feedback = (
+        "Subscribers send transport-cc feedback every 100 ms when the server's offer has the "
+        "extension, and accept RTX: the relay estimates each subscriber's bandwidth (probing "
+        "it) and chooses layers within that estimate and the size wishes."
+        if sim.get("transport_cc_feedback")
+        else "Subscribers send no transport-cc feedback: the relay has no bandwidth estimate "
+        "and chooses layers by the size wishes alone."
+    )
+    lines = [
+        "## Simulcast: estimation and switching per subscriber",
+        "",
+        f"One publisher, three RID simulcast VP8 layers ({layers}; a keyframe every "
+        f"{sim.get('keyframe_interval_s', 0):g} s) to N subscribers, a third asking for each "
+        "layer (relay: `max_height`; Janus: `substream`). `switching`: every subscriber asks for "
+        f"a layer every {sim.get('switch_period_s', 1):g} s, on the `no feedback` connections "
+        "(fresh ones whose answers drop transport-cc: no estimate, layers by size wishes alone, "
+        "so every move is taken at the next keyframe): the next one for the subscribers in "
+        "whole triples (q, h, f rotate: the mix of layers stays the same), the same one for "
+        "the others. `requests`: the same requests, each for the layer the subscriber is on "
+        "already (the signalling alone). µs CPU/switch: for `switching`, the CPU above the "
+        "`requests` window per layer change the receivers saw (the switch beyond its request: "
+        "keyframe request, switch, renumbering); for `requests`, the CPU above the `no "
+        "feedback` window per request. "
+        "`single layer`: one non-simulcast stream of the same total rate "
+        f"({(single.get('bitrate_bps') or 0) / 1e6:.2f} Mbit/s) to every subscriber. "
+        "CPU per received packet is all the server's CPU over the packets the publisher sent. "
+        + feedback,
+        "",
+        "| system, N, window | fwd pkt/s | CPU | µs CPU/fwd pkt | µs CPU/recv pkt | loss "
+        "| p50 ms | p99 ms | layers got (q/h/f) | requests/switches seen | µs CPU/switch "
+        "| feedbacks | busy |",
+        "|---" * 13 + "|",
+    ]
+    for system, results in sim.get("runs", {}).items():
+        for r in results:
+            n = r["subscribers"]
+            for window in ("simulcast", "no_feedback", "switching", "requests", "single_layer"):
+                w = r.get(window)
+                if not w:
+                    continue
+                got = (w.get("layers") or {}).get("received_mostly")
+                switches = (
+                    f"{w.get('requests')}/{w.get('layer_switches_seen')}"
+                    if window in ("switching", "requests")
+                    else "–"
+                )
+                per = w.get("cpu_per_switch_us" if window == "switching" else "cpu_per_request_us")
+                lines.append(
+                    f"| {SYSTEM_LABELS.get(system, system)}, {n}, {window.replace('_', ' ')} "
+                    f"| {_f(w.get('forwarded_pps'), 0)} | {_pct(w.get('server_cpu_fraction'), 1)} "
+                    f"| {_us(w.get('cpu_per_packet_us'))} "
+                    f"| {_us(w.get('cpu_per_received_packet_us'))} | {_pct(w.get('loss'))} "
+                    f"| {_lat(w, 'p50')} | {_lat(w, 'p99')} "
+                    f"| {'/'.join(str(v) for v in got.values()) if got else '–'} | {switches} "
+                    f"| {_us(per)} | {w.get('feedback_packets', '–')} "
+                    f"| {'yes' if w.get('disturbed') else 'no'} |"
+                )
+    lines.append("")
+    ratios = sim.get("ratios", {})
+    if ratios:
+        keys = sorted({k for v in ratios.values() for k in v})
+        lines += [
+            "Ratios (lower is better for the relay; `simulcast_vs_single_layer`: the cost of "
+            "simulcast per forwarded packet on the same server):",
+            "",
+            "| ratio | " + " | ".join(f"N = {n}" for n in ratios) + " |",
+            "|---" * (len(ratios) + 1) + "|",
+        ]
+        for key in keys:
+            lines.append(
+                f"| `{key}` | " + " | ".join(_f(v.get(key), 3) for v in ratios.values()) + " |"
+            )
+        lines.append("")
+    est = sim.get("estimation")
+    if est:
+        lines += [
+            f"The relay's CPU per transport-cc feedback of {est['packets_per_feedback']} packets "
+            f"(`bench.estimation`, in-process): p50 {est['p50_ns'] / 1000:.1f} µs, "
+            f"p90 {est['p90_ns'] / 1000:.1f} µs.",
+            "",
+        ]
+    for system, results in sim.get("runs", {}).items():
+        for r in results:
+            e = r.get("estimation") or {}
+            if e.get("cpu_per_feedback_us") is not None:
+                lines.append(
+                    f"- {system}, N = {r['subscribers']}: {e['feedbacks_per_second']:.0f} "
+                    f"transport-cc feedbacks/s; CPU per feedback in the server "
+                    f"{e['cpu_per_feedback_us']:.1f} µs (the simulcast window's CPU less what "
+                    "its forwarded packets cost in the window without feedback: stamping, "
+                    "feedback, estimate, probes, allocation)"
+                    + (" (disturbed)" if e.get("disturbed") else "")
+                )
+            sw = r.get("switching") or {}
+            if sw.get("cpu_per_switch_with_request_us") is not None:
+                lines.append(
+                    f"- {system}, N = {r['subscribers']}: CPU per switch with its request "
+                    f"{sw['cpu_per_switch_with_request_us']:.1f} µs (the `switching` window "
+                    "above the `no feedback` one, per layer change seen)"
+                )
+            settled = r.get("settled") or {}
+            if settled and settled.get("on_asked_layer") != settled.get("subscribers"):
+                lines.append(
+                    f"- {system}, N = {r['subscribers']}: {settled.get('on_asked_layer')} of "
+                    f"{settled.get('subscribers')} subscribers on the layer they ask for after "
+                    f"{settled.get('seconds')} s"
+                )
+            est_r = (r.get("simulcast") or {}).get("relay_estimates") or {}
+            if est_r.get("estimated_bitrate_bps", {}).get("median") is not None:
+                e = est_r["estimated_bitrate_bps"]
+                lines.append(
+                    f"- {system}, N = {r['subscribers']}: subscriber estimates "
+                    f"{est_r.get('estimate_sources')}, min {e['min'] / 1e6:.2f} / median "
+                    f"{e['median'] / 1e6:.2f} / max {e['max'] / 1e6:.2f} Mbit/s"
+                )
+    for name, reason in sim.get("skipped", {}).items():
+        lines.append(f"- {name} skipped: {reason}")
+    for name, error in sim.get("errors", {}).items():
         lines.append(f"- {name} failed: {error}")
     return lines + [""]
 

@@ -46,6 +46,12 @@ class Config:
     compare_fanouts: tuple[int, ...] = (5, 10, 20, 40)
     codec_subscribers: int = 2
     codec_seconds: float = 8.0
+    simulcast_fanouts: tuple[int, ...] = (10, 40)
+    simulcast_settle: float = 3.0  # then on until every subscriber is on its layer, at most:
+    simulcast_max_settle: float = 20.0
+    simulcast_feedback: bool = True  # subscribers send transport-cc feedback
+    switch_period: float = 1.0
+    keyframe_every: int = 15  # frames (0.5 s): how soon a switch finds a keyframe
     scenarios: tuple[str, ...] = (
         "one_to_one",
         "group",
@@ -76,6 +82,9 @@ class Config:
             compare_fanouts=(3,),
             codec_subscribers=1,
             codec_seconds=2.0,
+            simulcast_fanouts=(6,),
+            simulcast_settle=1.0,
+            simulcast_max_settle=8.0,
             retries=0,
         )
 
@@ -345,6 +354,66 @@ def run_compare(cfg: Config, reporter: Reporter) -> dict[str, Any]:
                     out["errors"][f"codec/{system}"] = f"{type(exc).__name__}: {exc}"
                     reporter.log(traceback.format_exc())
     out["ratios"], out["ratios_by_fanout"] = compare_ratios(out)
+    return out
+
+
+def run_simulcast(cfg: Config, reporter: Reporter) -> dict[str, Any]:
+    """One simulcast publisher to N subscribers split across its layers, on the relay and on
+    Janus in this run: CPU per forwarded and received packet, per layer switch, and the relay
+    without simulcast (bench/simulcast.py)."""
+    from bench import simulcast
+
+    out: dict[str, Any] = {
+        "layers": [layer.describe() for layer in simulcast.LAYERS],
+        "single_layer": simulcast.single_layer().describe(),
+        "keyframe_interval_s": cfg.keyframe_every / 30.0,
+        "switch_period_s": cfg.switch_period,
+        "transport_cc_feedback": cfg.simulcast_feedback,
+        "runs": {},
+        "skipped": {},
+        "errors": {},
+    }
+    systems = [s for s in ("relay", "janus") if s in cfg.systems]
+    if "janus" in systems:
+        reason = janus_available()
+        if reason is None and not netns.inside():
+            reason = "Janus needs the bench network namespace (run without --no-netns, as root)"
+        if reason is not None:
+            out["skipped"]["janus"] = reason
+            systems.remove("janus")
+    with pinned(SERVER_CORE):
+        # 1 Mbit/s of video in 1200 B packets is about 10 packets per 100 ms feedback
+        out["estimation"] = simulcast.estimation_cost(10, 300 if cfg.quick else 2000)
+    plan = simulcast.Plan(
+        settle=cfg.simulcast_settle,
+        max_settle=cfg.simulcast_max_settle,
+        duration=cfg.duration,
+        switch_period=cfg.switch_period,
+        keyframe_every=cfg.keyframe_every,
+        feedback=cfg.simulcast_feedback,
+        retries=cfg.retries,
+        profile_dir=cfg.profile_dir,
+    )
+    with pinned(GENERATOR_CORE):
+        for system in systems:
+            update = reporter.stage(f"simulcast/{system}")
+            results: list[dict[str, Any]] = []
+            out["runs"][system] = results
+            try:
+
+                def sweep(
+                    server: Any, update: Progress = update, found: list[dict[str, Any]] = results
+                ) -> None:
+                    for n in cfg.simulcast_fanouts:
+                        found.append(_loop_run(simulcast.run_fanout(server, n, plan, update)))
+
+                _with_server(system, sweep)
+                last = results[-1]["simulcast"] if results else {}
+                update(f"done: {_headline(last)}", 1.0)
+            except Exception as exc:
+                out["errors"][system] = f"{type(exc).__name__}: {exc}"
+                reporter.log(traceback.format_exc())
+    out["ratios"] = simulcast.ratios(out["runs"])
     return out
 
 
