@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from relay.rtc.codecs import KeyframeStart, keyframe_detector, vp8_keyframe_size
+from relay.rtc.codecs import KeyframeStart, keyframe_detector, keyframe_size_reader
 from relay.rtc.dependency_descriptor import DEPENDENCY_DESCRIPTOR_URI
 from relay.rtc.nack import PacketHistory
 from relay.rtc.rtp import ReceiveStatistics
@@ -201,8 +201,9 @@ class Track:
         if keyframe_start is None or not keyframe_start(plain, offset):
             return
         self.keyframes.arrived = now
-        if self._vp8:
-            size = vp8_keyframe_size(plain, offset)
+        read_size = keyframe_size_reader(self.codec.name)  # VP8 header, H.264 SPS
+        if read_size is not None:
+            size = read_size(plain, offset)
             if size is not None:
                 self.width, self.height = size
         if not self.pending:

@@ -12,6 +12,7 @@ from relay.rtc import rtcp
 from relay.rtc.rtp import is_rtcp, parse_rtp
 from relay.rtc.sdp import parse_sdp
 from relay.rtc.vp8 import parse_vp8
+from relay.sfu.sfu import _ranked_layers
 from tests.unit.test_sfu import FIXTURES, Harness, rtp
 
 ALICE = ("10.0.0.1", 4000)
@@ -274,3 +275,60 @@ def test_a_switch_still_waiting_for_its_keyframe_asks_again_every_second() -> No
     call.h.now += 1.0
     call.h.sfu.tick(call.h.now)
     assert _plis_for(call, LAYERS[0][1]) == 4  # switched: no more asking
+
+
+def test_h264_layers_are_ranked_by_the_picture_size_of_their_sps() -> None:
+    """An H.264 simulcast publisher listing its layers top first: the subscriber still gets
+    the top one, and max_height 360 the middle one, ranked by their SPS sizes."""
+    h = Harness()
+    del h.sfu.rooms["r"]
+    h.sfu.create_room("r", codec_preference=["H264"])
+    h.sfu.add_participant("r", "alice")
+    answer = parse_sdp(h.publish("alice", (FIXTURES / "chrome_simulcast_offer.sdp").read_text()))
+    video = next(m for m in answer.media if m.kind == "video")
+    assert video.codecs[0].name == "H264"
+    pt = video.codecs[0].payload_type
+    alice = h.sfu.get_participant("r", "alice")
+    h.connect(alice.publisher_leg, ALICE)
+    track = next(t for t in alice.tracks.values() if t.kind == "video")
+    # each layer's first packet: a keyframe's STAP-A with the SPS of its picture size
+    sizes = {"q": (1280, 720), "h": (640, 360), "f": (320, 180)}  # named the other way round
+    for rid, ssrc, _size in LAYERS:
+        sps = h264_sps(*sizes[rid])
+        payload = b"\x18" + struct.pack("!H", len(sps)) + sps + b"\x00\x02\x65\x88"
+        elements = [(MID_ID, b"1"), (RID_ID, rid.encode())]
+        h.receive(rtp(ssrc, pt, 1, 0, elements, payload), ALICE)
+    assert {t.rid: (t.width, t.height) for t in track.layers} == sizes
+    assert [t.rid for t in _ranked_layers(track)] == ["f", "h", "q"]
+
+
+def h264_sps(width: int, height: int) -> bytes:
+    """A Constrained Baseline SPS for a picture of this size (multiples of 16 wide; the
+    height cropped from whole macroblock rows)."""
+    bits = "".join(
+        [
+            f"{66:08b}",  # profile_idc
+            "11000000",  # constraint flags
+            f"{31:08b}",  # level_idc
+            _ue(0),  # seq_parameter_set_id
+            _ue(0),  # log2_max_frame_num_minus4
+            _ue(2),  # pic_order_cnt_type
+            _ue(1),  # max_num_ref_frames
+            "0",  # gaps_in_frame_num_value_allowed_flag
+            _ue(width // 16 - 1),
+            _ue((height + 15) // 16 - 1),
+            "1",  # frame_mbs_only_flag
+            "1",  # direct_8x8_inference_flag
+        ]
+    )
+    crop = ((height + 15) // 16 * 16 - height) // 2
+    bits += ("1" + _ue(0) + _ue(0) + _ue(0) + _ue(crop)) if crop else "0"
+    bits += "0"  # vui_parameters_present_flag
+    bits += "1"  # rbsp stop bit
+    bits += "0" * (-len(bits) % 8)
+    return b"\x67" + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def _ue(value: int) -> str:
+    code = f"{value + 1:b}"
+    return "0" * (len(code) - 1) + code
