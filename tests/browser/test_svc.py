@@ -43,6 +43,8 @@ from tests.browser.test_simulcast import (
     rtp,
     set_subscription,
 )
+from tests.browser.test_simulcast_bandwidth import impairing_proxy, via_proxy
+from tests.integration.netem import Impairment
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
@@ -82,9 +84,12 @@ def svc_wrapper(report_url: str, scalability_mode: str | None) -> str:
     )
 
 
-def open_page(call: Call, label: str, *, scalability_mode: str | None, codec: str) -> None:
+def open_page(
+    call: Call, label: str, *, scalability_mode: str | None, codec: str, prelude: str = ""
+) -> None:
     """Chromium on the demo page as ``label``: the publisher (one video encoding in
-    ``scalability_mode``) or a receive-only subscriber."""
+    ``scalability_mode``) or a receive-only subscriber (``prelude``: a script of its own
+    before the page's)."""
     publish = scalability_mode is not None
     fragment = {
         "token": call.participant(label, can_publish=publish),
@@ -102,8 +107,10 @@ def open_page(call: Call, label: str, *, scalability_mode: str | None, codec: st
     call.browsers[label] = page
     assert page.cdp is not None
     session = wait_until(_session(page.cdp), 20, what=f"{label}: Chromium's DevTools page target")
-    script = ("" if publish else NO_PAGE_WISHES) + svc_wrapper(
-        call.collector.url(f"{call.room}.{label}.rtp"), scalability_mode
+    script = (
+        prelude
+        + ("" if publish else NO_PAGE_WISHES)
+        + svc_wrapper(call.collector.url(f"{call.room}.{label}.rtp"), scalability_mode)
     )
     page.cdp.call("Page.enable", session=session)
     page.cdp.call("Page.addScriptToEvaluateOnNewDocument", {"source": script}, session=session)
@@ -373,3 +380,71 @@ def test_chromium_svc_subscribers_get_the_spatial_layer_they_asked_for(
     except AssertionError:
         print(last_stats(call))
         raise
+
+
+#: the rate-limited subscriber's path from the relay, bits/s: below what the 360p spatial
+#: layer (with the 180p one under it) takes with the relay's margin for moving up
+RATE_LIMIT = 300_000
+
+
+@pytest.mark.parametrize(("codec", "mode"), [("VP9", "L3T3"), ("AV1", "L3T3")])
+def test_chromium_svc_a_rate_limited_subscriber_gets_a_lower_spatial_layer(
+    call: Call, codec: str, mode: str
+) -> None:
+    """One SVC stream from Chromium; a subscriber behind a 300 kbit/s bottleneck (the
+    impairing proxy's token bucket) decodes a lower spatial layer, chosen by its bandwidth
+    estimate alone, an unlimited one 720p; both without a stall of more than a second."""
+    with impairing_proxy(call, Impairment(), Impairment(rate=RATE_LIMIT)) as proxy:
+        try:
+            svc_room(call, codec)
+            publish(call, codec, mode)
+            open_page(
+                call,
+                "limited",
+                scalability_mode=None,
+                codec="",
+                prelude=via_proxy(proxy, "/subscriber"),
+            )
+            open_page(call, "unlimited", scalability_mode=None, codec="")
+            for label in SUBSCRIBERS:
+                call.wait_joined(label, JOIN_TIMEOUT)
+            started = time.monotonic()
+
+            def settled() -> bool:
+                limited, unlimited = rtp(call, "limited")[1], rtp(call, "unlimited")[1]
+                return (
+                    0 < received(limited)["frameHeight"] < SPATIAL_HEIGHTS[-1]
+                    and received(limited)["framesDecoded"] > 0
+                    and received(unlimited)["frameHeight"] == SPATIAL_HEIGHTS[-1]
+                )
+
+            wait_until(
+                settled,
+                LAYERS_TIMEOUT,
+                interval=0.2,
+                what=lambda: (
+                    f"the rate-limited subscriber to decode a lower spatial layer and the "
+                    f"unlimited one {SPATIAL_HEIGHTS[-1]}p ({subscribers_state(call)}; relay: "
+                    f"{json.dumps(limited_delivery(call))})"
+                ),
+            )
+            print(
+                f"{mode} {codec} at {RATE_LIMIT // 1000} kbit/s: settled "
+                f"{time.monotonic() - started:.1f} s after joining ({subscribers_state(call)})"
+            )
+            time.sleep(SETTLE)
+            height = received(rtp(call, "limited")[1])["frameHeight"]
+            watch_both(
+                call, {"limited": height, "unlimited": SPATIAL_HEIGHTS[-1]}, time.monotonic()
+            )
+            delivery = limited_delivery(call)
+            print(f"the limited subscriber's path as the relay sees it: {json.dumps(delivery)}")
+            assert proxy.links["to_client"].delivered > 0, "the limited one bypassed the proxy"
+        except AssertionError:
+            print(last_stats(call))
+            raise
+
+
+def limited_delivery(call: Call) -> dict[str, Any]:
+    stats = call.api("GET", f"/v1/rooms/{call.room}/participants/limited/stats").json()
+    return stats.get("subscriber_delivery") or {}
