@@ -62,6 +62,23 @@ def nominal_bitrate(height: int, index: int) -> float:
     return 2_500_000.0 * height / 1080
 
 
+#: a layer of known picture size costs at least this share of its nominal rate
+NOMINAL_FLOOR = 0.8
+
+
+def layer_cost(measured: float, height: int, index: int) -> float:
+    """What the allocation counts a layer as taking: its measured (peak) rate, but at least
+    :data:`NOMINAL_FLOOR` of the nominal rate for its picture size when that is known (an
+    encoder short of CPU, or still ramping up, sends a layer below its usual rate and raises
+    it as soon as it can: a subscriber's path must not be filled on the low rate), and the
+    nominal rate itself while nothing is measured."""
+    if measured <= 0:
+        return nominal_bitrate(height, index)
+    if height:
+        return max(measured, NOMINAL_FLOOR * nominal_bitrate(height, index))
+    return measured
+
+
 @dataclass(slots=True)
 class Demand:
     """One track as one subscriber could receive it."""
@@ -128,8 +145,10 @@ __all__ = [
     "PROBATION",
     "PROBE_HEADROOM",
     "UP_MARGIN",
+    "NOMINAL_FLOOR",
     "Demand",
     "allocate",
+    "layer_cost",
     "hold_after",
     "nominal_bitrate",
     "probe_target",

@@ -44,7 +44,7 @@ from relay.sfu.allocation import (
     Demand,
     allocate,
     hold_after,
-    nominal_bitrate,
+    layer_cost,
     probe_target,
 )
 from relay.sfu.errors import (
@@ -650,7 +650,7 @@ class Sfu:
             ranked = _ranked_layers(track)
             live = [t for t in ranked if t.packets and now - t.last_packet < 2.0]
             rates = [
-                t.peak_bitrate if t in live and t.peak_bitrate > 0 else nominal_bitrate(t.height, i)
+                layer_cost(t.peak_bitrate if t in live else 0.0, t.height, i)
                 for i, t in enumerate(ranked)
             ]
             on = sub.stream.target or sub.stream.track
@@ -1314,11 +1314,9 @@ def _svc_demand(
     resolutions = svc.resolutions
     rates = []
     for s, t in choices:
-        rate = svc.bitrate(s, t)
-        if rate <= 0:
-            height = resolutions[s][1] if s < len(resolutions) else 0
-            rate = nominal_bitrate(height, s) * (t + 1) / svc.temporal_layers
-        rates.append(rate)
+        height = resolutions[s][1] if s < len(resolutions) else 0
+        share = (t + 1) / max(svc.temporal_layers, 1)  # of the layer's frames
+        rates.append(layer_cost(svc.bitrate(s, t) / share, height, s) * share)
     for i in range(1, len(rates)):  # a choice takes at least what the one below it takes
         rates[i] = max(rates[i], rates[i - 1])
     stream = sub.stream

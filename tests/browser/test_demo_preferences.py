@@ -203,7 +203,13 @@ def test_tiles_ask_for_their_size_pause_when_hidden_and_unused_layers_stop(call:
         ),
     )
     prefs = subscription(call, "alice", tracks["bob"])["preferences"]
-    assert prefs == {"paused": False, "max_width": width, "max_height": height, "max_fps": None}
+    assert prefs == {
+        "paused": False,
+        "max_width": width,
+        "max_height": height,
+        "max_fps": None,
+        "priority": 0,
+    }
     asked = time.monotonic() - shrunk
     # bob's other subscription (his own tile of alice) is untouched
     assert subscription(call, "bob", tracks["alice"])["preferences"]["max_height"] != height
@@ -312,7 +318,13 @@ def test_tiles_ask_for_their_size_pause_when_hidden_and_unused_layers_stop(call:
     )
     resumed_after = time.monotonic() - shown_at
     prefs = subscription(call, "alice", tracks["bob"])["preferences"]
-    assert prefs == {"paused": False, "max_width": width, "max_height": height, "max_fps": None}
+    assert prefs == {
+        "paused": False,
+        "max_width": width,
+        "max_height": height,
+        "max_fps": None,
+        "priority": 0,
+    }
     before = frames(call, "alice", "bob")
     wait_until(
         lambda: frames(call, "alice", "bob") - before >= 15,
