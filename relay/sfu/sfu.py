@@ -1316,7 +1316,12 @@ def _svc_demand(
     for s, t in choices:
         height = resolutions[s][1] if s < len(resolutions) else 0
         share = (t + 1) / max(svc.temporal_layers, 1)  # of the layer's frames
-        rates.append(layer_cost(svc.bitrate(s, t) / share, height, s) * share)
+        measured = svc.bitrate(s, t)
+        if svc.spatial_layers > 1 or measured <= 0:
+            # a picture size: costed like a simulcast layer of that size
+            rates.append(layer_cost(measured / share, height, s) * share)
+        else:
+            rates.append(measured)  # frame rates of one picture size: what they carry
     for i in range(1, len(rates)):  # a choice takes at least what the one below it takes
         rates[i] = max(rates[i], rates[i - 1])
     stream = sub.stream
