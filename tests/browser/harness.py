@@ -798,3 +798,24 @@ class BidiSession:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
+
+
+#: Page script: ``viaProxy(sdp)``, the SDP with the relay's candidates (and the m-line ports)
+#: pointing at ``proxy`` (a ``{host, port}`` const the including script defines first) and its
+#: TCP candidates dropped, so that the page's media goes through an impairing proxy.
+VIA_PROXY_JS = """  const viaProxy = (sdp) =>
+    sdp.split('\\r\\n').filter((line) => !/^a=candidate:\\S+ \\d+ tcp /i.test(line)).map((line) => {
+      if (line.startsWith('a=candidate:')) {
+        const parts = line.split(' ');
+        parts[4] = proxy.host;
+        parts[5] = String(proxy.port);
+        return parts.join(' ');
+      }
+      if (line.startsWith('m=') && line.split(' ')[1] !== '0') {
+        const parts = line.split(' ');
+        parts[1] = String(proxy.port);
+        return parts.join(' ');
+      }
+      return line;
+    }).join('\\r\\n');
+"""

@@ -40,6 +40,7 @@ from tests.browser.harness import (
     MEDIA_PORT,
     PEER_ADDRESS,
     RELAY_ADDRESS,
+    VIA_PROXY_JS,
     NamespaceLoop,
     wait_until,
 )
@@ -95,27 +96,15 @@ SEED = 11
 #: Runs in a page before its own scripts: the relay's candidates (and m-line ports) in the SDP
 #: that a POST to a path ending in __PATH__ returns (the publisher's answer, or the subscriber
 #: offer) are replaced by the proxy's address, so that the page's media goes through it.
-VIA_PROXY = """
+VIA_PROXY = (
+    """
 (() => {
   const proxy = { host: __HOST__, port: __PORT__ };
   const path = __PATH__;
   const seen = (window.relayTestViaProxy = { rewritten: 0 });
-  const viaProxy = (sdp) =>
-    sdp.split('\\r\\n').filter((line) => !/^a=candidate:\\S+ \\d+ tcp /i.test(line)).map((line) => {
-      if (line.startsWith('a=candidate:')) {
-        const parts = line.split(' ');
-        parts[4] = proxy.host;
-        parts[5] = String(proxy.port);
-        return parts.join(' ');
-      }
-      if (line.startsWith('m=') && line.split(' ')[1] !== '0') {
-        const parts = line.split(' ');
-        parts[1] = String(proxy.port);
-        return parts.join(' ');
-      }
-      return line;
-    }).join('\\r\\n');
-  const original = window.fetch;
+"""
+    + VIA_PROXY_JS
+    + """  const original = window.fetch;
   window.fetch = async function (input, init) {
     const url = typeof input === 'string' ? input : (input && input.url) || '';
     const method = ((init && init.method) || 'GET').toUpperCase();
@@ -133,6 +122,7 @@ VIA_PROXY = """
   };
 })();
 """
+)
 
 
 def via_proxy(proxy: ImpairingProxy, path: str) -> str:

@@ -27,6 +27,7 @@ from tests.browser.harness import (
     MEDIA_PORT,
     PEER_ADDRESS,
     RELAY_ADDRESS,
+    VIA_PROXY_JS,
     launch_chromium,
     wait_until,
 )
@@ -50,29 +51,17 @@ CAMERA = {"width": "640", "height": "480", "fps": "15", "simulcast": "0"}
 
 #: Installed in the page before its own script runs: the publisher offer the page POSTs loses
 #: its SSRC lines, and the relay's candidates in the answer the page applies point at the proxy.
-PAGE_SCRIPT = """
+PAGE_SCRIPT = (
+    """
 (() => {
   const proxy = { host: %(host)s, port: %(port)d };
   const seen = (window.__publisherLeg = {});
   const original = window.fetch.bind(window);
   const withoutSsrcs = (sdp) =>
     sdp.split('\\r\\n').filter((line) => !/^a=ssrc(-group)?:/.test(line)).join('\\r\\n');
-  const viaProxy = (sdp) =>
-    sdp.split('\\r\\n').filter((line) => !/^a=candidate:\\S+ \\d+ tcp /i.test(line)).map((line) => {
-      if (line.startsWith('a=candidate:')) {
-        const parts = line.split(' ');
-        parts[4] = proxy.host;
-        parts[5] = String(proxy.port);
-        return parts.join(' ');
-      }
-      if (line.startsWith('m=') && line.split(' ')[1] !== '0') {
-        const parts = line.split(' ');
-        parts[1] = String(proxy.port);
-        return parts.join(' ');
-      }
-      return line;
-    }).join('\\r\\n');
-  window.fetch = async (input, init) => {
+"""
+    + VIA_PROXY_JS
+    + """  window.fetch = async (input, init) => {
     const url = typeof input === 'string' ? input : input.url;
     if (!init || init.method !== 'POST' || !/\\/publisher$/.test(url) || !init.body) {
       return original(input, init);
@@ -94,6 +83,7 @@ PAGE_SCRIPT = """
   };
 })();
 """
+)
 
 
 class FrameTimes(AiortcParticipant):
