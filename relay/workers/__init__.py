@@ -1,0 +1,1 @@
+"""Worker processes: the front process, the media workers and the channel between them."""
