@@ -33,6 +33,8 @@ DROP_REASONS = (
     "stale_packet",  # older than a source switch
     "rtx_before_media",  # a retransmission for a track whose media SSRC is not known yet
     "rtx_duplicate",  # a retransmission of a packet already received (a sender's RTX probe)
+    "pipe_unknown_peer",  # on a worker's pipe socket, from an address that is no peer worker
+    "pipe_malformed",  # on a worker's pipe socket, neither RTP nor RTCP
 )
 
 

@@ -171,13 +171,18 @@ class NackRequester:
         track = self.track
         generator = self.generator
         leg = track.participant.publisher_leg
-        if leg is None or track.ssrc is None:
+        upstream = track.upstream
+        if (leg is None and upstream is None) or track.ssrc is None:
             return
         lost = generator.poll(now, generator.rtt)
-        rtcp_ssrc = track.participant.rtcp_ssrc
-        for i in range(0, len(lost), NACK_CHUNK):
-            leg.send_rtcp(rtcp.nack(rtcp_ssrc, track.ssrc, lost[i : i + NACK_CHUNK]))
-        leg.metrics.nacks_sent += len(lost)
+        if upstream is not None:  # imported from another worker: over the pipe
+            if lost:
+                upstream.send_nack(track, lost)
+        elif leg is not None:
+            rtcp_ssrc = track.participant.rtcp_ssrc
+            for i in range(0, len(lost), NACK_CHUNK):
+                leg.send_rtcp(rtcp.nack(rtcp_ssrc, track.ssrc, lost[i : i + NACK_CHUNK]))
+        track.metrics.nacks_sent += len(lost)
         if generator.keyframe_needed:
             generator.keyframe_needed = False
             track.keyframes.request(now)
@@ -251,7 +256,8 @@ class KeyframeRequester:
             return
         track = self.track
         leg = track.participant.publisher_leg
-        if leg is None or not leg.transport.ready or track.ssrc is None:
+        upstream = track.upstream
+        if (upstream is None and (leg is None or not leg.transport.ready)) or track.ssrc is None:
             self.pending = True
             self.timer.arm_by(now + self.RETRY)
             return
@@ -260,10 +266,14 @@ class KeyframeRequester:
         self.timer.cancel()
         self.requests += 1
         self.ctx.metrics.keyframe_requests += 1
-        leg.send_rtcp(rtcp.pli(track.participant.rtcp_ssrc, track.ssrc))
+        if upstream is not None:  # imported from another worker: over the pipe
+            upstream.send_keyframe_request(track)
+        elif leg is not None:
+            leg.send_rtcp(rtcp.pli(track.participant.rtcp_ssrc, track.ssrc))
 
     def _retry(self, now: float) -> None:
-        if self.pending and self.track.outputs and not self.track.ended:
+        track = self.track
+        if self.pending and (track.outputs or track.piped) and not track.ended:
             self.request(now, force=True)
 
     def close(self) -> None:

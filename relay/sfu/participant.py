@@ -75,6 +75,9 @@ class Participant:
         #: SSRC the relay uses as sender of RTCP towards this participant
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self.connected_once = False
+        #: the publisher of tracks imported from another worker (relay/workers/pipe.py): it
+        #: has no connection here, is not listed, has no events and never times out
+        self.remote = False
 
     @property
     def legs(self) -> list[Leg]:

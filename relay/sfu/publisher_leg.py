@@ -15,7 +15,7 @@ from relay.rtc import rtcp
 from relay.rtc.nack import rtx_unwrap
 from relay.rtc.rtp import RtpError, extension_profile, parse_extensions, parse_rtp
 from relay.rtc.srtp import SrtpError
-from relay.rtc.transport import WebRtcTransport
+from relay.rtc.transport import Address, WebRtcTransport
 from relay.sfu.feedback import ReceiverReports, RembFeedback, TransportCcFeedback
 from relay.sfu.leg import Leg, MediaContext
 
@@ -204,28 +204,9 @@ class PublisherLeg(Leg):
                 if track is not None and track.stats is not None:
                     track.stats.on_sender_report(rtcp.ntp_middle32(packet.ntp_timestamp), now)
                     track.last_sr = (packet.ntp_timestamp, packet.rtp_timestamp, now)
-                    self._translate_sender_report(track, packet, now)
-
-    def _translate_sender_report(self, track: Track, sr: rtcp.SenderReport, now: float) -> None:
-        """The publisher's SR for each subscriber (its SSRC, its timestamps, its counts). The
-        NTP time is kept: audio and video of one publisher share its clock, which is what the
-        subscriber needs for lip sync."""
-        for stream in track.outputs:
-            translated = stream.sender_report(sr.ntp_timestamp, sr.rtp_timestamp, now)
-            leg = stream.participant.subscriber_leg
-            if translated is None or leg is None:
-                continue
-            out_ts, ntp = translated
-            leg.send_rtcp(
-                rtcp.sender_report(
-                    stream.ssrc,
-                    ntp,
-                    out_ts,
-                    stream.packets_sent & 0xFFFFFFFF,
-                    stream.payload_bytes & 0xFFFFFFFF,
-                )
-                + rtcp.sdes_cname(stream.ssrc, stream.participant.cname)
-            )
+                    translate_sender_report(track, packet, now)
+                    if track.pipes:
+                        pipe_sender_report(track, packet)
 
     def on_connected(self, now: float) -> None:
         self.reports.start(now)
@@ -235,3 +216,43 @@ class PublisherLeg(Leg):
         self.reports.close()
         if self.feedback is not None:
             self.feedback.close()
+
+
+def translate_sender_report(track: Track, sr: rtcp.SenderReport, now: float) -> None:
+    """The publisher's SR for each subscriber of ``track`` (its SSRC, its timestamps, its
+    counts). The NTP time is kept: audio and video of one publisher share its clock, which is
+    what the subscriber needs for lip sync."""
+    for stream in track.outputs:
+        translated = stream.sender_report(sr.ntp_timestamp, sr.rtp_timestamp, now)
+        leg = stream.participant.subscriber_leg
+        if translated is None or leg is None:
+            continue
+        out_ts, ntp = translated
+        leg.send_rtcp(
+            rtcp.sender_report(
+                stream.ssrc,
+                ntp,
+                out_ts,
+                stream.packets_sent & 0xFFFFFFFF,
+                stream.payload_bytes & 0xFFFFFFFF,
+            )
+            + rtcp.sdes_cname(stream.ssrc, stream.participant.cname)
+        )
+
+
+def pipe_sender_report(track: Track, sr: rtcp.SenderReport) -> None:
+    """The publisher's SR, as it is, on each pipe ``track`` is copied to and wanted on: a
+    plain SR on the pipe's SSRC (the importing worker translates it for its subscribers)."""
+    pipes = track.pipes
+    batch: list[tuple[bytes | bytearray, Address]] = [
+        (
+            rtcp.sender_report(
+                tap.ssrc, sr.ntp_timestamp, sr.rtp_timestamp, sr.packet_count, sr.octet_count
+            ),
+            tap.addr,
+        )
+        for tap in pipes
+        if tap.wanted
+    ]
+    if batch:
+        pipes[0].send(batch)

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
 
 class Room:
+    """A room: its settings, its participants, and the publishers of other workers whose
+    tracks it imports."""
+
     def __init__(
         self,
         room_id: str,
@@ -29,6 +32,9 @@ class Room:
         #: video codecs publishers are answered with, most preferred first
         self.codec_preference = codec_preference
         self.participants: dict[str, Participant] = {}
+        #: publishers connected to other workers whose tracks this worker imports, by id
+        #: (:attr:`Participant.remote`; not in :attr:`participants`, not counted, not listed)
+        self.remote: dict[str, Participant] = {}
         #: monotonic time the room became empty (it starts empty)
         self.empty_since: float | None = now
         #: participant id of the active speaker, None for silence

@@ -128,6 +128,64 @@ def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(6)
 
 
+def new_room(
+    settings: Settings,
+    rooms: dict[str, Room],
+    room_id: str | None,
+    max_participants: int | None,
+    e2ee_required: bool,
+    empty_timeout: float | None,
+    codec_preference: Sequence[str] | None,
+    created_at: float,
+    now: float,
+) -> Room:
+    """A room checked against the settings' limits and the ``rooms`` that exist (not added to
+    them); values left out come from the settings."""
+    if room_id is None:
+        room_id = _new_id("RM_")
+    check_id(room_id, "room_id")
+    if room_id in rooms:
+        raise Conflict(f"room {room_id} already exists", code="room_exists")
+    limits = settings.limits
+    if len(rooms) >= limits.max_rooms:
+        raise LimitReached(
+            f"the relay already holds {limits.max_rooms} rooms", code="too_many_rooms"
+        )
+    if max_participants is None:
+        max_participants = settings.rooms.default_max_participants
+    if not 1 <= max_participants <= limits.max_participants_per_room:
+        raise BadRequest(
+            f"max_participants must be 1-{limits.max_participants_per_room}",
+            code="invalid_field",
+        )
+    if empty_timeout is None:
+        empty_timeout = settings.rooms.empty_timeout
+    if not empty_timeout > 0:
+        raise BadRequest("empty_timeout must be positive", code="invalid_field")
+    preference = _codec_preference(
+        settings.media.codec_preference if codec_preference is None else codec_preference
+    )
+    return Room(
+        room_id,
+        created_at,
+        max_participants,
+        bool(e2ee_required),
+        float(empty_timeout),
+        now,
+        preference,
+    )
+
+
+def check_id(value: str, field: str) -> None:
+    """An identifier of the API: 1-64 characters of [A-Za-z0-9._-], no leading or trailing
+    dot."""
+    if not isinstance(value, str) or not IDENTIFIER.match(value):
+        raise BadRequest(
+            f"{field} must be 1-64 characters of [A-Za-z0-9._-], not starting or ending with '.'",
+            code="invalid_identifier",
+        )
+
+
 class Sfu:
     """Rooms, participants and their connections, driven by the control API and the socket."""
 
@@ -208,7 +266,7 @@ class Sfu:
             lambda: sum(
                 len(t.outputs)
                 for r in self.rooms.values()
-                for p in r.participants.values()
+                for p in [*r.participants.values(), *r.remote.values()]
                 for t in p.tracks.values()
             ),
         )
@@ -219,12 +277,7 @@ class Sfu:
 
     # -- rooms ----------------------------------------------------------------------------
     def _check_id(self, value: str, field: str) -> None:
-        if not isinstance(value, str) or not IDENTIFIER.match(value):
-            raise BadRequest(
-                f"{field} must be 1-64 characters of [A-Za-z0-9._-], not starting or ending "
-                "with '.'",
-                code="invalid_identifier",
-            )
+        check_id(value, field)
 
     def create_room(
         self,
@@ -237,41 +290,19 @@ class Sfu:
         """A new room; values left out come from the settings."""
         if self.draining:
             raise Draining("the relay is draining and accepts no new rooms")
-        if room_id is None:
-            room_id = _new_id("RM_")
-        self._check_id(room_id, "room_id")
-        if room_id in self.rooms:
-            raise Conflict(f"room {room_id} already exists", code="room_exists")
-        limits = self.settings.limits
-        if len(self.rooms) >= limits.max_rooms:
-            raise LimitReached(
-                f"the relay already holds {limits.max_rooms} rooms", code="too_many_rooms"
-            )
-        if max_participants is None:
-            max_participants = self.settings.rooms.default_max_participants
-        if not 1 <= max_participants <= limits.max_participants_per_room:
-            raise BadRequest(
-                f"max_participants must be 1-{limits.max_participants_per_room}",
-                code="invalid_field",
-            )
-        if empty_timeout is None:
-            empty_timeout = self.settings.rooms.empty_timeout
-        if not empty_timeout > 0:
-            raise BadRequest("empty_timeout must be positive", code="invalid_field")
-        preference = _codec_preference(
-            self.settings.media.codec_preference if codec_preference is None else codec_preference
-        )
-        room = Room(
+        room = new_room(
+            self.settings,
+            self.rooms,
             room_id,
-            self.wallclock(),
             max_participants,
-            bool(e2ee_required),
-            float(empty_timeout),
+            e2ee_required,
+            empty_timeout,
+            codec_preference,
+            self.wallclock(),
             self.clock(),
-            preference,
         )
-        self.rooms[room_id] = room
-        log.info("room %s created", room_id)
+        self.rooms[room.room_id] = room
+        log.info("room %s created", room.room_id)
         return room
 
     def list_rooms(self) -> list[Room]:
@@ -287,6 +318,7 @@ class Sfu:
         room = self.get_room(room_id)
         for pid in list(room.participants):
             self._remove(room.participants[pid], "room_closed")
+        self._end_remote(room)
         del self.rooms[room_id]
         self.emit(events.RoomClosed, room)
         log.info("room %s closed", room_id)
@@ -334,7 +366,7 @@ class Sfu:
         room.empty_since = None
         self.emit(events.ParticipantJoined, room, participant_id=participant_id)
         if p.can_subscribe and p.auto_subscribe:
-            for other in room.participants.values():
+            for other in [*room.participants.values(), *room.remote.values()]:
                 if other is not p:
                     for track in other.tracks.values():
                         self._subscribe(p, track)
@@ -565,6 +597,8 @@ class Sfu:
             for old in track.layers:
                 old.ended = True
                 old.close()
+            # the layers piped to other workers stay piped, by position
+            piped = [old.pipes for old in track.layers]
             track.layers = []
             for index, (rid, ssrc, rtx_ssrc) in enumerate(wanted):
                 layer = Track(
@@ -578,6 +612,9 @@ class Sfu:
                 )
                 layer.parent = track
                 layer.rid = rid
+                if index < len(piped) and piped[index]:
+                    layer.pipes = piped[index]
+                    layer.restart_pipes()
                 if ssrc is not None:  # SSRC simulcast: the SDP names each layer's SSRCs
                     layer.ssrc_signalled = True
                     leg.ssrc_map[ssrc] = layer
@@ -681,6 +718,7 @@ class Sfu:
                 self._count_move(sub, choice > demand.current, now)
             sub.stream.set_layers(*_svc_limits(sub.track.svc, options[choice]))  # type: ignore[arg-type]
         changed: list[Track] = []
+        rewished: list[Track] = []  # only a wanted layer moved (of interest to a pipe)
         for (sub, ranked, live), choice in zip(layered, choices, strict=False):
             wanted = ranked[choice]
             if live and wanted not in live:
@@ -692,6 +730,8 @@ class Sfu:
             if stream.wanted is not None and stream.wanted is not wanted and estimate is not None:
                 before = ranked.index(stream.wanted) if stream.wanted in ranked else -1
                 self._count_move(sub, choice > before, now)
+            if stream.wanted is not wanted and sub.track.upstream is not None:
+                rewished.append(sub.track)
             stream.wanted = wanted
             if target.svc is not None:  # a frame rate wish: the layer's temporal layers
                 stream.set_layers(None, choose_layers(target.svc, None, None, sub.max_fps)[1])
@@ -714,6 +754,9 @@ class Sfu:
             self._probe(leg, demands, choices, other, now)
         for track in dict.fromkeys(changed):
             track.rebuild_outputs()
+        for track in dict.fromkeys(rewished):
+            if track not in changed and track.upstream is not None:
+                track.upstream.layers_changed(track)
 
     def _count_move(self, sub: Subscription, up: bool, now: float) -> None:
         """A layer move the estimate made; a move down soon after a move up holds the next."""
@@ -756,15 +799,13 @@ class Sfu:
         if estimate is not None and _budget(leg, estimate, now) < leg.allocated:
             self._allocate_subscriber(leg.participant, now)
 
-    def _announce_layers(self, track: Track) -> None:
+    def announce_layers(self, track: Track) -> None:
         """``publisher.layers`` when the set of layers some subscriber receives, moves to or
-        would rather get changed (nobody subscribed: none are wanted)."""
-        used = {
-            id(t)
-            for s in track.subscriptions.values()
-            if s.active
-            for t in (s.stream.track, s.stream.target, s.stream.wanted)
-        }
+        would rather get changed (nobody subscribed: none are wanted). A layer piped to
+        another worker counts while that worker wants it (its subscribers choose there: the
+        pipe tells, relay/workers/pipe.py). Once a second, and when a pipe's wishes change."""
+        used = {id(t) for t in track.used_layers()}
+        used.update(id(t) for t in track.layers if t.piped)
         wanted = [str(t.rid) for t in track.layers if id(t) in used]
         if wanted == track.wanted_layers:
             return
@@ -798,6 +839,81 @@ class Sfu:
             participant_id=p.participant_id,
             track_id=track.track_id,
         )
+
+    # -- tracks of other workers (relay/workers/pipe.py) ----------------------------------
+    def remote_participant(self, room_id: str, participant_id: str) -> Participant:
+        """The stand-in, in this worker's shard of a room, for a participant connected to
+        another worker whose tracks are imported here (made on first use). It is not one of
+        the room's participants: not listed, not counted, no events, no timeouts."""
+        room = self.get_room(room_id)
+        self._check_id(participant_id, "participant_id")
+        p = room.remote.get(participant_id)
+        if p is not None:
+            return p
+        if participant_id in room.participants:
+            raise Conflict(
+                f"participant {participant_id} is in room {room_id} on this worker",
+                code="participant_exists",
+            )
+        p = Participant(
+            participant_id,
+            room,
+            {},
+            self.wallclock(),
+            can_publish=True,
+            can_subscribe=False,
+            auto_subscribe=False,
+        )
+        p.remote = True
+        p.state = "connected"
+        p.joined_clock = self.clock()
+        room.remote[participant_id] = p
+        return p
+
+    def publish_remote(self, track: Track) -> None:
+        """Publish a track imported from another worker (its participant is
+        :meth:`remote_participant`'s): the room's participants subscribe to it as to a local
+        track (auto-subscribe, renegotiation); no event of its own."""
+        p = track.participant
+        room = p.room
+        if self.rooms.get(room.room_id) is not room or room.remote.get(p.participant_id) is not p:
+            raise NotFound(f"room {room.room_id} not found", code="room_not_found")
+        if any(
+            track.track_id in q.tracks for q in [*room.participants.values(), *room.remote.values()]
+        ):
+            raise Conflict(
+                f"track {track.track_id} already in room {room.room_id}", code="track_exists"
+            )
+        p.tracks[track.track_id] = track
+        p.tracks_by_mid[track.mid] = track
+        for other in room.participants.values():
+            if other.can_subscribe and other.auto_subscribe:
+                self._subscribe(other, track)
+
+    def unpublish_remote(self, track: Track) -> None:
+        """End a track imported from another worker: its subscriptions end (the subscribers
+        renegotiate); no event of its own. A remote participant left without tracks goes."""
+        p = track.participant
+        track.ended = True
+        track.close()
+        if p.tracks.get(track.track_id) is track:
+            del p.tracks[track.track_id]
+        if p.tracks_by_mid.get(track.mid) is track:
+            del p.tracks_by_mid[track.mid]
+        for sub in list(track.subscriptions.values()):
+            self._drop_subscription(sub)
+        track.outputs = []
+        for layer in track.layers:
+            layer.outputs = layer.pending = []
+        room = p.room
+        if not p.tracks and room.remote.get(p.participant_id) is p:
+            del room.remote[p.participant_id]
+
+    def _end_remote(self, room: Room) -> None:
+        """The room closes: end the tracks it imported."""
+        for p in list(room.remote.values()):
+            for track in list(p.tracks.values()):
+                self.unpublish_remote(track)
 
     # -- subscriptions --------------------------------------------------------------------
     def _payload_type(self, p: Participant, codec: Codec) -> int:
@@ -1150,7 +1266,9 @@ class Sfu:
             p.publisher_leg.on_connected(now)
             for track in p.tracks.values():
                 for receiving in track.receive_streams():
-                    if track.kind == "video" and (receiving.outputs or receiving.pending):
+                    if track.kind == "video" and (
+                        receiving.outputs or receiving.pending or receiving.piped
+                    ):
                         receiving.keyframes.request(now, force=True)
 
     def on_leg_failed(self, leg: Leg) -> None:
@@ -1177,6 +1295,7 @@ class Sfu:
         for room in list(self.rooms.values()):
             if not room.participants:
                 if room.empty_since is not None and now - room.empty_since >= room.empty_timeout:
+                    self._end_remote(room)
                     del self.rooms[room.room_id]
                     self.emit(events.RoomClosed, room)
                     log.info("room %s closed after %.0f s empty", room.room_id, room.empty_timeout)
@@ -1189,6 +1308,9 @@ class Sfu:
                     self._track_tick(track, now, interval)
                 for sub in p.subscriptions.values():
                     sub.tick(interval)
+            for remote in room.remote.values():
+                for track in remote.tracks.values():
+                    self._track_tick(track, now, interval)
             self._detect_speaker(room)
             # with every rate of this second known: each subscriber's layers, then which
             # layers are wanted at all
@@ -1197,7 +1319,7 @@ class Sfu:
             for p in list(room.participants.values()):
                 for track in p.tracks.values():
                     if track.layers:
-                        self._announce_layers(track)
+                        self.announce_layers(track)
 
     def _timed_out(self, p: Participant, now: float, consent: float, connect: float) -> bool:
         legs = p.legs
@@ -1230,6 +1352,8 @@ class Sfu:
         muted = before == 0 and track.packets > 0 and now - track.last_media > MUTE_AFTER
         if muted != track.muted:
             track.muted = muted
+            if track.participant.remote:
+                return  # its own worker tells
             self.emit(
                 events.TrackMuted if muted else events.TrackUnmuted,
                 track.participant.room,
@@ -1242,7 +1366,7 @@ class Sfu:
         ids: list[str] = []
         sums: list[float] = []
         counts: list[int] = []
-        for p in room.participants.values():
+        for p in [*room.participants.values(), *room.remote.values()]:
             for track in p.tracks.values():
                 if track.kind == "audio" and track.level_count:
                     ids.append(p.participant_id)

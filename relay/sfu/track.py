@@ -8,8 +8,11 @@ history, and makes one protected copy per active outbound stream, sent as one ba
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from relay.rtc import rtcp
 from relay.rtc.codecs import KeyframeStart, keyframe_detector, keyframe_size_reader
 from relay.rtc.dependency_descriptor import DEPENDENCY_DESCRIPTOR_URI
 from relay.rtc.nack import PacketHistory
@@ -29,6 +32,47 @@ if TYPE_CHECKING:
 HISTORY_AGE = 2.0
 #: ticks (seconds) over which a track's peak bit rate is taken
 PEAK_SECONDS = 4
+
+_pack_ssrc = struct.Struct("!I").pack_into
+
+
+class PipeTap:
+    """One worker pipe a track (or simulcast layer) is copied to: the peer worker's pipe
+    address, the SSRC the copies carry there, the pipe socket's batch send (one per
+    worker: every tap of a track sends through the same one), and whether the peer wants the
+    copies now (its subscribers receive or move to this stream; relay/workers/pipe.py)."""
+
+    __slots__ = ("ssrc", "addr", "send", "packets", "wanted")
+
+    def __init__(
+        self,
+        ssrc: int,
+        addr: Address,
+        send: Callable[[list[tuple[bytes | bytearray, Address]]], object],
+    ) -> None:
+        self.ssrc = ssrc
+        self.addr = addr
+        self.send = send
+        #: packets copied to the pipe
+        self.packets = 0
+        #: the peer wants this stream (until it says otherwise: a new tap copies everything);
+        #: while False nothing of it is sent there, packets, sender reports nor BYE
+        self.wanted = True
+
+
+class Upstream(Protocol):
+    """Where the feedback of a track imported from another worker goes (the pipe back to
+    the worker its publisher is connected to) instead of a publisher leg."""
+
+    def send_keyframe_request(self, track: Track) -> None:
+        """Ask for a keyframe of ``track`` (a PLI on its pipe SSRC)."""
+
+    def send_nack(self, track: Track, lost: list[int]) -> None:
+        """Ask for the packets ``lost`` of ``track`` again (a NACK on its pipe SSRC)."""
+
+    def layers_changed(self, track: Track) -> None:
+        """Which of ``track``'s streams (its simulcast layers, or itself) the subscribers here
+        receive or move to may have changed (told to the exporting worker when it did)."""
 
 
 class Track:
@@ -124,6 +168,12 @@ class Track:
             if kind == "video" and layered_codec(codec.name)
             else None
         )
+        #: other workers this track's packets are copied to (relay/workers/pipe.py), on the
+        #: track or layer that receives them
+        self.pipes: list[PipeTap] = []
+        #: a track imported from another worker (and each of its layers): where its keyframe
+        #: requests, NACKs and layer choices go (None: a local track, the publisher leg's)
+        self.upstream: Upstream | None = None
 
     def _dd_id(self) -> int:
         """The publisher's id of the dependency descriptor extension (0: not negotiated)."""
@@ -137,17 +187,43 @@ class Track:
         """Bind the media SSRC (from SDP or learnt from the mid extension or payload type);
         every subscription switches to the new source at its next keyframe."""
         if self.ssrc != ssrc:
-            self.ssrc = ssrc
-            self.highest_seq = -1
-            self.stats = ReceiveStatistics(ssrc, self.clock_rate)
-            if self.nack is not None:
-                self.nack.generator.reset()
-            if self.history is not None:
-                self.history.clear()
-            for sub in self.subscriptions.values():
-                sub.stream.restart(now)
-            for stream in self.outputs if self.parent is not None else ():
-                stream.restart(now)  # a layer's new source: the streams on it start over
+            previous, self.ssrc = self.ssrc, ssrc
+            self.restart_source(now)
+            if self.pipes and previous is not None:
+                self.restart_pipes()
+
+    @property
+    def piped(self) -> bool:
+        """Another worker wants this stream's packets now (a wanted :class:`PipeTap`)."""
+        return any(tap.wanted for tap in self.pipes)
+
+    def restart_pipes(self) -> None:
+        """The stream copied to other workers starts over (a new SSRC, a new layer in the
+        place of the one piped): the copies keep their pipe SSRC, so a BYE on it tells the
+        importers to start over too (those that do not want it now start over when they
+        want it again)."""
+        batch: list[tuple[bytes | bytearray, Address]] = [
+            (rtcp.bye([tap.ssrc]), tap.addr) for tap in self.pipes if tap.wanted
+        ]
+        if batch:
+            self.pipes[0].send(batch)
+
+    def restart_source(self, now: float) -> None:
+        """The stream starts over (a new SSRC; for an imported track, a BYE on the pipe): its
+        numbering, statistics, loss detection and history are new, and every subscription
+        switches to it at its next keyframe."""
+        ssrc = self.ssrc
+        assert ssrc is not None
+        self.highest_seq = -1
+        self.stats = ReceiveStatistics(ssrc, self.clock_rate)
+        if self.nack is not None:
+            self.nack.generator.reset()
+        if self.history is not None:
+            self.history.clear()
+        for sub in self.subscriptions.values():
+            sub.stream.restart(now)
+        for stream in self.outputs if self.parent is not None else ():
+            stream.restart(now)  # a layer's new source: the streams on it start over
 
     def enable_retransmission(self, nack: bool, history_size: int) -> None:
         """NACK generation upstream (``nack``) and the history that answers subscribers."""
@@ -168,6 +244,8 @@ class Track:
         layers = self.layers
         if not layers:
             self.outputs = active
+            if self.upstream is not None:
+                self.upstream.layers_changed(self)
             return
         outputs: dict[int, list[OutboundStream]] = {id(layer): [] for layer in layers}
         pending: dict[int, list[OutboundStream]] = {id(layer): [] for layer in layers}
@@ -183,6 +261,24 @@ class Track:
         for layer in layers:
             layer.outputs = outputs[id(layer)]
             layer.pending = pending[id(layer)]
+        if self.upstream is not None:
+            self.upstream.layers_changed(self)
+
+    def used_layers(self) -> list[Track]:
+        """The streams of this track that its active subscriptions receive, move to, or
+        would rather get (with simulcast: the layers each stream is on, targets and wants;
+        a stream on none of them yet counts the top layer, where it starts), else the track
+        itself while one subscription is active. ``publisher.layers`` announces these as
+        wanted; an imported track tells its exporter (relay/workers/pipe.py)."""
+        layers = self.layers
+        active = [s.stream for s in self.subscriptions.values() if s.active]
+        if not layers:
+            return [self] if active else []
+        used: set[int] = set()
+        for stream in active:
+            on = [t for t in (stream.track, stream.target, stream.wanted) if t in layers]
+            used.update(id(t) for t in on or layers[-1:])
+        return [t for t in layers if id(t) in used]
 
     @property
     def renumbers_vp8(self) -> bool:
@@ -218,6 +314,8 @@ class Track:
                 stream.switch_source()
                 stream.start_by = now
         self.outputs = self.outputs + [s for s in moving if s not in self.outputs]
+        if self.upstream is not None and self.parent is not None:
+            self.upstream.layers_changed(self.parent)  # the layers left may be unused now
 
     # -- the packet path ------------------------------------------------------------------
     def receive(
@@ -257,6 +355,8 @@ class Track:
                 if ext_id == level_id and value:
                     self.level_sum += value[0] & 0x7F
                     self.level_count += 1
+        if self.pipes:
+            self._pipe(plain, offset, now)
         outputs = self.outputs
         if not outputs:
             return
@@ -284,6 +384,29 @@ class Track:
             metrics.packets_out += len(batch)
             metrics.bytes_out += sent
         metrics.forward_latency.observe(self.ctx.clock() - now)
+
+    def _pipe(self, plain: bytes, offset: int, now: float) -> None:
+        """One copy of the packet per pipe that wants it, with the pipe's SSRC, sent as one
+        batch. While a keyframe asked for is still to come, whether this packet starts it (an
+        importer's request then goes out again at once, as a local subscriber's would)."""
+        keyframes = self.keyframes
+        keyframe_start = self.keyframe_start
+        if (
+            keyframe_start is not None
+            and keyframes.arrived < keyframes.last
+            and keyframe_start(plain, offset)
+        ):
+            keyframes.arrived = now
+        pipes = self.pipes
+        batch: list[tuple[bytes | bytearray, Address]] = []
+        for tap in pipes:
+            if tap.wanted:
+                copy = bytearray(plain)
+                _pack_ssrc(copy, 8, tap.ssrc)
+                batch.append((copy, tap.addr))
+                tap.packets += 1
+        if batch:
+            pipes[0].send(batch)
 
     def close(self) -> None:
         """The track ended: stop its timers (and its layers')."""
