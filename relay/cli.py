@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,7 +13,15 @@ from typing import Any, TextIO
 
 from relay import __version__
 from relay.addresses import media_candidate_addresses
-from relay.config import ConfigError, LogSettings, Settings, load_settings, settings_as_dict
+from relay.config import (
+    ConfigError,
+    LogSettings,
+    Settings,
+    env_var_name,
+    load_settings,
+    settings_as_dict,
+    worker_count,
+)
 
 __all__ = ["JsonFormatter", "build_parser", "format_toml", "main", "setup_logging"]
 
@@ -104,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the relay")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: none)")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='media worker processes: a number, or "auto" for one per core '
+        "(overrides workers.count; 1 runs everything in one process)",
+    )
     serve.set_defaults(handler=_serve)
 
     check = commands.add_parser(
@@ -128,10 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.handler(args)
 
 
-def _load(path: str | None) -> Settings | None:
-    """Load settings, or print every problem and return None."""
+def _load(path: str | None, workers: str | None = None) -> Settings | None:
+    """Load settings (``--workers`` over everything else), or print every problem and return
+    None."""
+    environ: dict[str, str] | None = None
+    if workers is not None:
+        environ = {**os.environ, env_var_name("workers", "count"): workers}
     try:
-        return load_settings(path)
+        return load_settings(path, environ)
     except ConfigError as error:
         for problem in error.problems or (str(error),):
             print(f"relay: config error: {problem}", file=sys.stderr)
@@ -139,7 +158,7 @@ def _load(path: str | None) -> Settings | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    settings = _load(args.config, args.workers)
     if settings is None:
         return 2
     setup_logging(settings.log)
@@ -175,5 +194,10 @@ def _check_config(args: argparse.Namespace) -> int:
             for a in media_candidate_addresses(settings.media)
         ]
         print(f"# ICE host candidates on this machine: {', '.join(candidates)}")
+        workers = worker_count(settings.workers)
+        if workers > 1:
+            print(f"# media workers: {workers}, on UDP ports {port}-{port + workers - 1}")
+        else:
+            print("# media workers: 1 (everything in one process)")
         print(format_toml(values), end="")
     return 0

@@ -58,6 +58,10 @@ CERTIFICATE_TYPES = ("ecdsa", "rsa")
 SRTP_PROFILES = ("AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_80")
 
 
+#: The most worker processes one relay runs.
+MAX_WORKERS = 256
+
+
 class ConfigError(Exception):
     """Invalid configuration. ``str(e)`` names the offending key or file, one problem a line."""
 
@@ -191,6 +195,15 @@ class DemoSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """Worker processes: how many, and where new participants go."""
+
+    count: int | str = "auto"
+    placement: str = "spread"
+    call_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per TOML section."""
 
@@ -205,6 +218,7 @@ class Settings:
     events: EventSettings = field(default_factory=EventSettings)
     log: LogSettings = field(default_factory=LogSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
 
 
 def _sections() -> dict[str, type]:
@@ -354,6 +368,24 @@ class Choice(Check):
         raise self.fail(value)
 
 
+class WorkerCount(Integer):
+    """``"auto"`` (one worker per usable core) or a number of worker processes."""
+
+    def __init__(self) -> None:
+        super().__init__(1, MAX_WORKERS)
+        self.expected = f'"auto" or an integer 1-{MAX_WORKERS}'
+
+    def parse(self, text: str) -> object:
+        if text.strip().lower() == "auto":
+            return "auto"
+        return super().parse(text)
+
+    def validate(self, value: object) -> int | str:  # type: ignore[override]
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return super().validate(value)
+
+
 class IPAddress(Check):
     """An IPv4 or IPv6 address, stored in its compressed form."""
 
@@ -480,6 +512,9 @@ def _redact(value: object) -> str:
 
 
 #: One validator per settings field: ``CHECKS[section][key]``.
+#: Where new participants go with several workers: the least loaded worker ("spread"), or the
+#: worker that already holds the room ("pack").
+PLACEMENTS = ("spread", "pack")
 #: How publishers get congestion-control feedback: transport-cc when they offer it, else REMB
 #: ("auto"); REMB only ("remb"); none ("none", the client's loss-based estimate alone).
 CONGESTION_CONTROL = ("auto", "remb", "none")
@@ -564,6 +599,11 @@ CHECKS: dict[str, dict[str, Check]] = {
     "demo": {
         "enabled": Boolean(),
     },
+    "workers": {
+        "count": WorkerCount(),
+        "placement": Choice(PLACEMENTS),
+        "call_timeout": Seconds(),
+    },
 }
 
 #: Keys whose values are secrets and never shown.
@@ -603,12 +643,25 @@ def load_settings(
     :class:`ConfigError`; no other exception escapes.
     """
     environ = os.environ if environ is None else environ
+    return _settings(_read_toml(path) if path is not None else None, environ)
+
+
+def settings_from_toml(text: str, name: str = "settings") -> Settings:
+    """Embedded defaults overridden by a TOML document (no environment): how a worker process
+    takes the settings its front process hands it."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{name}: invalid TOML: {error}") from None
+    return _settings(document, {})
+
+
+def _settings(document: dict[str, Any] | None, environ: Mapping[str, str]) -> Settings:
     problems: list[str] = []
     # (section, key) -> (raw value, environment variable name or None for the file)
     raw: dict[tuple[str, str], tuple[object, str | None]] = {}
 
-    if path is not None:
-        document = _read_toml(path)
+    if document is not None:
         for section, key, value in _walk_document(document, problems):
             raw[(section, key)] = (value, None)
 
@@ -732,7 +785,23 @@ def _cross_checks(settings: Settings) -> list[str]:
             f"limits.max_participants_per_room ({limits.max_participants_per_room})"
         )
     problems.extend(_overload_checks(settings.overload))
+    workers = worker_count(settings.workers)
+    if settings.media.port + workers - 1 > 65535:
+        problems.append(
+            f"workers.count: {workers} workers need media ports {settings.media.port}-"
+            f"{settings.media.port + workers - 1}, beyond 65535; lower media.port"
+        )
     return problems
+
+
+def worker_count(workers: WorkerSettings) -> int:
+    """The number of worker processes: ``auto`` is the number of cores this process may use."""
+    if workers.count == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    return int(workers.count)
 
 
 def _overload_checks(overload: OverloadSettings) -> list[str]:

@@ -19,13 +19,15 @@ from relay.addresses import media_candidate_addresses
 from relay.api.app import create_app
 from relay.api.events import EventBus
 from relay.api.http import bounded_protocol
-from relay.config import Settings
+from relay.config import Settings, worker_count
 from relay.metrics import Metrics
 from relay.rtc.dtls import Certificate
+from relay.sfu.events import Event
 from relay.sfu.port import MediaPort
 from relay.sfu.sfu import Sfu
 from relay.sfu.timers import Timers
 from relay.udp import BatchSender
+from relay.workers.front import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +98,33 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
-class Relay:
-    """One running relay: media plane + control API on one event loop."""
+class MediaPlane:
+    """The media side of one process: the UDP port, the SFU core around it, its timers, and the
+    event-loop lag sampling that feeds load shedding. The single-process relay and every
+    worker process run one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        emit: Callable[[Event], None],
+        port: int | None = None,
+    ) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.events = EventBus(settings, on_drop=self._event_dropped)
+        self.metrics = metrics
+        self.emit = emit
+        self.port = settings.media.port if port is None else port
         self.sfu: Sfu | None = None
         self.udp: asyncio.DatagramTransport | None = None
-        self.api: _ApiServer | None = None
-        self.stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
         self.timer_driver: TimerDriver | None = None
+        self.certificate: Certificate | None = None
+        self.candidates: list[tuple[str, int]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
 
-    def _event_dropped(self) -> None:
-        self.metrics.events_dropped += 1
-
-    async def start(self) -> None:
+    async def start(self) -> Sfu:
         settings = self.settings
         loop = asyncio.get_running_loop()
-        certificate = Certificate.generate(settings.media.certificate)
+        self.certificate = certificate = Certificate.generate(settings.media.certificate)
         family = socket.AF_INET6 if ":" in settings.media.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -127,15 +135,16 @@ class Relay:
             if settings.media.host == "::":
                 # "::" is announced with the IPv4 addresses too: take IPv4 on the same socket.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((settings.media.host, settings.media.port))
+            sock.bind((settings.media.host, self.port))
         except OSError as exc:
             sock.close()
             raise SystemExit(
-                f"relay: cannot bind media port {settings.media.host}:"
-                f"{settings.media.port}: {exc.strerror}"
+                f"relay: cannot bind media port {settings.media.host}:{self.port}: {exc.strerror}"
             ) from None
-        port = sock.getsockname()[1]
-        candidates = [(addr, port) for addr in media_candidate_addresses(settings.media)]
+        self.port = port = sock.getsockname()[1]
+        self.candidates = candidates = [
+            (addr, port) for addr in media_candidate_addresses(settings.media)
+        ]
         self.timer_driver = driver = TimerDriver(loop, time.monotonic)
         protocol = MediaProtocol(self.metrics)
         self.udp, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
@@ -148,7 +157,7 @@ class Relay:
             candidates=candidates,
             sender=BatchSender(sock, self.udp.sendto, queued),
             clock=time.monotonic,
-            emit=self.events.publish,
+            emit=self.emit,
             metrics=self.metrics,
             timers=driver.timers,
         )
@@ -168,47 +177,14 @@ class Relay:
         self.metrics.counter(
             "sendmmsg_calls_total", "sendmmsg system calls.", lambda: sender.sendmmsg_calls
         )
-        self.media_port = port
-        app = create_app(sfu, settings, self.events, self.metrics)
-        config = uvicorn.Config(
-            app,
-            host=settings.api.host,
-            port=settings.api.port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=settings.api.keep_alive_timeout,  # type: ignore[arg-type]
-            http=bounded_protocol(settings.api.max_connections, settings.api.header_timeout),
-        )
-        self.api = _ApiServer(config)
-        self.events.start()
         self._tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
-        self._api_task = asyncio.create_task(self.api.serve(), name="api")
-        while not self.api.started:
-            if self._api_task.done():
-                self._api_task.result()
-                raise SystemExit(
-                    f"relay: cannot serve the control API on {settings.api.host}:"
-                    f"{settings.api.port}"
-                )
-            await asyncio.sleep(0.01)
-        self.api_port = self.api.servers[0].sockets[0].getsockname()[1]
-        host = settings.api.host if ":" not in settings.api.host else f"[{settings.api.host}]"
-        base = f"http://{host}:{self.api_port}"
         log.info(
             "media on udp %s:%d, ICE candidates %s",
             settings.media.host,
             port,
             ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in candidates),
         )
-        log.info("control API on %s/v1  docs %s/docs  metrics %s/metrics", base, base, base)
-        log.info(
-            "DTLS certificate %s, fingerprint sha-256 %s",
-            settings.media.certificate,
-            certificate.fingerprint,
-        )
+        return sfu
 
     async def _loop_lag(self) -> None:
         """Sample the event loop's lag; feed it and the forwarded packets to load shedding."""
@@ -242,29 +218,119 @@ class Relay:
                     overload.refused,
                 )
 
-    async def stop(self) -> None:
-        """Stop accepting, close every session, stop the API; bounded by SHUTDOWN_GRACE."""
-        log.info("draining: closing every session")
+    def drain(self) -> None:
+        """Close every session and stop sampling."""
         if self.sfu is not None:
             self.sfu.drain()
         for task in self._tasks:
             task.cancel()
         if self.timer_driver is not None:
             self.timer_driver.close()
+
+    def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+
+
+def api_server(settings: Settings, app: Any) -> _ApiServer:
+    """uvicorn for the control API, with the relay's limits on connections and headers."""
+    config = uvicorn.Config(
+        app,
+        host=settings.api.host,
+        port=settings.api.port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=1,
+        timeout_keep_alive=settings.api.keep_alive_timeout,  # type: ignore[arg-type]
+        http=bounded_protocol(settings.api.max_connections, settings.api.header_timeout),
+    )
+    return _ApiServer(config)
+
+
+class Relay:
+    """One running relay: the control API with either the media plane on the same event loop
+    (one process) or a pool of media worker processes (``[workers] count`` above 1)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.events = EventBus(settings, on_drop=self._event_dropped)
+        self.media: MediaPlane | None = None
+        self.pool: WorkerPool | None = None
+        self.api: _ApiServer | None = None
+        self.stopping = asyncio.Event()
+        self.media_port = 0
+
+    @property
+    def sfu(self) -> Sfu | None:
+        return self.media.sfu if self.media is not None else None
+
+    def _event_dropped(self) -> None:
+        self.metrics.events_dropped += 1
+
+    async def start(self) -> None:
+        settings = self.settings
+        core: Sfu | WorkerPool
+        workers = worker_count(settings.workers)
+        if workers > 1:
+            self.pool = core = WorkerPool(settings, self.events, self.metrics, workers)
+            await self.pool.start()
+            self.media_port = settings.media.port
+        else:
+            self.media = MediaPlane(settings, self.metrics, self.events.publish)
+            core = await self.media.start()
+            self.media_port = self.media.port
+        app = create_app(core, settings, self.events, self.metrics)
+        self.api = api_server(settings, app)
+        self.events.start()
+        self._api_task = asyncio.create_task(self.api.serve(), name="api")
+        while not self.api.started:
+            if self._api_task.done():
+                self._api_task.result()
+                raise SystemExit(
+                    f"relay: cannot serve the control API on {settings.api.host}:"
+                    f"{settings.api.port}"
+                )
+            await asyncio.sleep(0.01)
+        self.api_port = self.api.servers[0].sockets[0].getsockname()[1]
+        host = settings.api.host if ":" not in settings.api.host else f"[{settings.api.host}]"
+        base = f"http://{host}:{self.api_port}"
+        log.info("control API on %s/v1  docs %s/docs  metrics %s/metrics", base, base, base)
+        if self.media is not None and self.media.certificate is not None:
+            log.info(
+                "DTLS certificate %s, fingerprint sha-256 %s",
+                settings.media.certificate,
+                self.media.certificate.fingerprint,
+            )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every session, stop the API; bounded by SHUTDOWN_GRACE."""
+        log.info("draining: closing every session")
+        if self.media is not None:
+            self.media.drain()
+        if self.pool is not None:
+            await self.pool.stop(SHUTDOWN_GRACE)
         await self.events.aclose()
         if self.api is not None:
             self.api.should_exit = True
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._api_task, SHUTDOWN_GRACE)
-        if self.udp is not None:
-            self.udp.close()
+        if self.media is not None:
+            self.media.close()
         log.info("stopped")
 
     async def run_until_signal(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            if self.pool is not None:
+                await self.pool.stop(SHUTDOWN_GRACE)
+            raise
         waiter = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({waiter, self._api_task}, return_when=asyncio.FIRST_COMPLETED)
         if self._api_task in done and not self.stopping.is_set():

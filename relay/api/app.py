@@ -34,6 +34,7 @@ from relay.api.auth import (
     require_room,
     require_subscriber,
 )
+from relay.api.core import ControlCore, LocalCore
 from relay.api.demo import demo_router, dev_tokens_enabled
 from relay.api.errors import error_response, install_error_handlers
 from relay.api.events import EventBus, sse_stream
@@ -56,12 +57,14 @@ from relay.api.schemas import (
     SubscriptionInfo,
     SubscriptionPreferences,
     TrackIdParam,
+    WorkerList,
     encoded_json_size,
 )
 from relay.config import Settings
 from relay.sfu.errors import Draining, Forbidden, TooLarge
+from relay.sfu.sfu import Sfu
 
-__all__ = ["API_DESCRIPTION", "BodyLimitMiddleware", "SfuCore", "create_app"]
+__all__ = ["API_DESCRIPTION", "BodyLimitMiddleware", "create_app"]
 
 log = logging.getLogger("relay.api")
 
@@ -94,42 +97,6 @@ Every `/v1` call carries `Authorization: Bearer <credential>`:
   is `401` with `WWW-Authenticate: Bearer error="invalid_token"`. The flags only narrow what
   the participant was created with.
 """
-
-
-class SfuCore(Protocol):
-    """What the API needs from the SFU core (:class:`relay.sfu.sfu.Sfu`)."""
-
-    draining: bool
-    overload: Any  # relay.sfu.admission.OverloadDetector: shedding, retry_after
-
-    def create_room(
-        self,
-        room_id: str | None,
-        max_participants: int | None,
-        e2ee_required: bool,
-        empty_timeout: float | None,
-        codec_preference: Sequence[str] | None,
-    ) -> Any: ...
-    def list_rooms(self) -> Sequence[Any]: ...
-    def get_room(self, room_id: str) -> Any: ...
-    def delete_room(self, room_id: str) -> None: ...
-    def add_participant(
-        self,
-        room_id: str,
-        participant_id: str | None,
-        metadata: dict[str, Any] | None,
-        can_publish: bool,
-        can_subscribe: bool,
-        auto_subscribe: bool,
-    ) -> Any: ...
-    def get_participant(self, room_id: str, participant_id: str) -> Any: ...
-    def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None: ...
-    def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str: ...
-    def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]: ...
-    def subscriber_answer(
-        self, room_id: str, participant_id: str, sdp: str, revision: int
-    ) -> None: ...
-    def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]: ...
 
 
 class MetricsSource(Protocol):
@@ -255,7 +222,7 @@ class BodyLimitMiddleware:
 # Dependencies and parameters
 
 
-def _sfu(request: Request) -> SfuCore:
+def _sfu(request: Request) -> ControlCore:
     return request.app.state.sfu
 
 
@@ -296,7 +263,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
 
 
-def _refuse_while_draining(sfu: SfuCore) -> None:
+def _refuse_while_draining(sfu: ControlCore) -> None:
     if sfu.draining:
         raise Draining("the relay is draining and accepts no new sessions")
 
@@ -353,7 +320,9 @@ async def readyz(sfu: Core) -> Any:
 async def metrics(request: Request) -> PlainTextResponse:
     """Counters, gauges and histograms in the Prometheus text format 0.0.4."""
     source: MetricsSource = request.app.state.metrics
-    return PlainTextResponse(source.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    core: ControlCore = request.app.state.sfu
+    text = await core.metrics_text(source.render())
+    return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
 
 
 v1 = APIRouter(prefix="/v1")
@@ -374,14 +343,13 @@ async def create_room(
 ) -> Any:
     _refuse_while_draining(sfu)
     body = body or CreateRoom()
-    room = sfu.create_room(
+    return await sfu.create_room(
         room_id=body.room_id,
         max_participants=body.max_participants,
         e2ee_required=body.e2ee_required,
         empty_timeout=body.empty_timeout,
         codec_preference=body.codec_preference,
     )
-    return room.to_dict()
 
 
 @v1.get(
@@ -392,7 +360,7 @@ async def create_room(
     responses=_errors(403),
 )
 async def list_rooms(sfu: Core, principal: Admin) -> Any:
-    return {"rooms": [room.to_dict() for room in sfu.list_rooms()]}
+    return {"rooms": await sfu.list_rooms()}
 
 
 @v1.get(
@@ -404,7 +372,7 @@ async def list_rooms(sfu: Core, principal: Admin) -> Any:
 )
 async def get_room(room_id: RoomId, sfu: Core, principal: RoomAccess) -> Any:
     """API keys only: participant tokens see their room through its events."""
-    return sfu.get_room(room_id).to_dict()
+    return await sfu.get_room(room_id)
 
 
 @v1.delete(
@@ -417,7 +385,7 @@ async def get_room(room_id: RoomId, sfu: Core, principal: RoomAccess) -> Any:
 )
 async def delete_room(room_id: RoomId, sfu: Core, principal: Admin) -> Response:
     """Disconnects every participant and closes the room."""
-    sfu.delete_room(room_id)
+    await sfu.delete_room(room_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -442,7 +410,7 @@ async def create_participant(
         limit = settings.limits.max_metadata_bytes
         if encoded_json_size(body.metadata) > limit:
             raise TooLarge(f"metadata larger than {limit} bytes (JSON-encoded)", code="too_large")
-    participant = sfu.add_participant(
+    return await sfu.add_participant(
         room_id,
         participant_id=body.participant_id,
         metadata=body.metadata,
@@ -450,7 +418,6 @@ async def create_participant(
         can_subscribe=body.can_subscribe,
         auto_subscribe=body.auto_subscribe,
     )
-    return participant.to_dict()
 
 
 @v1.get(
@@ -463,7 +430,7 @@ async def create_participant(
 async def get_participant(
     room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: ParticipantAccess
 ) -> Any:
-    return sfu.get_participant(room_id, participant_id).to_dict()
+    return await sfu.get_participant(room_id, participant_id)
 
 
 @v1.delete(
@@ -485,7 +452,7 @@ async def delete_participant(
 ) -> Response:
     if reason == "kicked" and not principal.is_admin:
         raise Forbidden("only the API key may kick a participant")
-    sfu.remove_participant(room_id, participant_id, reason=reason)
+    await sfu.remove_participant(room_id, participant_id, reason=reason)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -506,7 +473,7 @@ async def publisher_offer(
 ) -> PublisherAnswer:
     """The client's offer for what it publishes; the relay answers. Call again to renegotiate."""
     _check_sdp_size(body.sdp, settings)
-    answer = sfu.publisher_offer(room_id, participant_id, body.sdp)
+    answer = await sfu.publisher_offer(room_id, participant_id, body.sdp)
     return PublisherAnswer(sdp=answer)
 
 
@@ -521,7 +488,7 @@ async def subscriber_offer(
     room_id: RoomId, participant_id: ParticipantId, sfu: Core, principal: SubscriberAccess
 ) -> SubscriberOffer:
     """An offer for every track the participant is subscribed to now."""
-    sdp, revision = sfu.subscriber_offer(room_id, participant_id)
+    sdp, revision = await sfu.subscriber_offer(room_id, participant_id)
     return SubscriberOffer(sdp=sdp, revision=revision)
 
 
@@ -543,7 +510,7 @@ async def subscriber_answer(
 ) -> Response:
     """The client's answer; an answer to an older revision gets 409."""
     _check_sdp_size(body.sdp, settings)
-    sfu.subscriber_answer(room_id, participant_id, body.sdp, body.revision)
+    await sfu.subscriber_answer(room_id, participant_id, body.sdp, body.revision)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -568,8 +535,8 @@ async def set_subscription(
     which the relay asks the publisher for at once. The size and rate limits choose among
     the layers of a track that has several; a track with one layer is forwarded as it is."""
     changes = {name: getattr(body, name) for name in body.model_fields_set}
-    sub = sfu.set_subscription_preferences(room_id, participant_id, track_id, changes)
-    return SubscriptionInfo(**sub.to_dict())
+    sub = await sfu.set_subscription_preferences(room_id, participant_id, track_id, changes)
+    return SubscriptionInfo(**sub)
 
 
 @v1.get(
@@ -587,7 +554,21 @@ async def participant_stats(
     Each outbound track also says whether it is `forwarded` now and, when the subscriber's
     answer did not take it (rejected, or not its codec), the `reason` (also sent as the event
     `track.unsupported`)."""
-    return sfu.participant_stats(room_id, participant_id)
+    return await sfu.participant_stats(room_id, participant_id)
+
+
+@v1.get(
+    "/workers",
+    response_model=WorkerList,
+    tags=["health"],
+    summary="List the media worker processes",
+    responses=_errors(403),
+)
+async def list_workers(sfu: Core, principal: Admin) -> Any:
+    """Every media worker process: its state (`starting`, `ready`, `failed`), pid, media port,
+    how many participants and rooms it holds, the packets it forwards per second, its CPU use
+    (share of one core) and how often it was restarted. A single-process relay lists itself."""
+    return {"workers": await sfu.workers()}
 
 
 @v1.get(
@@ -644,7 +625,7 @@ async def stream_events(
 
 
 def create_app(
-    sfu: SfuCore,
+    sfu: Sfu | ControlCore,
     settings: Settings,
     events: EventBus,
     metrics: MetricsSource,
@@ -683,7 +664,7 @@ def create_app(
         if token_secret:
             authenticators.append(TokenAuthenticator(token_secret))
     auth = Auth(list(authenticators))
-    app.state.sfu = sfu
+    app.state.sfu = LocalCore(sfu) if isinstance(sfu, Sfu) else sfu
     app.state.settings = settings
     app.state.events = events
     app.state.metrics = metrics

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response, status
 from relay.api.schemas import DemoToken, DemoTokenRequest, ErrorResponse
 from relay.api.tokens import encode_token
 from relay.config import Settings, is_loopback_host
-from relay.sfu.errors import Draining, Forbidden, NotFound
+from relay.sfu.errors import Conflict, Draining, Forbidden, NotFound
 
 __all__ = ["DEMO_TOKEN_TTL", "demo_router", "dev_tokens_enabled", "host_of"]
 
@@ -147,12 +147,19 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
         if sfu.draining:
             raise Draining("the relay is draining and accepts no new sessions")
         try:
-            sfu.get_room(body.room_id)
+            await sfu.get_room(body.room_id)
         except NotFound:
-            sfu.create_room(
-                room_id=body.room_id, max_participants=None, e2ee_required=False, empty_timeout=None
-            )
-        participant = sfu.add_participant(
+            try:
+                await sfu.create_room(
+                    room_id=body.room_id,
+                    max_participants=None,
+                    e2ee_required=False,
+                    empty_timeout=None,
+                    codec_preference=None,
+                )
+            except Conflict:
+                pass  # another page created it meanwhile
+        participant = await sfu.add_participant(
             body.room_id,
             participant_id=body.participant_id,
             metadata=None,
@@ -163,7 +170,7 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
         expires_at = float(int(time.time()) + DEMO_TOKEN_TTL)
         token = encode_token(
             body.room_id,
-            participant.participant_id,
+            participant["participant_id"],
             secret=token_secret,
             expires_at=expires_at,
             can_publish=body.can_publish,
@@ -171,7 +178,7 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
         )
         return DemoToken(
             room_id=body.room_id,
-            participant_id=participant.participant_id,
+            participant_id=participant["participant_id"],
             token=token,
             expires_at=expires_at,
         )

@@ -167,6 +167,10 @@ class ParticipantInfo(_Response):
     state: Literal["new", "connected", "disconnected"]
     tracks: list[TrackInfo]
     subscriptions: list[str] = Field(description="Ids of the tracks forwarded to this participant.")
+    worker: int | None = Field(
+        default=None,
+        description="Index of the media worker process that holds it (several workers only).",
+    )
 
 
 class RoomInfo(_Response):
@@ -184,6 +188,24 @@ class RoomInfo(_Response):
 
 class RoomList(_Response):
     rooms: list[RoomInfo]
+
+
+class WorkerInfo(_Response):
+    """One media worker process."""
+
+    index: int
+    pid: int | None
+    state: Literal["starting", "ready", "failed"]
+    media_port: int | None = Field(description="The UDP port its participants' media use.")
+    participants: int
+    rooms: int
+    packet_rate: float = Field(description="RTP packets forwarded per second (moving average).")
+    cpu: float | None = Field(description="Share of one core used over the last second.")
+    restarts: int
+
+
+class WorkerList(_Response):
+    workers: list[WorkerInfo]
 
 
 class CreateRoom(_Request):

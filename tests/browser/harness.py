@@ -301,6 +301,8 @@ consent_timeout = {CONSENT_TIMEOUT}
 enabled = true
 """
         + extra
+        # one process unless the test asks for workers (the embedded defaults run one per core)
+        + ("" if "[workers]" in extra else "\n[workers]\ncount = 1\n")
     )
 
 

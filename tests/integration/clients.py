@@ -25,6 +25,7 @@ IDENTITIES = {
     "red": ((230, 30, 30), 440.0),
     "green": ((30, 210, 30), 880.0),
     "blue": ((30, 30, 230), 1320.0),
+    "yellow": ((220, 210, 30), 1760.0),
 }
 
 
@@ -142,13 +143,15 @@ class CallClient:
         room: str,
         identity: str,
         proxies: dict[str, tuple[str, int]] | None = None,
+        participant_id: str | None = None,
     ) -> None:
         self.api = api
         #: "publisher" / "subscriber" -> address of an impairing proxy to use instead of the relay
         self.proxies = proxies or {}
         self.room = room
         self.identity = identity
-        self.participant_id = identity
+        #: the identity by default; another one lets an identity join again under a new id
+        self.participant_id = participant_id or identity
         self.http = httpx.AsyncClient(
             base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=10
         )

@@ -37,6 +37,22 @@ def free_port(kind: int) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(kind: int, count: int) -> int:
+    """The first of ``count`` consecutive free ports (worker i of a multi-worker relay has the
+    media port ``[media] port + i``)."""
+    for _ in range(100):
+        first = free_port(kind)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + count):
+                    s = held.enter_context(socket.socket(socket.AF_INET, kind))
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @dataclass
 class RunningRelay:
     api: str
@@ -82,15 +98,21 @@ def start_relay(
     extra: str = "",
     api: str = "",
     preexec_fn: Callable[[], None] | None = None,
+    media_ports: int = 1,
 ) -> RunningRelay:
     """``relay serve`` with media on loopback only: the test clients (the project's own, bound
-    to 127.0.0.1, and aiortc) reach it there without a network namespace."""
+    to 127.0.0.1, and aiortc) reach it there without a network namespace.
+
+    ``media_ports``: how many consecutive UDP ports from the media port must be free (one per
+    worker process with ``[workers] count``)."""
     api_port = free_port(socket.SOCK_STREAM)
-    media_port = free_port(socket.SOCK_DGRAM)
+    media_port = free_ports(socket.SOCK_DGRAM, media_ports)
     config = tmp / "relay.toml"
     config.write_text(
         f'[api]\nport = {api_port}\nkeys = ["testkey"]\n{api}\n'
         f'[media]\nhost = "127.0.0.1"\nport = {media_port}\n{extra}\n'
+        # one process unless the test asks for workers (their tests set [workers] themselves)
+        + ("" if "[workers]" in extra else "[workers]\ncount = 1\n")
     )
     log_path = tmp / "relay.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
@@ -254,6 +276,8 @@ def write_config(tmp: Path, extra: str = "") -> tuple[Path, int, int]:
     config.write_text(
         f'[api]\nport = {api_port}\nkeys = ["testkey"]\n'
         f'[media]\nhost = "127.0.0.1"\nport = {media_port}\n{extra}\n'
+        # one process unless the test asks for workers (their tests set [workers] themselves)
+        + ("" if "[workers]" in extra else "[workers]\ncount = 1\n")
     )
     return config, api_port, media_port
 

@@ -54,6 +54,7 @@ ROUTES = [
     ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}"),
     ("GET", "/v1/rooms/{room_id}/participants/{participant_id}/stats"),
     ("GET", "/v1/events"),
+    ("GET", "/v1/workers"),
 ]
 BODIES: dict[tuple[str, str], Any] = {
     ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}"): {

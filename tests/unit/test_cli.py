@@ -286,3 +286,15 @@ def test_setup_logging_replaces_its_previous_handler() -> None:
     assert first.getvalue() == ""
     assert second.getvalue().count("once") == 1
     assert "filtered" not in second.getvalue()
+
+
+def test_serve_workers_flag_overrides_the_config(
+    good_file: Path, fake_server: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--config", str(good_file), "--workers", "3"]) == 0
+    assert fake_server[-1].workers.count == 3
+    assert main(["serve", "--workers", "auto"]) == 0
+    assert fake_server[-1].workers.count == "auto"
+    assert main(["serve", "--workers", "none"]) == 2
+    assert len(fake_server) == 2
+    assert "workers.count" in capsys.readouterr().err

@@ -496,3 +496,42 @@ def test_unknown_codec_in_the_environment_stops_start_up() -> None:
     message = error_of(environ={"RELAY_MEDIA__CODEC_PREFERENCE": "VP8,H265"})
     assert message.startswith("media.codec_preference (RELAY_MEDIA__CODEC_PREFERENCE): ")
     assert "'H265'" in message
+
+
+def test_workers_count_is_auto_or_a_number(write, monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.config import worker_count
+
+    assert load_settings(write('[workers]\ncount = "AUTO"\n'), {}).workers.count == "auto"
+    assert load_settings(write("[workers]\ncount = 4\n"), {}).workers.count == 4
+    assert load_settings(None, {"RELAY_WORKERS__COUNT": "2"}).workers.count == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert worker_count(load_settings(None, {}).workers) == 3
+    for bad in ("0", '"many"', "1.5", "true"):
+        assert "workers.count: expected" in error_of(write(f"[workers]\ncount = {bad}\n"))
+    assert "workers.placement: expected one of 'spread', 'pack'" in error_of(
+        write('[workers]\nplacement = "random"\n')
+    )
+    # every worker needs its own media port
+    problem = error_of(write("[media]\nport = 65535\n[workers]\ncount = 2\n"))
+    assert "workers.count: 2 workers need media ports 65535-65536" in problem
+
+
+def test_settings_travel_to_the_workers_unchanged(write) -> None:
+    """The front hands its effective settings to its workers as TOML: every value, secrets
+    included, comes out equal, and the workers' environment plays no part."""
+    from relay.cli import format_toml
+    from relay.config import settings_as_dict, settings_from_toml
+
+    settings = load_settings(
+        write(
+            '[api]\nkeys = ["k1", "k2"]\n[auth]\ntoken_secret = "' + "s" * 40 + '"\n'
+            '[media]\nannounced_addresses = ["203.0.113.7"]\ncodec_preference = ["VP9", "VP8"]\n'
+            '[workers]\ncount = 3\nplacement = "pack"\ncall_timeout = 1.5\n'
+        ),
+        {"RELAY_RTP__NACK": "false"},
+    )
+    text = format_toml(settings_as_dict(settings, redact=False))
+    assert settings_from_toml(text) == settings
+    with pytest.raises(ConfigError) as info:
+        settings_from_toml("[api\n", "front settings")
+    assert str(info.value).startswith("front settings: invalid TOML")
