@@ -25,7 +25,14 @@ import httpx
 import pytest
 
 from relay.client.peer import ClientPeer, RemoteDescription, TrackSpec, UdpClientPeer
-from relay.config import ApiSettings, DemoSettings, MediaSettings, OverloadSettings, Settings
+from relay.config import (
+    ApiSettings,
+    DemoSettings,
+    MediaSettings,
+    OverloadSettings,
+    Settings,
+    WorkerSettings,
+)
 from relay.rtc.rtp import parse_rtp
 from relay.server import Relay
 from tests.integration.conftest import (
@@ -56,6 +63,7 @@ async def test_stalled_loop_sheds_new_sessions_and_recovers(
         media=MediaSettings(host="127.0.0.1", port=0),
         overload=OverloadSettings(smoothing=0.5, recover_after=0.5, retry_after=3),
         demo=DemoSettings(enabled=False),
+        workers=WorkerSettings(count=1),  # the test stalls this process's own event loop
     )
     caplog.set_level(logging.INFO, logger="relay.server")
     relay = Relay(settings)
