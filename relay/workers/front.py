@@ -740,8 +740,15 @@ class WorkerPool:
                 raise
             entry.members[participant["participant_id"]] = worker.index
             room.empty_since = None
-        if new_shard:
-            self._job(self._pipes_to(room_id, worker.index))
+            if new_shard:
+                # the room's tracks are on the new shard before the participant's first
+                # subscriber offer, which then carries them all
+                try:
+                    await self._pipes_to(room_id, worker.index)
+                except SfuError as exc:
+                    log.warning(
+                        "room %s: piping to worker %d failed: %s", room_id, worker.index, exc
+                    )
         return {**participant, "worker": worker.index}
 
     async def _pipes_to(self, room_id: str, target: int) -> None:

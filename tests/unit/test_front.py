@@ -157,7 +157,7 @@ async def test_a_track_is_piped_to_every_other_shard_and_unpiped_when_it_ends() 
     assert calls[0][2]["peer"] == ["127.0.0.1", 5001]  # to worker 1's pipe socket
     assert calls[1][2]["peer"] == ["127.0.0.1", 5000]  # from worker 0's
     assert pool.rooms["r1"].pipes == {("T1", 0, 1)}
-    # a third participant on worker 0 needs no new pipe; one on a new shard would
+    # a third participant on worker 0 needs no new pipe
     calls.clear()
     await join(pool, "r1", "c")
     assert [m for _, m, _ in calls] == ["add_participant"]
@@ -169,6 +169,28 @@ async def test_a_track_is_piped_to_every_other_shard_and_unpiped_when_it_ends() 
     assert [(i, m) for i, m, _ in calls] == [(1, "remove_import")]
     assert pool.rooms["r1"].pipes == set()
     assert [e.type for e in bus.events] == ["track.published", "track.unpublished"]
+
+
+async def test_a_new_shard_gets_the_rooms_tracks_before_its_first_participant_is_answered() -> None:
+    pool, _bus, calls = make_pool(2)
+    await pool.create_room("r1", None, False, None, None)
+    await join(pool, "r1", "a")  # worker 0
+    track = {"track_id": "T1", "participant_id": "a"}
+    pool._worker_event(
+        pool.handles[0], event(events.TrackPublished, participant_id="a", track=track)
+    )
+    await run_jobs(pool)
+    calls.clear()
+    participant = await pool.add_participant("r1", "b", None, True, True, True)
+    assert participant["worker"] == 1
+    # no job left to run: the import happened within the call, so b's first offer has T1
+    assert pool._jobs.empty()
+    assert [(i, m) for i, m, _ in calls] == [
+        (1, "create_room"),
+        (1, "add_participant"),
+        (0, "export_track"),
+        (1, "import_track"),
+    ]
 
 
 async def test_the_last_participant_of_a_shard_closes_its_pipes_and_the_shard() -> None:
