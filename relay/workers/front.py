@@ -234,6 +234,7 @@ class WorkerPool:
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
         process.stdin.close()
+        self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(
             asyncio.create_task(self._watch_exit(worker, process), name=f"worker-{worker.index}")
         )
@@ -400,7 +401,8 @@ class WorkerPool:
         try:
             return await channel.call(method, params)
         except ChannelError as exc:
-            asyncio.get_running_loop().create_task(self._failed(worker, str(exc)))
+            task = asyncio.create_task(self._failed(worker, str(exc)), name="worker-failed")
+            self._tasks.append(task)  # held until done (and cancelled by stop)
             raise WorkerUnavailable(f"worker {worker.index} failed: {exc}") from None
 
     async def _call_quietly(
