@@ -268,10 +268,10 @@ class EventListener:
         return await wait_until(lambda: self.ended, timeout)
 
 
-def write_config(tmp: Path, extra: str = "") -> tuple[Path, int, int]:
+def write_config(tmp: Path, extra: str = "", media_ports: int = 1) -> tuple[Path, int, int]:
     """A config like start_relay's, on fresh free ports: (path, api port, media port)."""
     api_port = free_port(socket.SOCK_STREAM)
-    media_port = free_port(socket.SOCK_DGRAM)
+    media_port = free_ports(socket.SOCK_DGRAM, media_ports)
     config = tmp / "relay.toml"
     config.write_text(
         f'[api]\nport = {api_port}\nkeys = ["testkey"]\n'
