@@ -812,7 +812,10 @@ def test_drop_peer_ends_exports_and_imports_of_that_worker() -> None:
 def test_a_new_publisher_ssrc_restarts_the_importers_stream() -> None:
     w, alice, bob, descriptions = call()
     video = sub_of(bob, "video")
+    w.b.sent.clear()
     video_packets(w, 100, 3)
+    before = [parse_rtp(d) for d in to(w.b, BOB, video.ssrc)]
+    assert len(before) == 3
     track = next(t for t in alice.tracks.values() if t.kind == "video")
     w.carried.clear()
     track.set_ssrc(0x5555, w.a.now)
@@ -821,6 +824,19 @@ def test_a_new_publisher_ssrc_restarts_the_importers_stream() -> None:
     assert bye.ssrcs == [descriptions["video"]["ssrc"]]
     assert video.track.highest_seq == -1  # B's track starts over
     assert video.stream.rewriter.starting  # bob's stream waits for a keyframe of it
+    # the new stream comes with numbering and timestamps of its own; bob's stream goes on
+    # from where it was: no gap, no jump back
+    w.b.sent.clear()
+    for n in range(3):
+        payload = VP8_KEYFRAME if n == 0 else b"\x90\x10new-%d" % n
+        plain = rtp(0x5555, 97, 40000 + n, 7_000_000 + 3000 * n, [], payload)
+        _pt, seq, ts, _ssrc, _m, offset, _eo, _el = parse_rtp(plain)
+        track.receive(plain, seq, ts, offset, [], len(plain), w.a.now)
+        w.deliver()
+    after = [parse_rtp(d) for d in to(w.b, BOB, video.ssrc)]
+    assert [p[1] for p in after] == [(before[-1][1] + 1 + i) & 0xFFFF for i in range(3)]
+    assert 0 < (after[0][2] - before[-1][2]) & 0xFFFFFFFF < 90000  # within a second
+    assert [(p[2] - after[0][2]) & 0xFFFFFFFF for p in after] == [0, 3000, 6000]
 
 
 # -- what reaches the pipe socket -------------------------------------------------------------
