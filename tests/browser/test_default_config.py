@@ -25,11 +25,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     yield from make_world(tmp_path_factory.mktemp("default-config"), config=False)
 
 
-def announced_candidates(log: str) -> list[str]:
-    """The relay's ICE candidates as its start-up log states them."""
-    match = re.search(r"ICE candidates (.+)$", log, re.M)
-    assert match is not None, log
-    return match.group(1).strip().split(", ")
+def announced_candidates(log: str, port: int) -> list[str]:
+    """The ICE candidates of the media port ``port`` as the start-up log states them (the
+    default runs one media worker per core, each logging its own port's line)."""
+    for line in re.findall(r"ICE candidates (.+)$", log, re.M):
+        candidates = line.strip().split(", ")
+        if all(c.endswith(f":{port}") for c in candidates):
+            return candidates
+    raise AssertionError(f"no ICE candidates logged for port {port}:\n{log}")
 
 
 def test_firefox_and_chromium_call_through_the_embedded_default(
@@ -41,10 +44,15 @@ def test_firefox_and_chromium_call_through_the_embedded_default(
     log = call.relay.log(20000)
     assert "config: embedded defaults" in log, log
     assert f"media on udp 0.0.0.0:{MEDIA_PORT}" in log, log
-    candidates = announced_candidates(log)
-    assert f"{RELAY_ADDRESS}:{MEDIA_PORT}" in candidates, candidates
-    assert candidates[0] != f"127.0.0.1:{MEDIA_PORT}", candidates
-    assert candidates[-1] == f"127.0.0.1:{MEDIA_PORT}", candidates
+    # one media worker per core by default: each announces its own port the same way
+    workers = call.api("GET", "/v1/workers").json()["workers"]
+    assert [w["media_port"] for w in workers] == [MEDIA_PORT + i for i in range(len(workers))]
+    for worker in workers:
+        port = worker["media_port"]
+        candidates = announced_candidates(log, port)
+        assert f"{RELAY_ADDRESS}:{port}" in candidates, candidates
+        assert candidates[0] != f"127.0.0.1:{port}", candidates
+        assert candidates[-1] == f"127.0.0.1:{port}", candidates
 
     call.open_page("firefox", "firefox", token=False)
     call.open_page("chromium", "chromium", token=False)
