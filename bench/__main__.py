@@ -113,6 +113,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="soak: seconds of load before the first slice, to fill packet histories (12)",
     )
     parser.add_argument(
+        "--workers",
+        type=_ints,
+        metavar="W,W",
+        help="load: the relay with these worker counts ([workers] count) instead of the "
+        "scenarios: one publisher to N subscribers (N from --fanouts, default 25,50,100), "
+        "capacity, CPU per packet with the pipe, latency (results: OUT/workers.md)",
+    )
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="load --workers: skip the pack layout (everyone on one worker: no pipe)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="load --workers: every layout's fixed fan-outs this many times (2; --quick 1)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="load --workers: past 60/70/80 %% of this (900 s) windows are not measured again, "
+        "later rounds and further ramp steps are skipped",
+    )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        metavar="N",
+        help="load --workers: nice value of the load generator while it measures (19; the "
+        "relay stays at 0): N > 0 lets the relay's processes take a core first",
+    )
+    parser.add_argument(
+        "--contrast-nice",
+        type=int,
+        metavar="N",
+        help="load --workers: then 1 and 2 workers (spread) again with the generator at this "
+        "nice value (0; -1: not)",
+    )
+    parser.add_argument(
+        "--no-ramp",
+        action="store_true",
+        help="load --workers: fixed fan-outs only, no capacity ramp",
+    )
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0.0,
@@ -143,6 +187,32 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg.profile_dir = Path(args.out) / "profiles"
         cfg.profile_dir.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+def workers_plan(args: argparse.Namespace) -> Any:
+    from bench.workers import WorkersPlan
+
+    plan = WorkersPlan.quick(args.workers) if args.quick else WorkersPlan(workers=args.workers)
+    if args.fanouts:
+        plan.fanouts = args.fanouts
+    if args.duration:
+        plan.duration = plan.ramp_duration = args.duration
+    if args.rounds:
+        plan.rounds = args.rounds
+    if args.budget:
+        plan.budget_s = args.budget
+    if args.generator_nice is not None:
+        plan.generator_nice = args.generator_nice
+    if args.contrast_nice is not None:
+        plan.contrast_nice = None if args.contrast_nice < 0 else args.contrast_nice
+    plan.pack = not args.no_pack
+    plan.ramp = not args.no_ramp
+    return plan
+
+
+def stem(args: argparse.Namespace) -> str:
+    """Name of the result files: the command, or ``workers`` for ``load --workers``."""
+    return "workers" if args.command == "load" and args.workers else args.command
 
 
 def needs_namespace(args: argparse.Namespace, cfg: Config) -> bool:
@@ -182,6 +252,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "generator_core": GENERATOR_CORE,
             "applied": len(os.sched_getaffinity(0)) > 1,
             "note": "server under test pinned to one core, load generator to the other",
+        }
+        if stem(args) != "workers"
+        else {
+            "server_core": None,
+            "generator_core": None,
+            "applied": False,
+            "note": "nothing pinned: the relay's processes and the load generator share every core, "
+            "the generator niced (see the workers section)",
         },
         "network": (
             f"network namespace {netns.inside()} (lo for the relay and the baselines, "
@@ -201,7 +279,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with reporter.running():
         if args.command in ("hotpath", "all"):
             data["hotpath"] = run_hotpath(cfg, reporter)
-        if args.command in ("load", "all"):
+        if stem(args) == "workers":
+            from bench.workers import run_workers
+
+            plan = workers_plan(args)
+            data["config"] = plan.describe()
+            data["workers"] = run_workers(plan, reporter.stage, reporter.log)
+        elif args.command in ("load", "all"):
             data["load"] = run_load(cfg, reporter)
         if args.command in ("compare", "all"):
             compare = run_compare(cfg, reporter)
@@ -223,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 slice_seconds=args.slice,
                 warmup=args.warmup,
             )
-    data["targets"] = evaluate_targets(data)
+    data["targets"] = data["workers"]["targets"] if "workers" in data else evaluate_targets(data)
     data["load_average_after"] = load_average()
     data["seconds"] = elapsed(started)
     return data
@@ -236,19 +320,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         inner = list(sys.argv[1:] if argv is None else argv)
         return netns.run_inside(f"relaybench{os.getpid()}", ["-m", "bench", *inner])
     out_dir = Path(args.out)
-    json_path = Path(args.json) if args.json else out_dir / f"{args.command}.json"
+    name = stem(args)
+    json_path = Path(args.json) if args.json else out_dir / f"{name}.json"
     data = run(args)
     write_json(json_path, data)
     from bench import report
 
     markdown = report.markdown(data)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.command}.md").write_text(markdown)
+    (out_dir / f"{name}.md").write_text(markdown)
     if not args.no_plots:
         data["plots"] = report.plots(data, out_dir)
         write_json(json_path, data)
     print(markdown)
-    print(f"results: {json_path}  table: {out_dir / (args.command + '.md')}", file=sys.stderr)
+    print(f"results: {json_path}  table: {out_dir / (name + '.md')}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -112,16 +112,45 @@ def pin_to(core: int) -> list[int] | None:
     return [core]
 
 
-def pinning_preexec(core: int) -> Any:
-    """A ``preexec_fn`` that pins a child before exec, so every thread it starts inherits it."""
+def pinning_preexec(cores: int | Collection[int]) -> Any:
+    """A ``preexec_fn`` that pins a child before exec, so every thread (and process) it starts
+    inherits it; ``cores`` is one core or a set of them (every core: undo the parent's pinning)."""
     if os.cpu_count() is None or (os.cpu_count() or 1) < 2:
         return None
+    wanted = {cores} if isinstance(cores, int) else set(cores)
 
     def pin() -> None:
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {core})
+            os.sched_setaffinity(0, wanted)
 
     return pin
+
+
+def all_cores() -> set[int]:
+    """Every core of the machine (not only this process's affinity)."""
+    return set(range(os.cpu_count() or 1))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read().decode(errors="replace")
+            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(children.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, ()))
+    return sorted(out)
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

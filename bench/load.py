@@ -114,6 +114,7 @@ class Run:
         self._semaphore = asyncio.Semaphore(PARALLEL_HANDSHAKES)
         self._next_ssrc = random.Random(7).randrange(1 << 20, 1 << 30)
         self.setup_seconds = 0.0
+        self.last_marks: WindowMarks | None = None  # of the last window measured
 
     async def __aenter__(self) -> Run:
         await self.system.open()
@@ -248,11 +249,19 @@ class Run:
     async def quiet(self, max_wait: float, threshold: float = MAX_BACKGROUND) -> float:
         """Wait (sending on) until other processes use less than ``threshold`` of a core."""
         deadline = time.monotonic() + max_wait
-        pid = self.server.pid
+        server = self.server
         while True:
-            busy0, cpu0, gen0 = machine_busy_seconds(), cpu_seconds(pid), cpu_seconds(os.getpid())
+            busy0, cpu0, gen0 = (
+                machine_busy_seconds(),
+                server.cpu_seconds(),
+                cpu_seconds(os.getpid()),
+            )
             await asyncio.sleep(2.0)
-            busy1, cpu1, gen1 = machine_busy_seconds(), cpu_seconds(pid), cpu_seconds(os.getpid())
+            busy1, cpu1, gen1 = (
+                machine_busy_seconds(),
+                server.cpu_seconds(),
+                cpu_seconds(os.getpid()),
+            )
             background = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (gen1 - gen0)) / 2.0
             if background < threshold or time.monotonic() >= deadline:
                 return background
@@ -283,7 +292,9 @@ class Run:
         late0 = self.sender.late if self.sender else 0
         gen0 = cpu_seconds(os.getpid())
         busy0 = machine_busy_seconds()
-        cpu0 = cpu_seconds(pid)
+        # the server's whole process tree (a relay with workers: the front and every worker)
+        pids = self.server.pids()
+        cpu0 = self.server.cpu_by_pid(pids)
         t0 = time.monotonic()
         marks.start = mark(self.streams)
         spy = None
@@ -302,7 +313,7 @@ class Run:
                 f"{self.system.name}: measuring", 1 - max(0.0, end - time.monotonic()) / duration
             )
         marks.end = mark(self.streams)
-        cpu1 = cpu_seconds(pid)
+        cpu1 = self.server.cpu_by_pid(pids)
         t1 = time.monotonic()
         busy1 = machine_busy_seconds()
         gen1 = cpu_seconds(os.getpid())
@@ -311,11 +322,22 @@ class Run:
         nthreads = threads(pid)
         if relay:
             metrics1 = await relay.metrics()
-            lags.append(metrics1.get("relay_event_loop_lag_seconds", 0.0))
+            lags.append(
+                max(
+                    (
+                        v
+                        for k, v in metrics1.items()
+                        if metric_series(k)[0] == "relay_event_loop_lag_seconds"
+                    ),
+                    default=0.0,
+                )
+            )
         await asyncio.sleep(GRACE)
         stats = window_stats(self.streams, self.receivers, marks)
+        self.last_marks = marks
         wall = t1 - t0
-        server_cpu = cpu1 - cpu0
+        cpu_by_pid = {p: cpu1[p] - cpu0[p] for p in pids if p in cpu0 and p in cpu1}
+        server_cpu = sum(cpu_by_pid.values())
         sent = sum(marks.end[s.sid] - marks.start[s.sid] for s in self.streams)
         stamped = any(c.stamped for c in self.receivers)
         forwarded = stats["received"] if stamped else rx1 - rx0
@@ -342,6 +364,7 @@ class Run:
             "generator_late_frames": (self.sender.late if self.sender else 0) - late0,
             "server_memory": mem,
             "server_threads": nthreads,
+            "server_processes": len(pids),
             "setup_s": round(self.setup_seconds, 2),
         }
         if not stamped:
@@ -353,6 +376,10 @@ class Run:
             result["latency_cdf_ms"] = (np.percentile(lat, CDF_QUANTILES) * 1e-6).round(4).tolist()
         else:
             result["latency_ms"] = {"n": 0}
+        if len(pids) > 1:
+            result["server_cpu_by_pid"] = {str(p): v for p, v in cpu_by_pid.items()}
+            result["server_processes_gone"] = len(pids) - len(cpu_by_pid)
+            result["server_memory_total_rss_bytes"] = sum(memory(p)["rss_bytes"] for p in pids)
         if relay:
             result["relay_metrics"] = _relay_window(metrics0, metrics1, lags)
         if spy is not None:
@@ -369,17 +396,55 @@ class Run:
         return result
 
 
+def metric_series(name: str) -> tuple[str, dict[str, str]]:
+    """``'relay_x{a="1",b="2"}'`` -> ``("relay_x", {"a": "1", "b": "2"})``."""
+    base, _, rest = name.partition("{")
+    labels: dict[str, str] = {}
+    for part in rest.rstrip("}").split(","):
+        key, eq, value = part.partition("=")
+        if eq:
+            labels[key.strip()] = value.strip().strip('"')
+    return base, labels
+
+
+def metric_total(values: dict[str, float], name: str, **match: str) -> float:
+    """Sum of every series of ``name`` (with or without a ``worker`` label: a relay with workers
+    reports each worker's series under ``worker="i"``) whose other labels are ``match``."""
+    total = 0.0
+    for key, value in values.items():
+        if not key.startswith(name):
+            continue
+        base, labels = metric_series(key)
+        labels.pop("worker", None)
+        if base == name and labels == match:
+            total += value
+    return total
+
+
 def _relay_window(m0: dict[str, float], m1: dict[str, float], lags: list[float]) -> dict[str, Any]:
     def delta(name: str) -> float:
-        return m1.get(name, 0.0) - m0.get(name, 0.0)
+        return metric_total(m1, name) - metric_total(m0, name)
 
     count = delta("relay_forward_latency_seconds_count")
-    drops = {
-        k.split('"')[1]: v - m0.get(k, 0.0)
-        for k, v in m1.items()
-        if k.startswith("relay_packets_dropped_total{") and v - m0.get(k, 0.0) > 0
-    }
+    drops: dict[str, float] = {}
+    for key, value in m1.items():
+        base, labels = metric_series(key)
+        if base == "relay_packets_dropped_total" and "reason" in labels:
+            grown = value - m0.get(key, 0.0)
+            if grown > 0:
+                drops[labels["reason"]] = drops.get(labels["reason"], 0.0) + grown
+    lag_max = [
+        v for k, v in m1.items() if metric_series(k)[0] == "relay_event_loop_lag_max_seconds"
+    ]
+    by_worker: dict[str, dict[str, float]] = {}
+    for key, value in m1.items():
+        base, labels = metric_series(key)
+        field = {"relay_packets_in_total": "packets_in", "relay_packets_out_total": "packets_out"}
+        if base in field and set(labels) == {"worker"}:
+            row = by_worker.setdefault(labels["worker"], {})
+            row[field[base]] = value - m0.get(key, 0.0)
     return {
+        "by_worker": by_worker,
         "packets_in": delta("relay_packets_in_total"),
         "packets_out": delta("relay_packets_out_total"),
         "send_errors": delta("relay_send_errors_total"),
@@ -388,7 +453,7 @@ def _relay_window(m0: dict[str, float], m1: dict[str, float], lags: list[float])
         if count
         else None,
         "event_loop_lag_s": max(lags) if lags else None,
-        "event_loop_lag_max_since_start_s": m1.get("relay_event_loop_lag_max_seconds"),
+        "event_loop_lag_max_since_start_s": max(lag_max) if lag_max else None,
     }
 
 

@@ -45,7 +45,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"kernel {m['kernel']}; {data['network']}; load average before "
         f"{data.get('load_average_before')} after {data.get('load_average_after')}.",
         f"Server under test on core {data['pinning']['server_core']}, load generator on core "
-        f"{data['pinning']['generator_core']}.",
+        f"{data['pinning']['generator_core']}."
+        if data["pinning"].get("server_core") is not None
+        else f"Pinning: {data['pinning'].get('note')}.",
         "",
     ]
     ratios = data.get("ratios", {})
@@ -71,6 +73,11 @@ def markdown(data: dict[str, Any]) -> str:
         lines += _simulcast(data["simulcast"])
     if "soak" in data:
         lines += _soak(data["soak"])
+    if "workers" in data:
+        from bench.workers import report_lines
+
+        lines += report_lines(data["workers"])
+        return "\n".join(lines) + "\n"
     if "targets" in data and data.get("command") not in ("soak", "simulcast"):
         lines += [
             "## Targets (measured, not asserted)",
@@ -490,6 +497,11 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         save(fig, "capacity.png")
+    if data.get("workers"):
+        from bench.workers import plot as workers_plot
+
+        if workers_plot(data["workers"], out / "workers.png"):
+            written.append("workers.png")
     hot = data.get("hotpath")
     if hot:
         rows = [r for r in hot["results"] if r["kind"] == "video"] or hot["results"]

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import netns
-from bench.common import SERVER_CORE, free_port, pinning_preexec
+from bench.common import SERVER_CORE, cpu_seconds, descendants, free_port, pinning_preexec
 
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 BENCH_KEY = "benchkey"
@@ -44,17 +45,35 @@ class Server:
 
     name = "server"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cores: Collection[int] | None = None) -> None:
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.api_url = ""
         self.media_port = 0
         self.log_path = workdir / f"{self.name}.log"
+        #: cores the server (and every process it starts) may run on: by default the server core
+        self.cores = frozenset(cores) if cores is not None else frozenset({SERVER_CORE})
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def pids(self) -> list[int]:
+        """The server's process and every process it started (a relay's worker processes)."""
+        return [self.pid, *descendants(self.pid)]
+
+    def cpu_by_pid(self, pids: Collection[int] | None = None) -> dict[int, float]:
+        """CPU seconds so far of each of ``pids`` (default: :meth:`pids`); gone ones left out."""
+        out = {}
+        for pid in self.pids() if pids is None else pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[pid] = cpu_seconds(pid)
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds so far of the server's whole process tree."""
+        return sum(self.cpu_by_pid().values())
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
@@ -65,7 +84,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=_pythonpath(), **(env or {})),
-                preexec_fn=pinning_preexec(SERVER_CORE),
+                preexec_fn=pinning_preexec(self.cores),
                 cwd=self.workdir,
             )
         finally:
@@ -118,19 +137,76 @@ class Server:
         self.stop()
 
 
+def workers_supported() -> bool:
+    """Whether this checkout's relay takes a ``[workers]`` config section."""
+    try:
+        from relay.config import CHECKS
+    except ImportError:
+        return False
+    return "count" in CHECKS.get("workers", {})
+
+
+def free_port_range(count: int, attempts: int = 50) -> int:
+    """The first of ``count`` consecutive UDP ports free on 127.0.0.1 (worker i takes base + i)."""
+    for _ in range(attempts):
+        base = free_port(socket.SOCK_DGRAM)
+        if base + count - 1 > 65535:
+            continue
+        socks = []
+        try:
+            for i in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise ServerError(f"no {count} consecutive free UDP ports found")
+
+
 class RelayServer(Server):
-    """``relay serve`` exactly as an operator starts it, with a generated TOML config."""
+    """``relay serve`` exactly as an operator starts it, with a generated TOML config.
+
+    ``workers`` is ``[workers] count`` (None: 1, written only when the relay knows the section,
+    so that the embedded default ``"auto"`` never changes what the bench measures) and
+    ``placement`` its ``placement``. With workers the relay is a front process and its worker
+    processes: :meth:`pids` lists them all."""
 
     name = "relay"
 
-    def __init__(self, workdir: Path, max_participants: int = 1000) -> None:
-        super().__init__(workdir)
+    def __init__(
+        self,
+        workdir: Path,
+        max_participants: int = 1000,
+        *,
+        workers: int | None = None,
+        placement: str | None = None,
+        cores: Collection[int] | None = None,
+    ) -> None:
+        super().__init__(workdir, cores)
         self.max_participants = max_participants
         self.key = BENCH_KEY
+        self.workers = workers
+        self.placement = placement
+        self.workers_section = ""
+
+    def _workers_section(self) -> str:
+        if not workers_supported():
+            if self.workers not in (None, 1) or self.placement is not None:
+                raise ServerError("this relay has no [workers] config section")
+            return ""
+        lines = [f"count = {self.workers or 1}"]
+        if self.placement is not None:
+            lines.append(f'placement = "{self.placement}"')
+        return "[workers]\n" + "\n".join(lines) + "\n"
 
     def start(self) -> None:
         api_port = free_port(socket.SOCK_STREAM)
-        self.media_port = free_port(socket.SOCK_DGRAM)
+        self.media_port = free_port_range(self.workers or 1)
+        self.workers_section = self._workers_section()
         config = self.workdir / "relay.toml"
         config.write_text(
             "[api]\n"
@@ -143,7 +219,7 @@ class RelayServer(Server):
             '[log]\nlevel = "warning"\n'
             # the bench sets connections up in bursts and measures forwarding up to saturation:
             # load shedding (which would refuse those bursts) is measured by the overload tests
-            "[overload]\nenabled = false\n"
+            "[overload]\nenabled = false\n" + self.workers_section
         )
         self._spawn([sys.executable, "-m", "relay", "serve", "--config", str(config)])
         self.api_url = f"http://127.0.0.1:{api_port}"
