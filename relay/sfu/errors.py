@@ -61,3 +61,24 @@ class Overloaded(SfuError):
         super().__init__(message, code)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
+
+
+def room_not_found(room_id: str) -> NotFound:
+    """No room ``room_id`` (the SFU core's rooms, or the front process's directory)."""
+    return NotFound(f"room {room_id} not found", code="room_not_found")
+
+
+def participant_not_found(room_id: str, participant_id: str) -> NotFound:
+    return NotFound(
+        f"participant {participant_id} not found in room {room_id}", code="participant_not_found"
+    )
+
+
+def participant_exists(room_id: str, participant_id: str) -> Conflict:
+    return Conflict(
+        f"participant {participant_id} already in room {room_id}", code="participant_exists"
+    )
+
+
+def room_full(room_id: str, max_participants: int) -> LimitReached:
+    return LimitReached(f"room {room_id} is full ({max_participants})", code="room_full")

@@ -55,6 +55,10 @@ from relay.sfu.errors import (
     LimitReached,
     NotFound,
     TooLarge,
+    participant_exists,
+    participant_not_found,
+    room_full,
+    room_not_found,
 )
 from relay.sfu.feedback import NackResponder, publisher_feedback
 from relay.sfu.leg import DatagramSender, Leg, MediaContext
@@ -311,7 +315,7 @@ class Sfu:
     def get_room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
-            raise NotFound(f"room {room_id} not found", code="room_not_found")
+            raise room_not_found(room_id)
         return room
 
     def delete_room(self, room_id: str) -> None:
@@ -341,13 +345,9 @@ class Sfu:
             participant_id = _new_id("PA_")
         self._check_id(participant_id, "participant_id")
         if participant_id in room.participants:
-            raise Conflict(
-                f"participant {participant_id} already in room {room_id}", code="participant_exists"
-            )
+            raise participant_exists(room_id, participant_id)
         if len(room.participants) >= room.max_participants:
-            raise LimitReached(
-                f"room {room_id} is full ({room.max_participants})", code="room_full"
-            )
+            raise room_full(room_id, room.max_participants)
         if metadata is None:
             metadata = {}
         if not isinstance(metadata, dict):
@@ -376,10 +376,7 @@ class Sfu:
         room = self.get_room(room_id)
         p = room.participants.get(participant_id)
         if p is None:
-            raise NotFound(
-                f"participant {participant_id} not found in room {room_id}",
-                code="participant_not_found",
-            )
+            raise participant_not_found(room_id, participant_id)
         return p
 
     def remove_participant(self, room_id: str, participant_id: str, reason: str = "kicked") -> None:
@@ -877,7 +874,7 @@ class Sfu:
         p = track.participant
         room = p.room
         if self.rooms.get(room.room_id) is not room or room.remote.get(p.participant_id) is not p:
-            raise NotFound(f"room {room.room_id} not found", code="room_not_found")
+            raise room_not_found(room.room_id)
         if any(
             track.track_id in q.tracks for q in [*room.participants.values(), *room.remote.values()]
         ):

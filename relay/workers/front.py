@@ -34,7 +34,15 @@ from relay.cli import format_toml
 from relay.config import Settings, settings_as_dict
 from relay.metrics import Metrics
 from relay.sfu import events
-from relay.sfu.errors import Conflict, Draining, LimitReached, NotFound, Overloaded, SfuError
+from relay.sfu.errors import (
+    Draining,
+    Overloaded,
+    SfuError,
+    participant_exists,
+    participant_not_found,
+    room_full,
+    room_not_found,
+)
 from relay.sfu.room import Room
 from relay.sfu.sfu import check_id, new_room
 from relay.workers.channel import Channel, ChannelError
@@ -124,10 +132,6 @@ class FrontOverload:
         """True while every ready worker sheds load, or none is ready (restarting)."""
         ready = [w for w in self.pool.handles if w.state == "ready"]
         return all(w.shedding for w in ready)
-
-    @property
-    def packet_rate(self) -> float:
-        return sum(w.packet_rate for w in self.pool.handles)
 
 
 class WorkerPool:
@@ -599,17 +603,14 @@ class WorkerPool:
     def _entry(self, room_id: str) -> RoomEntry:
         entry = self.rooms.get(room_id)
         if entry is None:
-            raise NotFound(f"room {room_id} not found", code="room_not_found")
+            raise room_not_found(room_id)
         return entry
 
     def _member(self, room_id: str, participant_id: str) -> WorkerHandle:
         entry = self._entry(room_id)
         index = entry.members.get(participant_id)
         if index is None:
-            raise NotFound(
-                f"participant {participant_id} not found in room {room_id}",
-                code="participant_not_found",
-            )
+            raise participant_not_found(room_id, participant_id)
         return self.handles[index]
 
     async def create_room(
@@ -701,17 +702,12 @@ class WorkerPool:
             check_id(participant_id, "participant_id")
         async with self._lock:
             if self.rooms.get(room_id) is not entry:
-                raise NotFound(f"room {room_id} not found", code="room_not_found")
+                raise room_not_found(room_id)
             if participant_id is not None and participant_id in entry.members:
-                raise Conflict(
-                    f"participant {participant_id} already in room {room_id}",
-                    code="participant_exists",
-                )
+                raise participant_exists(room_id, participant_id)
             room = entry.room
             if len(entry.members) >= room.max_participants:
-                raise LimitReached(
-                    f"room {room_id} is full ({room.max_participants})", code="room_full"
-                )
+                raise room_full(room_id, room.max_participants)
             worker = self._place(entry)
             new_shard = worker.index not in entry.shards
             if new_shard:
@@ -769,63 +765,48 @@ class WorkerPool:
         )
         return {**result, "worker": worker.index}
 
-    async def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None:
+    async def _on_member(
+        self, method: str, room_id: str, participant_id: str, **params: Any
+    ) -> Any:
+        """``method`` of the SFU core, called on the worker that holds the participant."""
         worker = self._member(room_id, participant_id)
-        await self._call(
-            worker,
-            "remove_participant",
-            room_id=room_id,
-            participant_id=participant_id,
-            reason=reason,
+        return await self._call(
+            worker, method, room_id=room_id, participant_id=participant_id, **params
         )
+
+    async def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None:
+        await self._on_member("remove_participant", room_id, participant_id, reason=reason)
 
     async def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
-        worker = self._member(room_id, participant_id)
-        result: str = await self._call(
-            worker, "publisher_offer", room_id=room_id, participant_id=participant_id, sdp=sdp
-        )
-        return result
+        answer: str = await self._on_member("publisher_offer", room_id, participant_id, sdp=sdp)
+        return answer
 
     async def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]:
-        worker = self._member(room_id, participant_id)
-        sdp, revision = await self._call(
-            worker, "subscriber_offer", room_id=room_id, participant_id=participant_id
-        )
+        sdp, revision = await self._on_member("subscriber_offer", room_id, participant_id)
         return sdp, revision
 
     async def subscriber_answer(
         self, room_id: str, participant_id: str, sdp: str, revision: int
     ) -> None:
-        worker = self._member(room_id, participant_id)
-        await self._call(
-            worker,
-            "subscriber_answer",
-            room_id=room_id,
-            participant_id=participant_id,
-            sdp=sdp,
-            revision=revision,
+        await self._on_member(
+            "subscriber_answer", room_id, participant_id, sdp=sdp, revision=revision
         )
 
     async def set_subscription_preferences(
         self, room_id: str, participant_id: str, track_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        worker = self._member(room_id, participant_id)
-        result: dict[str, Any] = await self._call(
-            worker,
+        result: dict[str, Any] = await self._on_member(
             "set_subscription_preferences",
-            room_id=room_id,
-            participant_id=participant_id,
+            room_id,
+            participant_id,
             track_id=track_id,
             changes=changes,
         )
         return result
 
     async def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
-        worker = self._member(room_id, participant_id)
-        result: dict[str, Any] = await self._call(
-            worker, "participant_stats", room_id=room_id, participant_id=participant_id
-        )
-        return result
+        stats: dict[str, Any] = await self._on_member("participant_stats", room_id, participant_id)
+        return stats
 
     async def workers(self) -> list[dict[str, Any]]:
         counts = {w.index: 0 for w in self.handles}
