@@ -111,6 +111,16 @@ def make_sender(sock: socket.socket, transport: asyncio.DatagramTransport) -> tu
     )
 
 
+def sink_socket() -> socket.socket:
+    """A non-blocking UDP socket on 127.0.0.1 with a large receive buffer: where the relay's
+    copies go in a bench, drained between samples."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    return sink
+
+
 class Bench:
     """A :class:`LoopbackRelay` with one publisher and ``fanout`` connected subscribers whose
     addresses are sink sockets, every subscription already forwarding."""
@@ -118,7 +128,7 @@ class Bench:
     def __init__(self, kind: str, fanout: int) -> None:
         self.kind = kind
         self.fanout = fanout
-        self.sinks = [self._sink() for _ in range(fanout + 1)]
+        self.sinks = [sink_socket() for _ in range(fanout + 1)]
         # the relay runs on time.monotonic (its timers are not driven here: nothing is due)
         self.relay = LoopbackRelay(clock=time.monotonic)
         self.ssrc = 0x1234567
@@ -144,14 +154,6 @@ class Bench:
         if any(len(got[f"s{i}"].rtp) != WARMUP for i in range(fanout)):
             raise RuntimeError("the subscribers did not get the warm-up packets")
         assert all(not s.rewriter.starting for s in self.track.outputs)
-
-    @staticmethod
-    def _sink() -> socket.socket:
-        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sink.bind(("127.0.0.1", 0))
-        sink.setblocking(False)
-        return sink
 
     def packets(self, count: int, size: int) -> list[bytes]:
         """``count`` SRTP packets of about ``size`` bytes from the publisher, new sequence

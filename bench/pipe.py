@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.hotpath import sink_socket
 from relay.client.loopback import LoopbackRelay
 from relay.client.peer import TrackSpec
 from relay.rtc.rtp import parse_rtp
@@ -49,18 +50,19 @@ SIZE = 1200
 TABLE = [(2, 25), (2, 50), (2, 100), (16, 1000), (64, 1000), (64, 5000)]
 
 
-def _socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    return sock
-
-
 def _packet(seq: int) -> bytes:
     """A plain VP8 packet that starts a keyframe (a stream may start on any of them)."""
     header = struct.pack("!BBHII", 0x80, 0x80 | VIDEO_PT, seq & 0xFFFF, seq * 3000, SSRC)
     return header + b"\x10" + bytes(SIZE - len(header) - 1)
+
+
+def _receive(track: Track, packets: list[bytes]) -> None:
+    """Hand plain packets to ``track`` as its publisher leg would (the step both the export
+    and the forwarded copy are timed on)."""
+    receive, now = track.receive, time.monotonic()
+    for plain in packets:
+        _pt, seq, ts, _ssrc, _m, offset, _eo, _el = parse_rtp(plain)
+        receive(plain, seq, ts, offset, [], len(plain), now)
 
 
 def _drain(sock: socket.socket) -> int:
@@ -78,7 +80,7 @@ class PipeBench:
     ``sink``, pipe socket ``b_sock``), the track exported from A and imported by B."""
 
     def __init__(self) -> None:
-        self.a_sock, self.b_sock, self.sink, self.pub_sink = (_socket() for _ in range(4))
+        self.a_sock, self.b_sock, self.sink, self.pub_sink = (sink_socket() for _ in range(4))
         self.a = LoopbackRelay(room_id=ROOM, clock=time.monotonic)
         self.b = LoopbackRelay(room_id=ROOM, clock=time.monotonic, certificate=self.a.certificate)
         a_send = BatchSender(self.a_sock, self.a_sock.sendto)
@@ -99,7 +101,7 @@ class PipeBench:
         self.b.sfu.media.sender = BatchSender(self.sink, self.sink.sendto)
         self.seq = 0
         # a first keyframe through the whole pipe: B's stream starts and forwards
-        self.export(self.next_packets(3))
+        _receive(self.track_a, self.next_packets(3))
         self.import_all()
         if _drain(self.sink) < 3 or not self.track_b.outputs:
             raise RuntimeError("the piped packets did not reach B's subscriber")
@@ -113,12 +115,6 @@ class PipeBench:
             out.append(_packet(self.seq))
         return out
 
-    def export(self, packets: list[bytes]) -> None:
-        receive, now = self.track_a.receive, time.monotonic()
-        for plain in packets:
-            _pt, seq, ts, _ssrc, _m, offset, _eo, _el = parse_rtp(plain)
-            receive(plain, seq, ts, offset, [], len(plain), now)
-
     def import_all(self) -> int:
         """Every piped datagram waiting on B's pipe socket, read and handed to B's endpoint."""
         recv, received, addr = self.b_sock.recv, self.pipe_b.datagram_received, self.a_addr
@@ -129,12 +125,6 @@ class PipeBench:
                 count += 1
         except BlockingIOError:
             return count
-
-    def forward(self, packets: list[bytes]) -> None:
-        receive, now = self.track_b.receive, time.monotonic()
-        for plain in packets:
-            _pt, seq, ts, _ssrc, _m, offset, _eo, _el = parse_rtp(plain)
-            receive(plain, seq, ts, offset, [], len(plain), now)
 
     def close(self) -> None:
         for sock in (self.a_sock, self.b_sock, self.sink, self.pub_sink):
@@ -157,10 +147,10 @@ def measure(packets: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             # export: with the tap, then without (B's socket emptied after each)
             batch = bench.next_packets(packets)
-            with_tap = _cpu(lambda batch=batch: bench.export(batch))
+            with_tap = _cpu(lambda batch=batch: _receive(bench.track_a, batch))
             bench.track_a.pipes = []
             batch = bench.next_packets(packets)
-            without = _cpu(lambda batch=batch: bench.export(batch))
+            without = _cpu(lambda batch=batch: _receive(bench.track_a, batch))
             bench.track_a.pipes = taps
             export.append((with_tap - without) / packets)
             # import: the first batch's datagrams, B's fan-out emptied
@@ -173,10 +163,10 @@ def measure(packets: int, rounds: int) -> dict[str, float]:
             import_.append(spent / packets)
             # one copy on B: with the subscriber's stream, then with none
             batch = bench.next_packets(packets)
-            with_stream = _cpu(lambda batch=batch: bench.forward(batch))
+            with_stream = _cpu(lambda batch=batch: _receive(bench.track_b, batch))
             bench.track_b.outputs = []
             batch = bench.next_packets(packets)
-            alone = _cpu(lambda batch=batch: bench.forward(batch))
+            alone = _cpu(lambda batch=batch: _receive(bench.track_b, batch))
             bench.track_b.outputs = outputs
             copy.append((with_stream - alone) / packets)
             if _drain(bench.sink) != packets:
