@@ -232,12 +232,28 @@ class KeyframeRequester:
     subscription that starts now needs a keyframe it has not missed) goes out unless the
     keyframe asked for last is still to come: subscribers that join together cost the
     publisher one keyframe. A request made while the publisher cannot be reached is kept and
-    retried."""
+    retried. While a subscriber's stream on this track waits for a keyframe to start (resumed,
+    activated, its source new) and the publisher goes on sending without one, the request is
+    made again every :data:`WAIT_RETRY` seconds (at least the interval): a publisher may drop
+    a request (Chromium ignores one less than 300 ms after the one before, for any layer), and
+    a stream that starts only at a keyframe (VP8 simulcast, VP9, AV1) would wait for ever."""
 
-    __slots__ = ("track", "ctx", "interval", "last", "arrived", "pending", "requests", "timer")
+    __slots__ = (
+        "track",
+        "ctx",
+        "interval",
+        "last",
+        "arrived",
+        "pending",
+        "requests",
+        "timer",
+        "_packets_at",
+    )
 
     #: seconds between retries of a pending request
     RETRY = 1.0
+    #: seconds after a request (at least the interval) to ask again while a stream waits
+    WAIT_RETRY = 0.5
 
     def __init__(self, ctx: MediaContext, track: Track) -> None:
         self.track = track
@@ -250,10 +266,17 @@ class KeyframeRequester:
         #: PLIs sent for this track
         self.requests = 0
         self.timer = ctx.timers.timer(self._retry)
+        #: the track's packet count at the last request (did the publisher send since?)
+        self._packets_at = 0
 
     def request(self, now: float, force: bool = False) -> None:
         if now - self.last < self.interval and (not force or self.arrived < self.last):
+            if not self.timer.armed and self._waiting():
+                self.timer.arm(self.last + self._wait_retry())  # in case it never comes
             return
+        self._send(now)
+
+    def _send(self, now: float) -> None:
         track = self.track
         leg = track.participant.publisher_leg
         upstream = track.upstream
@@ -264,17 +287,36 @@ class KeyframeRequester:
         self.last = now
         self.pending = False
         self.timer.cancel()
+        self._packets_at = track.packets
         self.requests += 1
         self.ctx.metrics.keyframe_requests += 1
         if upstream is not None:  # imported from another worker: over the pipe
             upstream.send_keyframe_request(track)
         elif leg is not None:
             leg.send_rtcp(rtcp.pli(track.participant.rtcp_ssrc, track.ssrc))
+        if self._waiting():
+            self.timer.arm(now + self._wait_retry())
+
+    def _wait_retry(self) -> float:
+        return max(self.interval, self.WAIT_RETRY)
+
+    def _waiting(self) -> bool:
+        """A subscriber's stream on this track waits for a keyframe to start (one moving here
+        from another simulcast layer waits in ``pending``: the allocation asks for those)."""
+        track = self.track
+        return not track.ended and any(
+            stream.rewriter.starting and stream.target in (None, track) for stream in track.outputs
+        )
 
     def _retry(self, now: float) -> None:
         track = self.track
-        if self.pending and (track.outputs or track.piped) and not track.ended:
-            self.request(now, force=True)
+        if track.ended:
+            return
+        if self.pending:
+            if track.outputs or track.piped:
+                self.request(now, force=True)
+        elif self._waiting() and track.packets > self._packets_at:
+            self._send(now)  # the publisher went on without a keyframe: ask again
 
     def close(self) -> None:
         self.pending = False

@@ -332,3 +332,79 @@ def h264_sps(width: int, height: int) -> bytes:
 def _ue(value: int) -> str:
     code = f"{value + 1:b}"
     return "0" * (len(code) - 1) + code
+
+
+def test_a_resumed_subscriber_is_asked_a_keyframe_again_until_one_comes() -> None:
+    """Chromium ignores a keyframe request that comes less than 300 ms after the one before
+    (any layer's: libwebrtc's EncoderRtcpFeedback). Paused, bob's browser asks for a keyframe
+    after 3 s without frames and the publisher answers it; bob resumed just after, the relay's
+    request goes unanswered. A resumed VP8 simulcast stream starts only at a keyframe of the
+    layer it is on (never on a delta frame after KEYFRAME_WAIT): the relay asks again while
+    it waits, and bob gets the layer from the keyframe that answers."""
+    call = Call()
+    call.start_all()
+    for layer in range(3):
+        call.send(layer)
+    track_id, q_ssrc = call.track.track_id, LAYERS[0][1]
+    prefs = call.h.sfu.set_subscription_preferences
+    call.h.now += 1.0
+    prefs("r", "bob", track_id, {"max_height": 180})
+    call.send(0, keyframe=True)
+    assert call.video.stream.track is call.track.layers[0]
+    call.h.now += 1.0
+    prefs("r", "bob", track_id, {"paused": True})
+    call.h.now += 3.0
+    call.h.receive(rtcp.pli(1, call.video.ssrc), BOB)  # bob's decoder: nothing for 3 s
+    call.h.now += 0.1
+    call.send(0, keyframe=True)  # the answer, while bob is paused
+    call.h.now += 0.1
+    call.h.sent.clear()
+    prefs("r", "bob", track_id, {"paused": False})
+    assert _plis_for(call, q_ssrc) == 1  # asked at once (the publisher ignores this one)
+    # q goes on with delta frames, 15 a second, the relay's timers running
+    for _ in range(15):
+        call.h.now += 1 / 15
+        call.send(0)
+        call.h.sfu.timers.run(call.h.now)
+    assert call.to_bob() == []  # no keyframe yet: nothing forwarded
+    assert _plis_for(call, q_ssrc) >= 2  # asked again within the second
+    call.send(0, keyframe=True)
+    call.send(0)
+    assert len(call.to_bob()) == 2  # bob goes on from the keyframe
+    asked = _plis_for(call, q_ssrc)
+    for _ in range(30):
+        call.h.now += 1 / 15
+        call.send(0)
+        call.h.sfu.timers.run(call.h.now)
+    assert _plis_for(call, q_ssrc) == asked  # started: no more asking
+
+
+def test_a_resume_while_an_unanswered_request_is_fresh_is_asked_for_again() -> None:
+    """Resumed before the keyframe bob's paused browser asked for arrives, the relay's own
+    request is held back (that keyframe is still to come, it assumes); when it never comes
+    (the publisher ignored that request), the relay asks again."""
+    call = Call()
+    call.start_all()
+    for layer in range(3):
+        call.send(layer)
+    track_id, q_ssrc = call.track.track_id, LAYERS[0][1]
+    prefs = call.h.sfu.set_subscription_preferences
+    call.h.now += 1.0
+    prefs("r", "bob", track_id, {"max_height": 180})
+    call.send(0, keyframe=True)
+    call.h.now += 1.0
+    prefs("r", "bob", track_id, {"paused": True})
+    call.h.now += 3.0
+    call.h.sent.clear()
+    call.h.receive(rtcp.pli(1, call.video.ssrc), BOB)
+    assert _plis_for(call, q_ssrc) == 1  # passed on; the publisher ignores it
+    call.h.now += 0.05
+    prefs("r", "bob", track_id, {"paused": False})
+    assert _plis_for(call, q_ssrc) == 1  # held back: the keyframe asked for is "to come"
+    for _ in range(15):
+        call.h.now += 1 / 15
+        call.send(0)
+        call.h.sfu.timers.run(call.h.now)
+    assert _plis_for(call, q_ssrc) >= 2
+    call.send(0, keyframe=True)
+    assert len(call.to_bob()) == 1
