@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from relay import __version__
+from relay import __version__, privacy
 from relay.addresses import media_candidate_addresses
 from relay.config import (
     ConfigError,
@@ -75,6 +75,8 @@ def setup_logging(log: LogSettings, stream: TextIO | None = None) -> logging.Han
     root.addHandler(handler)
     root.setLevel(log.level.upper())
     logging.captureWarnings(True)
+    # how client addresses appear in this process's log lines (a new salt for "hashed")
+    privacy.configure(log.client_addresses)
     return handler
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "MIN_TOKEN_SECRET_LENGTH",
     "ApiSettings",
     "AuthSettings",
+    "ComplianceSettings",
     "ConfigError",
     "DemoSettings",
     "EventSettings",
@@ -37,9 +38,11 @@ __all__ = [
     "LogSettings",
     "MediaSettings",
     "OverloadSettings",
+    "RecordingSettings",
     "RoomSettings",
     "SessionSettings",
     "Settings",
+    "WhipSettings",
     "env_var_name",
     "is_loopback_host",
     "load_settings",
@@ -54,6 +57,13 @@ MIN_TOKEN_SECRET_LENGTH = 32
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+CLIENT_ADDRESSES = ("none", "hashed", "full")
+#: Regions whose law requires a notice-and-action channel for illegal content (the EU's
+#: Digital Services Act, Article 16; the EEA applies it): the EU and EEA and their members.
+REPORTING_REGIONS = frozenset(
+    "EU EEA AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE "
+    "IS LI NO".split()
+)
 CERTIFICATE_TYPES = ("ecdsa", "rsa")
 SRTP_PROFILES = ("AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_80")
 
@@ -185,6 +195,10 @@ class LogSettings:
 
     level: str = "info"
     format: str = "text"
+    #: how a client's IP address appears in log lines: not at all ("none"), as a keyed hash
+    #: under a random per-process salt ("hashed": the same address gives the same tag within
+    #: one process run, and nothing outside it), or as it is ("full")
+    client_addresses: str = "hashed"
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,44 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class RecordingSettings:
+    """Consent-gated recording: where files go, how long they are kept, how the writer is
+    bounded. Recording is off while ``directory`` is ""."""
+
+    directory: str = ""
+    #: days a finished recording's files are kept (0: until deleted through the API)
+    retention_days: int = 7
+    #: packets waiting for the writer thread; one more is dropped and counted
+    queue_packets: int = 4096
+    #: a recording stops (event ``recording.stopped``, reason ``disk_full``) when the free
+    #: space of its file system falls below this
+    min_free_bytes: int = 268435456
+
+
+@dataclass(frozen=True)
+class ComplianceSettings:
+    """Where the relay runs, in law: ``region`` "EU" (or "EEA", or an EU/EEA member's ISO code)
+    switches on abuse reports (``POST /v1/rooms/{room}/reports``), kept in ``reports_file``."""
+
+    region: str = ""
+    reports_file: str = ""
+    #: reports one reporter may make per hour; one more is 429
+    reports_per_hour: int = 10
+
+
+@dataclass(frozen=True)
+class WhipSettings:
+    """WHIP and WHEP (``/whip/{room}``, ``/whep/{room}``): the origin allowed to call them from
+    a browser page, and the ICE servers announced to their clients in ``Link`` headers."""
+
+    allow_origin: str = "*"
+    ice_servers: tuple[str, ...] = ()
+    #: long-term TURN credentials, sent with the ``turn:``/``turns:`` servers only
+    ice_username: str = ""
+    ice_credential: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per TOML section."""
 
@@ -219,6 +271,9 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
+    compliance: ComplianceSettings = field(default_factory=ComplianceSettings)
+    whip: WhipSettings = field(default_factory=WhipSettings)
 
 
 def _sections() -> dict[str, type]:
@@ -386,6 +441,21 @@ class WorkerCount(Integer):
         return super().validate(value)
 
 
+class Region(Check):
+    """The empty string (none) or a region code: an ISO 3166-1 alpha-2 country code, "EU" or "EEA",
+    stored upper-case."""
+
+    expected = '"" or a region code such as "EU", "EEA" or an ISO country code ("DE")'
+
+    def validate(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise self.fail(value)
+        code = value.strip().upper()
+        if code and not re.fullmatch(r"[A-Z]{2}|EEA", code):
+            raise self.fail(value)
+        return code
+
+
 class IPAddress(Check):
     """An IPv4 or IPv6 address, stored in its compressed form."""
 
@@ -483,6 +553,30 @@ class List(Check):
         if self.non_empty and not items:
             raise _Invalid(f"must not be empty; {self.non_empty}")
         return tuple(items)
+
+
+class IceServerUrl(Check):
+    """A STUN or TURN server URI (RFC 7064, RFC 7065) that fits a ``Link`` header."""
+
+    expected = "a stun:, stuns:, turn: or turns: URI"
+
+    def validate(self, value: object) -> str:
+        if not isinstance(value, str) or not re.fullmatch(
+            r"(stuns?|turns?):[A-Za-z0-9.:\[\]_~%!$&'()*+,;=?/@-]+", value
+        ):
+            raise self.fail(value)
+        return value
+
+
+class QuotedText(Check):
+    """A string that goes into an HTTP quoted-string: printable ASCII without ``"`` or ``\\``."""
+
+    expected = 'printable ASCII without " or \\'
+
+    def validate(self, value: object) -> str:
+        if not isinstance(value, str) or not re.fullmatch(r"[ !#-\[\]-~]*", value):
+            raise _Invalid(f"expected {self.expected}")
+        return value
 
 
 class TokenSecret(Check):
@@ -595,6 +689,7 @@ CHECKS: dict[str, dict[str, Check]] = {
     "log": {
         "level": Choice(LOG_LEVELS),
         "format": Choice(LOG_FORMATS),
+        "client_addresses": Choice(CLIENT_ADDRESSES),
     },
     "demo": {
         "enabled": Boolean(),
@@ -604,10 +699,34 @@ CHECKS: dict[str, dict[str, Check]] = {
         "placement": Choice(PLACEMENTS),
         "call_timeout": Seconds(),
     },
+    "recording": {
+        "directory": Text(),
+        "retention_days": Integer(0, 36500),
+        "queue_packets": Integer(16, 1048576),
+        "min_free_bytes": Integer(0),
+    },
+    "compliance": {
+        "region": Region(),
+        "reports_file": Text(),
+        "reports_per_hour": Integer(1, 3600),
+    },
+    "whip": {
+        "allow_origin": QuotedText(),
+        "ice_servers": List(IceServerUrl(), "a list of stun:/turn: URIs"),
+        "ice_username": QuotedText(),
+        "ice_credential": QuotedText(),
+    },
 }
 
 #: Keys whose values are secrets and never shown.
-SECRET_KEYS = frozenset({("api", "keys"), ("auth", "token_secret"), ("events", "webhook_secret")})
+SECRET_KEYS = frozenset(
+    {
+        ("api", "keys"),
+        ("auth", "token_secret"),
+        ("events", "webhook_secret"),
+        ("whip", "ice_credential"),
+    }
+)
 
 
 def env_var_name(section: str, key: str) -> str:
@@ -785,6 +904,12 @@ def _cross_checks(settings: Settings) -> list[str]:
             f"limits.max_participants_per_room ({limits.max_participants_per_room})"
         )
     problems.extend(_overload_checks(settings.overload))
+    compliance = settings.compliance
+    if compliance.region in REPORTING_REGIONS and not compliance.reports_file.strip():
+        problems.append(
+            f"compliance.reports_file: required when compliance.region is "
+            f"{compliance.region!r} (abuse reports are kept in that file, one JSON object a line)"
+        )
     workers = worker_count(settings.workers)
     if settings.media.port + workers - 1 > 65535:
         problems.append(

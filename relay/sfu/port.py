@@ -10,8 +10,10 @@ the DTLS handshakes, including their retransmission timers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+from relay.privacy import LogLimit, client_address, log_limited, same_host
 from relay.rtc.ice import StunError, parse_binding_request
 from relay.rtc.rtp import is_rtcp
 from relay.rtc.srtp import SrtpError
@@ -20,6 +22,12 @@ from relay.sfu.leg import Leg, MediaContext
 
 #: authenticated but unlatched addresses remembered per transport
 MAX_ALT_ADDRESSES = 4
+
+log = logging.getLogger(__name__)
+#: log lines a client can cause (latches, latch moves, failed handshakes), per connection: a
+#: burst of LOG_BURST, then one every 1/LOG_RATE s (and at most 20 a second over all of them)
+LOG_BURST = 5
+LOG_RATE = 0.1
 
 
 class MediaPort:
@@ -42,6 +50,8 @@ class MediaPort:
         #: SRTCP from one of them that authenticates moves the latch there (NAT rebinding
         #: without re-nomination), as does a DTLS handshake completed from one
         self.alt_addrs: dict[Address, Leg] = {}
+        #: bounds the log lines clients can cause (see LOG_BURST)
+        self.log_limit = LogLimit(rate=LOG_RATE, burst=LOG_BURST)
 
     # -- legs -----------------------------------------------------------------------------
     def add(self, leg: Leg) -> None:
@@ -190,6 +200,34 @@ class MediaPort:
         if self.alt_addrs.get(addr) is leg:
             del self.alt_addrs[addr]
             transport.alternates.remove(addr)
+        p = leg.participant
+        # client addresses only through the formatter ([log] client_addresses)
+        if old is None:
+            log_limited(
+                log,
+                self.log_limit,
+                (p.room.room_id, p.participant_id, transport.role),
+                self.clock(),
+                logging.INFO,
+                "participant %s: %s connection latched to %s",
+                p.participant_id,
+                transport.role,
+                client_address(addr),
+            )
+        else:
+            log_limited(
+                log,
+                self.log_limit,
+                (p.room.room_id, p.participant_id, transport.role),
+                self.clock(),
+                logging.INFO,
+                "participant %s: %s connection moved from %s to %s (%s)",
+                p.participant_id,
+                transport.role,
+                client_address(old),
+                client_address(addr),
+                "same host, new port" if same_host(old, addr) else "new host",
+            )
 
     # -- DTLS -----------------------------------------------------------------------------
     def _dtls(self, data: bytes, addr: Address) -> None:
@@ -224,4 +262,19 @@ class MediaPort:
         elif state is TransportState.FAILED or state is TransportState.CLOSED:
             if leg.dtls_timer is not None:
                 leg.dtls_timer.cancel()
+            if state is TransportState.FAILED:
+                transport = leg.transport
+                p = leg.participant
+                log_limited(
+                    log,
+                    self.log_limit,
+                    (p.room.room_id, p.participant_id, transport.role),
+                    self.clock(),
+                    logging.WARNING,
+                    "participant %s: DTLS handshake of the %s connection with %s failed: %s",
+                    p.participant_id,
+                    transport.role,
+                    client_address(transport.addr),
+                    transport.failure_reason,
+                )
             self.on_failed(leg)
