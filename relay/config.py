@@ -121,6 +121,11 @@ class MediaSettings:
     receive_buffer_bytes: int = 4194304
     send_buffer_bytes: int = 4194304
     codec_preference: tuple[str, ...] = DEFAULT_VIDEO_PREFERENCE
+    #: ICE-TCP (RFC 6544): which transports the relay announces candidates for
+    transports: str = "udp+tcp"
+    tcp_max_connections: int = 1000
+    tcp_write_buffer_bytes: int = 262144
+    tcp_handshake_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -612,6 +617,9 @@ PLACEMENTS = ("spread", "pack")
 #: How publishers get congestion-control feedback: transport-cc when they offer it, else REMB
 #: ("auto"); REMB only ("remb"); none ("none", the client's loss-based estimate alone).
 CONGESTION_CONTROL = ("auto", "remb", "none")
+#: The transports of the relay's ICE candidates: UDP and TCP (RFC 6544, UDP preferred), UDP
+#: only, or TCP only (for tests and for networks that block UDP).
+MEDIA_TRANSPORTS = ("udp+tcp", "udp", "tcp")
 
 CHECKS: dict[str, dict[str, Check]] = {
     "api": {
@@ -643,6 +651,10 @@ CHECKS: dict[str, dict[str, Check]] = {
             "a list of video codec names",
             non_empty="name at least one video codec",
         ),
+        "transports": Choice(MEDIA_TRANSPORTS),
+        "tcp_max_connections": Integer(1),
+        "tcp_write_buffer_bytes": Integer(4096, 16777216),
+        "tcp_handshake_timeout": Seconds(),
     },
     "session": {
         "consent_timeout": Seconds(),

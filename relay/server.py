@@ -21,11 +21,13 @@ from relay.api.events import EventBus
 from relay.api.http import bounded_protocol
 from relay.config import Settings, worker_count
 from relay.metrics import Metrics
+from relay.recording.service import RecordingService
 from relay.rtc.dtls import Certificate
 from relay.sfu.events import Event
 from relay.sfu.port import MediaPort
 from relay.sfu.sfu import Sfu
 from relay.sfu.timers import Timers
+from relay.tcp import IceTcpServer, MediaSender, bind_tcp
 from relay.udp import BatchSender
 from relay.workers.front import WorkerPool
 
@@ -119,6 +121,10 @@ class MediaPlane:
         self.timer_driver: TimerDriver | None = None
         self.certificate: Certificate | None = None
         self.candidates: list[tuple[str, int]] = []
+        #: ICE-TCP on the same port number (relay/tcp.py), when [media] transports has tcp
+        self.tcp: IceTcpServer | None = None
+        self.tcp_server: asyncio.AbstractServer | None = None
+        self.tcp_candidates: list[tuple[str, int]] = []
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> Sfu:
@@ -145,25 +151,33 @@ class MediaPlane:
         self.candidates = candidates = [
             (addr, port) for addr in media_candidate_addresses(settings.media)
         ]
+        tcp_sock = self._bind_tcp(port)
+        if tcp_sock is not None:
+            self.tcp_candidates = [(addr, port) for addr, _ in candidates]
+        if settings.media.transports == "tcp":
+            self.candidates = candidates = []
         self.timer_driver = driver = TimerDriver(loop, time.monotonic)
         protocol = MediaProtocol(self.metrics)
         self.udp, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         # direct sends wait while uvloop still queues datagrams, so none overtakes another
         # (asyncio's DatagramTransport type lacks the method; uvloop's transport has it)
         queued = self.udp.get_write_buffer_size  # type: ignore[attr-defined]
+        sender = BatchSender(sock, self.udp.sendto, queued)
+        media_sender = sender if tcp_sock is None else MediaSender(sender)
         self.sfu = sfu = Sfu(
             settings,
             certificate=certificate,
             candidates=candidates,
-            sender=BatchSender(sock, self.udp.sendto, queued),
+            sender=media_sender,
             clock=time.monotonic,
             emit=self.emit,
             metrics=self.metrics,
             timers=driver.timers,
+            tcp_candidates=self.tcp_candidates,
         )
         protocol.port = sfu.port
-        sender = sfu.media.sender
-        assert isinstance(sender, BatchSender)
+        if tcp_sock is not None:
+            await self._start_tcp(tcp_sock, sfu, media_sender)
         for path in ("batched", "direct", "fallback"):
             self.metrics.counter(
                 f"udp_sent_{path}_total",
@@ -185,6 +199,47 @@ class MediaPlane:
             ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in candidates),
         )
         return sfu
+
+    def _bind_tcp(self, port: int) -> socket.socket | None:
+        """The ICE-TCP listening socket on the media port number, or None (no TCP: by the
+        settings, or, with "udp+tcp", when the port cannot be bound)."""
+        media = self.settings.media
+        if media.transports == "udp":
+            return None
+        try:
+            return bind_tcp(media.host, port)
+        except OSError as exc:
+            if media.transports == "tcp":
+                raise SystemExit(
+                    f"relay: cannot bind ICE-TCP port {media.host}:{port}: {exc.strerror}"
+                ) from None
+            log.warning(
+                "ICE-TCP off: cannot bind TCP port %s:%d (%s); announcing UDP candidates only",
+                media.host,
+                port,
+                exc.strerror,
+            )
+            return None
+
+    async def _start_tcp(self, sock: socket.socket, sfu: Sfu, sender: Any) -> None:
+        """Accept ICE-TCP connections: their frames go to the SFU's media port."""
+        self.tcp = tcp = IceTcpServer(
+            self.settings.media,
+            self.metrics,
+            time.monotonic,
+            idle_timeout=self.settings.session.consent_timeout,
+        )
+        tcp.port = sfu.port
+        tcp.sender = sender
+        tcp.start_timers(sfu.timers)
+        loop = asyncio.get_running_loop()
+        self.tcp_server = await loop.create_server(tcp.protocol, sock=sock)
+        log.info(
+            "ICE-TCP on tcp %s:%d, candidates %s",
+            self.settings.media.host,
+            self.port,
+            ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in self.tcp_candidates),
+        )
 
     async def _loop_lag(self) -> None:
         """Sample the event loop's lag; feed it and the forwarded packets to load shedding."""
@@ -226,8 +281,14 @@ class MediaPlane:
             task.cancel()
         if self.timer_driver is not None:
             self.timer_driver.close()
+        if self.tcp_server is not None:
+            self.tcp_server.close()  # stop accepting
+        if self.tcp is not None:
+            self.tcp.close_all()
 
     def close(self) -> None:
+        if self.sfu is not None:
+            self.sfu.recording.close()  # finalize every recording file of this process
         if self.udp is not None:
             self.udp.close()
 
@@ -260,6 +321,7 @@ class Relay:
         self.media: MediaPlane | None = None
         self.pool: WorkerPool | None = None
         self.api: _ApiServer | None = None
+        self.recordings: RecordingService | None = None
         self.stopping = asyncio.Event()
         self.media_port = 0
 
@@ -283,6 +345,8 @@ class Relay:
             core = await self.media.start()
             self.media_port = self.media.port
         app = create_app(core, settings, self.events, self.metrics)
+        self.recordings = app.state.recordings
+        await self.recordings.start()
         self.api = api_server(settings, app)
         self.events.start()
         self._api_task = asyncio.create_task(self.api.serve(), name="api")
@@ -312,6 +376,8 @@ class Relay:
             self.media.drain()
         if self.pool is not None:
             await self.pool.stop(SHUTDOWN_GRACE)
+        if self.recordings is not None:
+            await self.recordings.aclose()  # the rooms closed: every recording stops
         await self.events.aclose()
         if self.api is not None:
             self.api.should_exit = True

@@ -38,6 +38,8 @@ from relay.api.core import ControlCore, LocalCore
 from relay.api.demo import demo_router, dev_tokens_enabled
 from relay.api.errors import error_response, install_error_handlers
 from relay.api.events import EventBus, sse_stream
+from relay.api.recordings import install_recordings
+from relay.api.reports import reports_router
 from relay.api.schemas import (
     ID_PATTERN,
     CreateParticipant,
@@ -60,6 +62,7 @@ from relay.api.schemas import (
     WorkerList,
     encoded_json_size,
 )
+from relay.api.whip import install_whip
 from relay.config import Settings
 from relay.sfu.errors import Draining, Forbidden, TooLarge
 from relay.sfu.sfu import Sfu
@@ -84,14 +87,16 @@ Every `/v1` call carries `Authorization: Bearer <credential>`:
 - **API key** (`api.keys`): every call.
 - **Participant token**, when `auth.token_secret` is set: a JWT signed with HS256 under that
   secret (no other algorithm is accepted) with the claims `room` (room id), `sub` (participant
-  id), `can_publish`, `can_subscribe` (booleans) and `exp` (Unix seconds); `nbf` is honoured.
+  id), `can_publish`, `can_subscribe` (booleans) and `exp` (Unix seconds); `nbf` is honoured,
+  and the optional `e2ee` (boolean) says the client encrypts its media end to end.
   A signaling server creates the participant with its API key, signs a token for it and hands
   the token to the client, which may then call only:
   - `GET` and `DELETE ?reason=left` on `/v1/rooms/{room}/participants/{sub}`,
   - `.../{sub}/publisher` (if `can_publish`), `.../{sub}/subscriber` (if `can_subscribe`),
-    `.../{sub}/stats`,
+    `.../{sub}/stats`, `PUT .../{sub}/consent` (its answer to a recording request),
   - `GET /v1/events?room_id={room}` (read it with `fetch()`, which can send the
-    `Authorization` header; the token is never accepted in a URL).
+    `Authorization` header; the token is never accepted in a URL),
+  - `POST /v1/rooms/{room}/reports` (abuse reports, where `compliance.region` has them).
 
   Anything else is `403`; a token that is expired, not yet valid, forged, or lacks a claim
   is `401` with `WWW-Authenticate: Bearer error="invalid_token"`. The flags only narrow what
@@ -417,6 +422,7 @@ async def create_participant(
         can_publish=body.can_publish,
         can_subscribe=body.can_subscribe,
         auto_subscribe=body.auto_subscribe,
+        e2ee=body.e2ee,
     )
 
 
@@ -471,9 +477,12 @@ async def publisher_offer(
     settings: Config,
     principal: PublisherAccess,
 ) -> PublisherAnswer:
-    """The client's offer for what it publishes; the relay answers. Call again to renegotiate."""
+    """The client's offer for what it publishes; the relay answers. Call again to renegotiate.
+
+    In a room with `e2ee_required`, a participant neither created with `e2ee` nor holding a
+    token with the `e2ee` claim gets `403 e2ee_required`."""
     _check_sdp_size(body.sdp, settings)
-    answer = await sfu.publisher_offer(room_id, participant_id, body.sdp)
+    answer = await sfu.publisher_offer(room_id, participant_id, body.sdp, e2ee=principal.e2ee)
     return PublisherAnswer(sdp=answer)
 
 
@@ -539,6 +548,55 @@ async def set_subscription(
     return SubscriptionInfo(**sub)
 
 
+async def _moderate(
+    sfu: ControlCore, room_id: str, participant_id: str, track_id: str, muted: bool
+) -> Response:
+    await sfu.moderate_track(room_id, participant_id, track_id, muted)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.post(
+    "/rooms/{room_id}/participants/{participant_id}/tracks/{track_id}/mute",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    tags=["moderation"],
+    summary="Mute a participant's track at the relay",
+    responses=_errors(403, 404),
+)
+async def mute_track(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    track_id: TrackIdParam,
+    sfu: Core,
+    principal: Admin,
+) -> Response:
+    """API key only. The relay stops forwarding the track (to every subscriber, on every
+    worker, and to recordings) until it is unmuted; subscribers get `track.muted` with
+    `by: "moderator"`. Muting a muted track changes nothing. `404 track_not_found` when the
+    participant publishes no such track."""
+    return await _moderate(sfu, room_id, participant_id, track_id, True)
+
+
+@v1.post(
+    "/rooms/{room_id}/participants/{participant_id}/tracks/{track_id}/unmute",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    tags=["moderation"],
+    summary="Unmute a participant's track muted by a moderator",
+    responses=_errors(403, 404),
+)
+async def unmute_track(
+    room_id: RoomId,
+    participant_id: ParticipantId,
+    track_id: TrackIdParam,
+    sfu: Core,
+    principal: Admin,
+) -> Response:
+    """API key only. Forwarding resumes from the track's next keyframe, asked of the
+    publisher at once; subscribers get `track.unmuted` with `by: "moderator"`."""
+    return await _moderate(sfu, room_id, participant_id, track_id, False)
+
+
 @v1.get(
     "/rooms/{room_id}/participants/{participant_id}/stats",
     response_model=dict[str, Any],
@@ -599,7 +657,9 @@ async def stream_events(
     `track.published`, `track.unpublished`, `track.muted`, `track.unmuted`,
     `track.unsupported` (a subscriber's answer did not take a track: `participant_id` of the
     subscriber, `track_id`, `publisher_id`, `codec`, `reason`), `subscriber.renegotiate`,
-    `speaker.changed`, `room.closed`.
+    `speaker.changed`, `room.closed`, `recording.requested` (`recording_id`,
+    `participant_ids` asked for consent), `recording.started`, `recording.participant_excluded`
+    (`participant_id`, `reason`), `recording.stopped` (`reason`).
 
     A participant token must name its own room in `room_id`. Open streams are limited per API
     key (`limits.event_streams_per_key`) and per participant token
@@ -675,6 +735,9 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)
+    install_recordings(app, app.state.sfu, settings, events)
+    install_whip(app, settings, events)
+    app.include_router(reports_router(settings))
     if settings.demo.enabled:
         app.include_router(demo_router(settings, token_secret))
         if dev_tokens:

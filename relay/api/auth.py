@@ -61,6 +61,8 @@ class Principal:
     can_subscribe: bool = True
     #: may read its room (``GET /v1/rooms/{room_id}``); participant tokens may not
     can_read_room: bool = True
+    #: a participant token's ``e2ee`` claim: the client encrypts its media end to end
+    e2ee: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -137,6 +139,7 @@ class TokenAuthenticator:
             can_publish=claims.can_publish,
             can_subscribe=claims.can_subscribe,
             can_read_room=False,
+            e2ee=claims.e2ee,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from relay.sfu.sfu import Sfu
@@ -44,10 +44,16 @@ class ControlCore(Protocol):
         can_publish: bool,
         can_subscribe: bool,
         auto_subscribe: bool,
+        e2ee: bool = False,
     ) -> dict[str, Any]: ...
     async def get_participant(self, room_id: str, participant_id: str) -> dict[str, Any]: ...
     async def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None: ...
-    async def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str: ...
+    async def publisher_offer(
+        self, room_id: str, participant_id: str, sdp: str, e2ee: bool = False
+    ) -> str: ...
+    async def moderate_track(
+        self, room_id: str, participant_id: str, track_id: str, muted: bool
+    ) -> dict[str, Any]: ...
     async def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]: ...
     async def subscriber_answer(
         self, room_id: str, participant_id: str, sdp: str, revision: int
@@ -56,7 +62,27 @@ class ControlCore(Protocol):
         self, room_id: str, participant_id: str, track_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]: ...
     async def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]: ...
+    async def viewer_offer(
+        self,
+        room_id: str,
+        participant_id: str,
+        sdp: str,
+        publisher_id: str | None = None,
+        track_id: str | None = None,
+    ) -> str: ...
+    async def ice_restart(
+        self, room_id: str, participant_id: str, connection: str, ufrag: str, pwd: str
+    ) -> dict[str, Any]: ...
     async def workers(self) -> list[dict[str, Any]]: ...
+    async def record_track(
+        self, room_id: str, track_id: str, recording_id: str, path_base: str
+    ) -> dict[str, Any]: ...
+    async def stop_track_recording(
+        self, room_id: str, track_id: str, recording_id: str
+    ) -> dict[str, Any] | None: ...
+    def set_recording_failure_handler(
+        self, handler: Callable[[dict[str, Any]], None] | None
+    ) -> None: ...
     async def metrics_text(self, own: str) -> str: ...
 
 
@@ -108,6 +134,7 @@ class LocalCore:
         can_publish: bool,
         can_subscribe: bool,
         auto_subscribe: bool,
+        e2ee: bool = False,
     ) -> dict[str, Any]:
         return self.sfu.add_participant(
             room_id,
@@ -116,6 +143,7 @@ class LocalCore:
             can_publish=can_publish,
             can_subscribe=can_subscribe,
             auto_subscribe=auto_subscribe,
+            e2ee=e2ee,
         ).to_dict()
 
     async def get_participant(self, room_id: str, participant_id: str) -> dict[str, Any]:
@@ -124,8 +152,15 @@ class LocalCore:
     async def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None:
         self.sfu.remove_participant(room_id, participant_id, reason=reason)
 
-    async def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
-        return self.sfu.publisher_offer(room_id, participant_id, sdp)
+    async def publisher_offer(
+        self, room_id: str, participant_id: str, sdp: str, e2ee: bool = False
+    ) -> str:
+        return self.sfu.publisher_offer(room_id, participant_id, sdp, e2ee=e2ee)
+
+    async def moderate_track(
+        self, room_id: str, participant_id: str, track_id: str, muted: bool
+    ) -> dict[str, Any]:
+        return self.sfu.moderate_track(room_id, participant_id, track_id, muted).to_dict()
 
     async def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]:
         return self.sfu.subscriber_offer(room_id, participant_id)
@@ -145,6 +180,36 @@ class LocalCore:
     async def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
         return self.sfu.participant_stats(room_id, participant_id)
 
+    async def viewer_offer(
+        self,
+        room_id: str,
+        participant_id: str,
+        sdp: str,
+        publisher_id: str | None = None,
+        track_id: str | None = None,
+    ) -> str:
+        return self.sfu.viewer_offer(room_id, participant_id, sdp, publisher_id, track_id)
+
+    async def ice_restart(
+        self, room_id: str, participant_id: str, connection: str, ufrag: str, pwd: str
+    ) -> dict[str, Any]:
+        return self.sfu.ice_restart(room_id, participant_id, connection, ufrag, pwd)
+
+    async def record_track(
+        self, room_id: str, track_id: str, recording_id: str, path_base: str
+    ) -> dict[str, Any]:
+        return self.sfu.record_track(room_id, track_id, recording_id, path_base)
+
+    async def stop_track_recording(
+        self, room_id: str, track_id: str, recording_id: str
+    ) -> dict[str, Any] | None:
+        return self.sfu.stop_track_recording(room_id, track_id, recording_id)
+
+    def set_recording_failure_handler(
+        self, handler: Callable[[dict[str, Any]], None] | None
+    ) -> None:
+        self.sfu.recording.on_failure = handler
+
     async def workers(self) -> list[dict[str, Any]]:
         """This process is the one worker."""
         sfu = self.sfu
@@ -153,7 +218,9 @@ class LocalCore:
                 "index": 0,
                 "pid": os.getpid(),
                 "state": "ready",
-                "media_port": sfu.candidates[0][1] if sfu.candidates else None,
+                "media_port": next(
+                    (port for _, port in sfu.candidates or sfu.tcp_candidates), None
+                ),
                 "participants": sum(len(r.participants) for r in sfu.rooms.values()),
                 "rooms": len(sfu.rooms),
                 "packet_rate": sfu.overload.packet_rate,

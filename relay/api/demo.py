@@ -7,6 +7,10 @@ asks ``POST /demo/token`` for one. That endpoint exists only while ``demo.enable
 and ``api.host`` is a loopback address, and it answers only requests that come from this
 machine for a loopback host name and were not forwarded by a proxy: it creates rooms and
 participants without an API key.
+
+With a passphrase the page asks for ``e2ee``: a room it creates requires end-to-end
+encryption, and the participant and its token are ``e2ee``; the page then encrypts every media
+frame (``demo-e2ee.js``, a worker, documents the frame format).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ DEMO_TOKEN_TTL = 12 * 3600
 ASSETS = {
     "demo.html": "text/html; charset=utf-8",
     "demo.js": "text/javascript; charset=utf-8",
+    "demo-e2ee.js": "text/javascript; charset=utf-8",  # worker: frame encryption (E2EE rooms)
     "demo.css": "text/css; charset=utf-8",
 }
 
@@ -131,7 +136,9 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
                 403: "Not a same-origin request from this machine to a loopback host name.",
                 404: "Never: the route does not exist unless the demo is on and the API is "
                 "on loopback.",
-                409: "The participant id is taken.",
+                409: "The participant id is taken (`participant_exists`), or an end-to-end "
+                "encrypted participant asks to join a room that exists without end-to-end "
+                "encryption (`room_not_e2ee`).",
                 422: "The body does not match the schema.",
                 429: "A configured limit is reached.",
                 503: "The relay is draining.",
@@ -147,18 +154,26 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
         if sfu.draining:
             raise Draining("the relay is draining and accepts no new sessions")
         try:
-            await sfu.get_room(body.room_id)
+            room = await sfu.get_room(body.room_id)
         except NotFound:
             try:
-                await sfu.create_room(
+                room = await sfu.create_room(
                     room_id=body.room_id,
                     max_participants=None,
-                    e2ee_required=False,
+                    e2ee_required=body.e2ee,
                     empty_timeout=None,
                     codec_preference=None,
                 )
-            except Conflict:
-                pass  # another page created it meanwhile
+            except Conflict:  # another page created it meanwhile
+                room = await sfu.get_room(body.room_id)
+        e2ee_required = bool(room.get("e2ee_required"))
+        if body.e2ee and not e2ee_required:
+            # the others in the room would see and hear nothing of this page's media
+            raise Conflict(
+                f"room {body.room_id} exists without end-to-end encryption: "
+                "choose another room name for an encrypted call",
+                code="room_not_e2ee",
+            )
         participant = await sfu.add_participant(
             body.room_id,
             participant_id=body.participant_id,
@@ -166,6 +181,7 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
             can_publish=body.can_publish,
             can_subscribe=body.can_subscribe,
             auto_subscribe=True,
+            e2ee=body.e2ee,
         )
         expires_at = float(int(time.time()) + DEMO_TOKEN_TTL)
         token = encode_token(
@@ -175,12 +191,14 @@ def demo_router(settings: Settings, token_secret: str) -> APIRouter:
             expires_at=expires_at,
             can_publish=body.can_publish,
             can_subscribe=body.can_subscribe,
+            e2ee=body.e2ee,
         )
         return DemoToken(
             room_id=body.room_id,
             participant_id=participant["participant_id"],
             token=token,
             expires_at=expires_at,
+            e2ee_required=e2ee_required,
         )
 
     return router

@@ -231,6 +231,8 @@ class EventBus:
         self._transport = transport
         self._metrics = metrics
         self._on_drop = on_drop
+        #: called with every published event, synchronously, before any delivery
+        self._observers: list[Callable[[Event], None]] = []
         self.closed = False
         #: events published
         self.published = 0
@@ -249,6 +251,11 @@ class EventBus:
 
         The event is serialised once, and only if a stream or the webhook takes it.
         """
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("event observer failed")
         if self.closed:
             return
         self.published += 1
@@ -271,6 +278,37 @@ class EventBus:
             except asyncio.QueueFull:
                 self.webhook_dropped += 1
                 self._dropped()
+
+    def publish_webhook_only(self, event: Event) -> bool:
+        """Hand an event to the webhook alone (never to an event stream); never blocks.
+
+        For events meant for the operator, not for a room's participants (``report.created``).
+        Delivered, signed and retried like every other webhook event. False when it was not
+        queued: no webhook configured, the bus closed, or the webhook queue full (counted as a
+        drop).
+        """
+        webhook = self._webhook_queue
+        if self.closed or webhook is None:
+            return False
+        self.published += 1
+        try:
+            webhook.put_nowait(Delivery(event))
+        except asyncio.QueueFull:
+            self.webhook_dropped += 1
+            self._dropped()
+            return False
+        return True
+
+    def add_observer(self, observer: Callable[[Event], None]) -> None:
+        """Call ``observer(event)`` for every event published from now on, synchronously in
+        :meth:`publish` (also after :meth:`close`). It must not block or publish; in-process
+        consumers (the recording service) use it to follow what happens in rooms."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Callable[[Event], None]) -> None:
+        """Stop calling ``observer`` (idempotent)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     def _dropped(self) -> None:
         if self._metrics is not None:

@@ -98,7 +98,7 @@ def encoded_json_size(value: Any) -> int:
     return len(text.encode("utf-8"))
 
 
-def _valid_text(value: str) -> str:
+def valid_text(value: str) -> str:
     """Reject strings that cannot be encoded as UTF-8 (lone surrogates from ``\\ud800``)."""
     try:
         value.encode("utf-8")
@@ -153,7 +153,10 @@ class TrackInfo(_Response):
     kind: Literal["audio", "video"]
     codec: str = Field(description="MIME type of the forwarded codec, e.g. `audio/opus`.")
     mid: str = Field(description="The m-line of the publisher connection carrying the track.")
-    muted: bool
+    muted: bool = Field(description="Not forwarded now: no media for a while, or a moderator.")
+    moderated: bool = Field(
+        default=False, description="Muted by a moderator (`POST .../mute`) until unmuted."
+    )
     simulcast_layers: list[Any] = Field(description="Simulcast encodings, empty without simulcast.")
 
 
@@ -165,6 +168,9 @@ class ParticipantInfo(_Response):
     metadata: dict[str, Any] | None = Field(description="The opaque object given at creation.")
     joined_at: float = Field(description="Unix time in seconds.")
     state: Literal["new", "connected", "disconnected"]
+    e2ee: bool = Field(
+        default=False, description="Encrypts its media end to end (created so, or by token)."
+    )
     tracks: list[TrackInfo]
     subscriptions: list[str] = Field(description="Ids of the tracks forwarded to this participant.")
     worker: int | None = Field(
@@ -260,6 +266,13 @@ class CreateParticipant(_Request):
     auto_subscribe: bool = Field(
         default=True, description="Subscribe to every track of the room as it is published."
     )
+    e2ee: bool = Field(
+        default=False,
+        description=(
+            "The client encrypts its media end to end. In a room with `e2ee_required`, only "
+            "such participants may publish (others may still subscribe)."
+        ),
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -290,7 +303,7 @@ class PublisherOffer(_Request):
     @field_validator("sdp")
     @classmethod
     def _sdp_text(cls, value: str) -> str:
-        return _valid_text(value)
+        return valid_text(value)
 
 
 class PublisherAnswer(_Response):
@@ -316,7 +329,7 @@ class SubscriberAnswer(_Request):
     @field_validator("sdp")
     @classmethod
     def _sdp_text(cls, value: str) -> str:
-        return _valid_text(value)
+        return valid_text(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +343,11 @@ class DemoTokenRequest(_Request):
     participant_id: Identifier | None = Field(default=None, description="Generated when omitted.")
     can_publish: bool = True
     can_subscribe: bool = True
+    e2ee: bool = Field(
+        default=False,
+        description="The page encrypts its media end to end: a new room is created with "
+        "`e2ee_required`, the participant and its token get `e2ee`.",
+    )
 
 
 class DemoToken(_Response):
@@ -339,6 +357,11 @@ class DemoToken(_Response):
     participant_id: str
     token: str = Field(description="Participant token: `Authorization: Bearer <token>`.")
     expires_at: float = Field(description="Unix time in seconds.")
+    e2ee_required: bool = Field(
+        default=False,
+        description="The room requires end-to-end encryption (a page without the passphrase "
+        "cannot take part).",
+    )
 
 
 class SubscriptionPreferences(_Request):

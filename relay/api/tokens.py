@@ -4,7 +4,8 @@ A token names one participant of one room (claims ``room`` and ``sub``), what it
 (``can_publish``, ``can_subscribe``) and until when (``exp``, Unix seconds). It is signed with
 HMAC-SHA256 under ``auth.token_secret``. Only ``alg: HS256`` is accepted (never ``none`` or an
 asymmetric algorithm), the signature is compared in constant time before any claim is read,
-and every claim above is required. ``nbf`` is honoured when present; other claims are ignored.
+and every claim above is required. ``nbf`` is honoured when present; ``e2ee`` (boolean, default
+false) says the client encrypts its media end to end; other claims are ignored.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ParticipantToken:
     can_subscribe: bool
     #: Unix time (seconds) after which the token is refused
     expires_at: float
+    #: the client encrypts its media end to end (optional claim ``e2ee``, default false)
+    e2ee: bool = False
 
 
 def _b64encode(data: bytes) -> str:
@@ -118,6 +121,7 @@ def encode_token(
     expires_at: float,
     can_publish: bool = True,
     can_subscribe: bool = True,
+    e2ee: bool = False,
 ) -> str:
     """A signed participant token. ``expires_at`` is Unix time in seconds."""
     if not secret:
@@ -134,6 +138,8 @@ def encode_token(
         "can_subscribe": bool(can_subscribe),
         "exp": exp,
     }
+    if e2ee:
+        claims["e2ee"] = True
     signing_input = (
         _b64encode(json.dumps(header, separators=(",", ":")).encode())
         + "."
@@ -192,6 +198,9 @@ def decode_token(token: str, secret: str, now: float) -> ParticipantToken:
     for name in ("can_publish", "can_subscribe"):
         if not isinstance(claims[name], bool):
             raise InvalidToken(f"claim {name!r} must be true or false")
+    e2ee = claims.get("e2ee", False)
+    if not isinstance(e2ee, bool):
+        raise InvalidToken("claim 'e2ee' must be true or false")
     expires_at = _number(claims, "exp")
     if now >= expires_at:
         raise ExpiredToken("token expired")
@@ -203,4 +212,5 @@ def decode_token(token: str, secret: str, now: float) -> ParticipantToken:
         can_publish=claims["can_publish"],
         can_subscribe=claims["can_subscribe"],
         expires_at=expires_at,
+        e2ee=e2ee,
     )

@@ -1065,6 +1065,8 @@ class LocalTransport:
     setup: str
     session_id: int
     session_version: int
+    #: ICE-TCP (RFC 6544): addresses of passive TCP host candidates, announced after the UDP ones
+    tcp_candidates: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _addr_type(ip: str) -> str:
@@ -1077,7 +1079,28 @@ def _candidate_lines(local: LocalTransport) -> list[str]:
     for i, (ip, port) in enumerate(local.candidates):
         priority = (126 << 24) | ((65535 - i) << 8) | (256 - 1)
         lines.append(f"a=candidate:{i + 1} 1 udp {priority} {ip} {port} typ host")
+    lines += tcp_candidate_lines(local.tcp_candidates, first=len(local.candidates) + 1)
     lines.append("a=end-of-candidates")
+    return lines
+
+
+#: ICE-TCP host candidates (RFC 6544 section 4.2): a type preference below UDP's host 126, so
+#: that a client that can use UDP does; the local preference is 2^13 * direction-pref +
+#: other-pref, with direction-pref 4 for a passive host candidate.
+TCP_HOST_TYPE_PREFERENCE = 90
+TCP_PASSIVE_DIRECTION_PREFERENCE = 4
+
+
+def tcp_candidate_lines(candidates: Sequence[tuple[str, int]], first: int = 1) -> list[str]:
+    """``a=candidate`` lines of passive TCP host candidates (foundations from ``first``), each
+    priority below every UDP host candidate's and distinct from the others'."""
+    lines = []
+    for i, (ip, port) in enumerate(candidates):
+        local_preference = (TCP_PASSIVE_DIRECTION_PREFERENCE << 13) | (8191 - i)
+        priority = (TCP_HOST_TYPE_PREFERENCE << 24) | (local_preference << 8) | (256 - 1)
+        lines.append(
+            f"a=candidate:{first + i} 1 tcp {priority} {ip} {port} typ host tcptype passive"
+        )
     return lines
 
 
@@ -1674,3 +1697,173 @@ def check_answer(offered: list[OfferedMedia], answer: SessionDescription) -> Rem
     if transport.setup not in ("active", "passive"):
         raise SdpError(f"answer has a=setup:{transport.setup} (expected active or passive)")
     return transport
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering a viewer's offer (WHEP)
+
+
+def viewer_mlines(offer: SessionDescription) -> list[MediaDescription]:
+    """The m-lines of a viewer's offer (WHEP) the relay can send a track on: audio or video,
+    RTP, enabled, in the BUNDLE group, and ``recvonly`` or ``sendrecv`` (what the viewer
+    would send on a ``sendrecv`` one is not received)."""
+    bundle = set(offer.bundle_mids)
+    return [
+        m
+        for m in offer.media
+        if m.kind in ("audio", "video")
+        and not m.disabled
+        and m.protocol.upper() in RTP_PROTOCOLS
+        and m.mid in bundle
+        and m.direction in ("recvonly", "sendrecv")
+    ]
+
+
+def check_viewer_offer(offer: SessionDescription) -> RemoteTransport:
+    """Validate a viewer's offer and return its transport: BUNDLE, a mid on every m-line,
+    ``a=rtcp-mux`` on every enabled audio/video m-line, ICE credentials and a fingerprint.
+    Raises SdpError."""
+    if not offer.bundle_mids:
+        raise SdpError("offer has no a=group:BUNDLE (BUNDLE is required)")
+    for m in offer.media:
+        if m.mid is None:
+            raise SdpError(f"m-line {m.index}: missing a=mid")
+        if m.kind in ("audio", "video") and not m.disabled and not m.rtcp_mux:
+            raise SdpError(f"m-line {m.index}: missing a=rtcp-mux (rtcp-mux is required)")
+    transport = remote_transport(offer)
+    _answer_setup(transport.setup)  # an a=setup the relay can answer
+    return transport
+
+
+def viewer_codec(
+    offered: MediaDescription, codec: Codec, feedback: AbstractSet[str] = frozenset()
+) -> Codec | None:
+    """The viewer's own format (its payload type, and its RTX payload type) for a track sent
+    in ``codec``, with the viewer's ``rtcp-fb`` values kept where they are in ``feedback``;
+    None when the viewer did not offer that format.
+
+    The same codec name, clock rate and channels; for H.264 the same packetization-mode and
+    profile (any level: the relay forwards what the publisher sends), for VP9 and AV1 the
+    same profile. Among several matches, one with the same ``fmtp`` wins.
+    """
+    name = codec.name.lower()
+
+    def same_format(c: Codec) -> bool:
+        if c.name.lower() != name or c.clock_rate != codec.clock_rate:
+            return False
+        if c.kind == "audio" and (c.channels or 1) != (codec.channels or 1):
+            return False
+        if name == "h264":
+            mode = (c.param("packetization-mode") or "0").strip()
+            if mode != (codec.param("packetization-mode") or "0").strip():
+                return False
+            mine = parse_profile_level_id(c.param("profile-level-id"))
+            theirs = parse_profile_level_id(codec.param("profile-level-id"))
+            return mine is not None and theirs is not None and mine[0] == theirs[0]
+        if name == "vp9":
+            return (c.param("profile-id") or "0").strip() == (
+                codec.param("profile-id") or "0"
+            ).strip()
+        if name == "av1":
+            return (c.param("profile") or "0").strip() == (codec.param("profile") or "0").strip()
+        return True
+
+    matches = [c for c in offered.codecs if same_format(c)]
+    if not matches:
+        return None
+    chosen = next((c for c in matches if c.fmtp == codec.fmtp), matches[0])
+    answered = _copy_codec(chosen, keep_rtx=True)
+    answered.rtcp_fb = [fb for fb in chosen.rtcp_fb if fb.lower() in feedback]
+    return answered
+
+
+def build_viewer_answer(
+    offer: SessionDescription, local: LocalTransport, media: list[OfferedMedia | None]
+) -> str:
+    """Answer a viewer's offer (WHEP): one entry of ``media`` per offered m-line, in the
+    offer's order, written as :func:`build_offer` writes a subscriber m-line (``sendonly``
+    with the track's SSRC and msid, or ``inactive``) but with the offer's mids, payload types
+    and extension ids, which the caller took from the offer (see :func:`viewer_codec`);
+    ``None`` rejects the m-line (port 0). ``a=setup`` answers the offer's (``passive`` to
+    ``actpass``); ``a=extmap-allow-mixed`` and ``a=rtcp-rsize`` only where offered.
+    """
+    if len(media) != len(offer.media):
+        raise SdpError(f"{len(media)} answered m-lines for {len(offer.media)} offered")
+    tagged = _bundle_media(offer)
+    setup = _answer_setup(tagged[0].setup if tagged else None)
+    answered_mids = {a.mid for a in media if a is not None}
+    answer_bundle = [mid for mid in offer.bundle_mids if mid in answered_mids]
+    lines = _session_lines(local, answer_bundle, offer.extmap_allow_mixed)
+    for m, a in zip(offer.media, media, strict=True):
+        if a is None:
+            lines.append(f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}")
+            lines.append("c=IN IP4 0.0.0.0")
+            lines.append(f"a=mid:{m.mid}")
+            lines += _transport_lines(local, setup)[2:]
+            if m.rtcp_mux:
+                lines.append("a=rtcp-mux")
+            lines += _candidate_lines(local)
+            continue
+        if not a.codecs or a.mid != m.mid or a.direction not in DIRECTIONS:
+            raise SdpError(f"m-line {m.index}: bad answered media for mid {m.mid}")
+        pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
+        lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
+        lines += _transport_lines(local, setup)
+        lines.append(f"a=mid:{m.mid}")
+        if m.extmap_allow_mixed and not offer.extmap_allow_mixed:
+            lines.append("a=extmap-allow-mixed")
+        lines += _extmap_lines(a.extmaps)
+        lines.append(f"a={a.direction}")
+        msid = f"{a.msid[0]} {a.msid[1]}".rstrip() if a.msid else None
+        if msid and a.direction != "inactive":
+            lines.append(f"a=msid:{msid}")
+        lines.append("a=rtcp-mux")
+        if m.rtcp_rsize:
+            lines.append("a=rtcp-rsize")
+        lines += _codec_lines(a.codecs)
+        if a.ssrc is not None and a.direction != "inactive":
+            cname = a.cname or "relay"
+            ssrcs = [a.ssrc] + ([a.rtx_ssrc] if a.rtx_ssrc is not None else [])
+            if a.rtx_ssrc is not None:
+                lines.append(f"a=ssrc-group:FID {a.ssrc} {a.rtx_ssrc}")
+            for s in ssrcs:
+                lines.append(f"a=ssrc:{s} cname:{cname}")
+                if msid:
+                    lines.append(f"a=ssrc:{s} msid:{msid}")
+        lines += _candidate_lines(local)
+    return _join(lines)
+
+
+def answer_setup(offered: str | None) -> str:
+    """The ``a=setup`` that answers an offered one (``passive`` to ``actpass``/``active``);
+    raises SdpError for a value the relay cannot answer."""
+    return _answer_setup(offered)
+
+
+def viewer_extmaps(
+    offer: SessionDescription, m: MediaDescription, uris: AbstractSet[str]
+) -> list[Extmap]:
+    """The viewer's offered header extensions of ``m`` whose URI is in ``uris``, with the
+    viewer's ids: those it may receive (not ``sendonly``/``inactive``), ids above 14 only
+    under ``a=extmap-allow-mixed``, each id and URI once."""
+    allow_mixed = _allows_mixed(offer, m)
+    taken: list[Extmap] = []
+    for e in m.extmaps:
+        if e.uri not in uris or e.direction in ("sendonly", "inactive"):
+            continue
+        if not _extmap_id_usable(e.id, allow_mixed):
+            continue
+        if any(t.id == e.id or t.uri == e.uri for t in taken):
+            continue
+        taken.append(Extmap(e.id, e.uri, None))
+    return taken
+
+
+def ice_candidate_lines(
+    candidates: list[tuple[str, int]], tcp_candidates: Sequence[tuple[str, int]] = ()
+) -> list[str]:
+    """The relay's host candidates (UDP, then passive TCP) as written in its answers and
+    offers, then ``a=end-of-candidates`` (for an ICE restart's ``trickle-ice-sdpfrag``)."""
+    local = LocalTransport("", "", ("", ""), list(candidates), "passive", 0, 0)
+    local.tcp_candidates = list(tcp_candidates)
+    return _candidate_lines(local)

@@ -37,6 +37,10 @@ class RoomClosed(Event):
 class ParticipantJoined(Event):
     type: ClassVar[str] = "participant.joined"
     participant_id: str
+    #: the participant encrypts its media end to end (created with ``e2ee``)
+    e2ee: bool = False
+    #: the room requires end-to-end encryption: clients switch on their frame encryption
+    e2ee_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,8 @@ class TrackMuted(Event):
     type: ClassVar[str] = "track.muted"
     participant_id: str
     track_id: str
+    #: "inactivity" (no media for a while) or "moderator" (muted through the API)
+    by: str = "inactivity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,8 @@ class TrackUnmuted(Event):
     type: ClassVar[str] = "track.unmuted"
     participant_id: str
     track_id: str
+    #: "inactivity" (media flows again) or "moderator" (unmuted through the API)
+    by: str = "inactivity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,47 @@ class SpeakerChanged(Event):
     participant_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class RecordingRequested(Event):
+    """A recording of the room was asked for: each participant named answers with
+    ``PUT .../participants/{id}/consent`` (sent again for each participant who joins while
+    the recording runs)."""
+
+    type: ClassVar[str] = "recording.requested"
+    recording_id: str
+    #: the participants asked for their consent
+    participant_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStarted(Event):
+    """The first track of a consenting participant is being written."""
+
+    type: ClassVar[str] = "recording.started"
+    recording_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingParticipantExcluded(Event):
+    """A participant's media is not (or no longer) written."""
+
+    type: ClassVar[str] = "recording.participant_excluded"
+    recording_id: str
+    participant_id: str
+    #: no_consent | withdrawn | left
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStopped(Event):
+    """The recording ended; its files are complete."""
+
+    type: ClassVar[str] = "recording.stopped"
+    recording_id: str
+    #: requested | room_closed | disk_full | io_error
+    reason: str
+
+
 #: every event type by its wire name
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
@@ -141,5 +190,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SubscriberRenegotiate,
         PublisherLayers,
         SpeakerChanged,
+        RecordingRequested,
+        RecordingStarted,
+        RecordingParticipantExcluded,
+        RecordingStopped,
     )
 }

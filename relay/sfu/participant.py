@@ -46,6 +46,7 @@ class Participant:
         can_publish: bool,
         can_subscribe: bool,
         auto_subscribe: bool,
+        e2ee: bool = False,
     ) -> None:
         self.participant_id = participant_id
         self.room = room
@@ -56,6 +57,8 @@ class Participant:
         self.can_publish = can_publish
         self.can_subscribe = can_subscribe
         self.auto_subscribe = auto_subscribe
+        #: encrypts its media end to end (created so, or its token said so when it published)
+        self.e2ee = e2ee
         self.state = "new"
         #: the connection it publishes on and the one it receives on, once offered
         self.publisher_leg: PublisherLeg | None = None
@@ -90,6 +93,7 @@ class Participant:
             "metadata": self.metadata,
             "joined_at": self.joined_at,
             "state": self.state,
+            "e2ee": self.e2ee,
             "tracks": [t.to_dict() for t in self.tracks.values()],
             "subscriptions": [tid for tid, s in self.subscriptions.items() if not s.track.ended],
         }

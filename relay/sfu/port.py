@@ -71,6 +71,17 @@ class MediaPort:
                 del self.alt_addrs[addr]
         transport.alternates.clear()
 
+    def address_closed(self, addr: Address) -> None:
+        """A connection-oriented address went away (an ICE-TCP connection closed): nothing
+        more arrives from it or can be sent to it. Its leg keeps the latch until an
+        authenticated packet moves it (a client that reconnects, or its UDP path), or its
+        consent times out like any silent connection."""
+        if self.by_addr.get(addr) is not None:
+            del self.by_addr[addr]
+        leg = self.alt_addrs.pop(addr, None)
+        if leg is not None and addr in leg.transport.alternates:
+            leg.transport.alternates.remove(addr)
+
     def send_handshake(self, leg: Leg, datagrams: list[bytes]) -> None:
         """Send handshake datagrams and keep the leg's DTLS retransmission timer armed."""
         leg.send_datagrams(datagrams)

@@ -34,6 +34,7 @@ from relay.rtc.extensions import (
     VIDEO_ORIENTATION_URI,
 )
 from relay.rtc.gcc import BandwidthUsage
+from relay.rtc.ice import IceCredentials
 from relay.rtc.rtp import ExtensionRewriter
 from relay.rtc.sdp import Codec, Extmap, LocalTransport, OfferedMedia, SdpError
 from relay.rtc.transport import TransportState, WebRtcTransport
@@ -65,6 +66,7 @@ from relay.sfu.leg import DatagramSender, Leg, MediaContext
 from relay.sfu.participant import OfferState, Participant, Slot
 from relay.sfu.port import MediaPort
 from relay.sfu.publisher_leg import PublisherLeg
+from relay.sfu.recording import TrackRecorders
 from relay.sfu.room import Room
 from relay.sfu.subscriber_leg import SubscriberLeg
 from relay.sfu.subscription import Subscription
@@ -109,6 +111,8 @@ _PLACEHOLDER = {
     ),
     "video": Codec(payload_type=96, name="VP8", clock_rate=90000, kind="video"),
 }
+#: Characters of an ICE ufrag or password (RFC 8839 section 5.4).
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 _SUBSCRIBER_RTCP_FB = {
     "audio": ["transport-cc"],
     "video": ["transport-cc", "goog-remb", "nack pli", "ccm fir"],
@@ -205,10 +209,13 @@ class Sfu:
         emit: Callable[[events.Event], None] = lambda event: None,
         metrics: Metrics | None = None,
         timers: Timers | None = None,
+        tcp_candidates: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.settings = settings
         self.certificate = certificate
         self.candidates = list(candidates)
+        #: ICE-TCP: passive TCP host candidates, announced after the UDP ones (relay/tcp.py)
+        self.tcp_candidates = list(tcp_candidates)
         self.clock = clock
         self.wallclock = wallclock
         self._emit = emit
@@ -221,6 +228,8 @@ class Sfu:
         self.timers = timers if timers is not None else Timers()
         self.media = MediaContext(settings, self.metrics, clock, self.timers, sender)
         self.port = MediaPort(self.media, self.on_leg_connected, self.on_leg_failed)
+        #: the recording files this process writes (relay/sfu/recording.py)
+        self.recording = TrackRecorders(settings.recording)
         self._session_id = secrets.randbits(62)
         self._last_housekeeping = clock()
         self._housekeeping = self.timers.timer(self.tick)
@@ -336,6 +345,7 @@ class Sfu:
         can_publish: bool = True,
         can_subscribe: bool = True,
         auto_subscribe: bool = True,
+        e2ee: bool = False,
     ) -> Participant:
         if self.draining:
             raise Draining("the relay is draining and accepts no new participants")
@@ -360,11 +370,18 @@ class Sfu:
             bool(can_publish),
             bool(can_subscribe),
             bool(auto_subscribe),
+            bool(e2ee),
         )
         p.joined_clock = self.clock()
         room.participants[participant_id] = p
         room.empty_since = None
-        self.emit(events.ParticipantJoined, room, participant_id=participant_id)
+        self.emit(
+            events.ParticipantJoined,
+            room,
+            participant_id=participant_id,
+            e2ee=p.e2ee,
+            e2ee_required=room.e2ee_required,
+        )
         if p.can_subscribe and p.auto_subscribe:
             for other in [*room.participants.values(), *room.remote.values()]:
                 if other is not p:
@@ -413,6 +430,7 @@ class Sfu:
             setup=setup,
             session_id=self._session_id,
             session_version=1,
+            tcp_candidates=self.tcp_candidates,
         )
 
     def _check_sdp(self, sdp: str) -> None:
@@ -423,9 +441,21 @@ class Sfu:
                 f"sdp larger than {self.settings.limits.max_sdp_bytes} bytes", code="too_large"
             )
 
-    def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
-        """Answer the client's offer for what it publishes; tracks are (un)published to match."""
+    def publisher_offer(
+        self, room_id: str, participant_id: str, sdp: str, e2ee: bool = False
+    ) -> str:
+        """Answer the client's offer for what it publishes; tracks are (un)published to match.
+        ``e2ee``: the caller's credentials say the participant encrypts its media end to end
+        (a token's ``e2ee`` claim); in a room that requires it, nobody else may publish."""
         p = self.get_participant(room_id, participant_id)
+        if e2ee:
+            p.e2ee = True
+        if p.room.e2ee_required and not p.e2ee:
+            raise Forbidden(
+                f"room {room_id} requires end-to-end encrypted media: create the participant "
+                "with e2ee true (or give it a token with the e2ee claim)",
+                code="e2ee_required",
+            )
         if p.publisher_leg is None:
             self.overload.check()  # a new connection; renegotiations are always answered
         self._check_sdp(sdp)
@@ -1175,7 +1205,14 @@ class Sfu:
         now = self.clock()
         changed: list[Subscription] = []
         for sub in p.subscriptions.values():
-            active = ready and sub.negotiated and not sub.track.ended and not sub.paused
+            track = sub.track
+            active = (
+                ready
+                and sub.negotiated
+                and not track.ended
+                and not sub.paused
+                and not track.moderated
+            )
             if active != sub.active:
                 sub.active = active
                 if active:
@@ -1246,6 +1283,78 @@ class Sfu:
         self.refresh_outputs(p)
         self._allocate_subscriber(p, self.clock())
         return sub
+
+    def moderate_track(
+        self, room_id: str, participant_id: str, track_id: str, muted: bool
+    ) -> Track:
+        """Mute (``muted``) or unmute a published track at the relay, as a moderator: while
+        muted nothing of it is forwarded, piped to other workers or recorded, and subscribers
+        are told (``track.muted`` / ``track.unmuted`` with ``by: "moderator"``). Unmuting
+        forwards it again from its next keyframe, asked for at once. Idempotent.
+
+        With worker processes the front also calls this on every worker that imports the
+        track, for its publisher there (a remote participant): its subscribers stop and
+        restart the same way, and only the publisher's own worker tells."""
+        room = self.get_room(room_id)
+        p = room.participants.get(participant_id) or room.remote.get(participant_id)
+        if p is None:
+            raise participant_not_found(room_id, participant_id)
+        track = p.tracks.get(track_id)
+        if track is None or track.ended:
+            raise NotFound(
+                f"participant {participant_id} publishes no track {track_id}",
+                code="track_not_found",
+            )
+        if track.moderated == muted:
+            return track
+        for stream in (track, *track.layers):
+            stream.moderated = muted
+        subscribers = {
+            sub.participant.participant_id: sub.participant for sub in track.subscriptions.values()
+        }
+        for subscriber in subscribers.values():
+            self.refresh_outputs(subscriber)
+        if not muted and track.kind == "video":
+            now = self.clock()
+            for stream in track.receive_streams():
+                # a recording resumes at a keyframe too (its file skipped the muted frames)
+                if stream.outputs or stream.pending or stream.piped or stream.recorders:
+                    stream.keyframes.request(now, force=True)
+        if p.remote:
+            return track
+        self.emit(
+            events.TrackMuted if muted else events.TrackUnmuted,
+            p.room,
+            participant_id=participant_id,
+            track_id=track_id,
+            by="moderator",
+        )
+        log.info(
+            "track %s of participant %s %s by the moderator",
+            track_id,
+            participant_id,
+            "muted" if muted else "unmuted",
+        )
+        return track
+
+    # -- recording (relay/sfu/recording.py) -----------------------------------------------
+    def record_track(
+        self, room_id: str, track_id: str, recording_id: str, path_base: str
+    ) -> dict[str, Any]:
+        """Write a track published here to the file ``path_base`` + extension, for
+        ``recording_id`` (the recording service decides which tracks, and where)."""
+        room = self.get_room(room_id)
+        for p in room.participants.values():
+            track = p.tracks.get(track_id)
+            if track is not None and not track.ended:
+                return self.recording.start(track, recording_id, path_base, self.clock())
+        raise NotFound(f"no track {track_id} published in room {room_id}", code="track_not_found")
+
+    def stop_track_recording(
+        self, room_id: str, track_id: str, recording_id: str
+    ) -> dict[str, Any] | None:
+        """Stop writing a track for ``recording_id`` (None if it was not written here)."""
+        return self.recording.stop(recording_id, track_id)
 
     # -- leg callbacks (from the media port) ----------------------------------------------
     def on_leg_connected(self, leg: Leg) -> None:
@@ -1349,8 +1458,8 @@ class Sfu:
         muted = before == 0 and track.packets > 0 and now - track.last_media > MUTE_AFTER
         if muted != track.muted:
             track.muted = muted
-            if track.participant.remote:
-                return  # its own worker tells
+            if track.participant.remote or track.moderated:
+                return  # its own worker tells; a moderator's mute is what subscribers know
             self.emit(
                 events.TrackMuted if muted else events.TrackUnmuted,
                 track.participant.room,
@@ -1388,6 +1497,186 @@ class Sfu:
             self.delete_room(room_id)
 
     # -- stats ----------------------------------------------------------------------------
+    # -- WHIP / WHEP (relay/api/whip.py) ---------------------------------------------------
+    def viewer_offer(
+        self,
+        room_id: str,
+        participant_id: str,
+        sdp: str,
+        publisher_id: str | None = None,
+        track_id: str | None = None,
+    ) -> str:
+        """Answer a viewer's own offer (WHEP) on its subscriber connection.
+
+        Each m-line the viewer can receive on (:func:`sdpmod.viewer_mlines`), in the offer's
+        order, takes the first track of its kind not yet taken, among the tracks of
+        ``publisher_id`` (or only ``track_id``; else every track of the room) in the order
+        their publishers joined and published them, that the viewer offered a format for. The
+        viewer's mids, payload types and extension ids are used as they are; m-lines left
+        over are answered inactive, other m-lines rejected; ``404 no_tracks`` when no m-line
+        gets a track (nothing is made: the viewer may try again later). The tracks are fixed
+        by this answer: the participant should not auto-subscribe, and a track that ends
+        leaves its m-line silent. Once per participant (``409 already_connected`` after).
+        """
+        p = self.get_participant(room_id, participant_id)
+        if not p.can_subscribe:
+            raise Forbidden("this participant may not subscribe", code="cannot_subscribe")
+        if p.subscriber_leg is not None or p.subscriptions:
+            raise Conflict(
+                f"participant {participant_id} already has a subscriber connection",
+                code="already_connected",
+            )
+        self._check_sdp(sdp)
+        try:
+            offer = sdpmod.parse_sdp(sdp)
+            remote = sdpmod.check_viewer_offer(offer)
+        except SdpError as exc:
+            raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
+        room = p.room
+        publishers = [*room.participants.values(), *room.remote.values()]
+        if publisher_id is not None and not any(
+            q.participant_id == publisher_id for q in publishers
+        ):
+            raise participant_not_found(room_id, publisher_id)
+        chosen = [
+            t
+            for q in publishers
+            if q is not p and publisher_id in (None, q.participant_id)
+            for t in q.tracks.values()
+            if not t.ended and track_id in (None, t.track_id)
+        ]
+        if track_id is not None and not chosen:
+            raise NotFound(f"no track {track_id} in room {room_id}", code="track_not_found")
+        # which track each m-line takes, decided before anything is made
+        plan: list[tuple[sdpmod.MediaDescription, Track, Codec]] = []
+        for m in sdpmod.viewer_mlines(offer):
+            for track in chosen:
+                if track.kind != m.kind or any(t is track for _, t, _ in plan):
+                    continue
+                fb = set(_SUBSCRIBER_RTCP_FB[track.kind]) | {"nack"}
+                codec = sdpmod.viewer_codec(m, track.codec, fb)
+                if codec is not None:
+                    plan.append((m, track, codec))
+                    break
+        if not plan:
+            raise NotFound(
+                f"nothing to watch in room {room_id} yet: no track of the kinds and formats "
+                "offered" + (f" of participant {publisher_id}" if publisher_id else ""),
+                code="no_tracks",
+            )
+        self.overload.check()
+        transport = WebRtcTransport(
+            self.certificate, list(self.settings.media.srtp_profiles), role="subscriber"
+        )
+        transport.created_at = self.clock()
+        leg = SubscriberLeg(self.media, p, transport)
+        leg.on_estimate_drop = self._on_estimate_drop
+        p.subscriber_leg = leg
+        self.port.add(leg)
+        transport.set_remote(
+            remote.ice_ufrag,
+            remote.ice_pwd,
+            remote.fingerprints,
+            dtls_server=(remote.setup or "actpass") != "passive",
+        )
+        answered: dict[str, OfferedMedia] = {}
+        codecs: dict[str, Codec] = {}
+        for m, track, codec in plan:
+            assert m.mid is not None
+            p.slots.append(Slot(mid=m.mid, kind=m.kind))
+            self._subscribe(p, track)
+            sub = p.subscriptions.get(track.track_id)
+            if sub is None:  # no payload type left: the m-line stays inactive
+                p.slots.pop()
+                continue
+            sub.payload_type = sub.stream.payload_type = codec.payload_type
+            if sub.rtx_payload_type is None or "nack" not in codec.rtcp_fb:
+                sub.rtx_payload_type = codec.rtx_payload_type = None
+                codec.rtcp_fb = [fb for fb in codec.rtcp_fb if fb != "nack"]
+            else:
+                sub.rtx_payload_type = codec.rtx_payload_type
+            uris = set(track.ext_uris.values()) | {MID_URI, TRANSPORT_CC_URI}
+            uris &= set(SUBSCRIBER_EXTENSIONS)
+            answered[m.mid] = OfferedMedia(
+                mid=m.mid,
+                kind=m.kind,
+                direction="sendonly",
+                codecs=[codec],
+                extmaps=sdpmod.viewer_extmaps(offer, m, uris),
+                ssrc=sub.ssrc,
+                rtx_ssrc=sub.rtx_ssrc if sub.rtx_payload_type is not None else None,
+                cname=p.cname,
+                msid=(track.participant_id, track.track_id),
+            )
+            codecs[m.mid] = codec
+        media: list[OfferedMedia | None] = []
+        for m in offer.media:
+            a = answered.get(m.mid or "")
+            if a is None and m in sdpmod.viewer_mlines(offer) and m.codecs:
+                a = OfferedMedia(
+                    mid=m.mid or "",
+                    kind=m.kind,
+                    direction="inactive",
+                    codecs=[sdpmod.viewer_codec(m, m.codecs[0]) or m.codecs[0]],
+                    extmaps=[],
+                    ssrc=None,
+                )
+            media.append(a)
+        answer = sdpmod.build_viewer_answer(
+            offer,
+            self._local_transport(transport, sdpmod.answer_setup(remote.setup)),
+            media,
+        )
+        # the answer is applied at once, as a subscriber's answer to a relay offer would be
+        p.offered = None
+        p.applied_revision = p.revision
+        twcc_id = 0
+        for sub in p.subscriptions.values():
+            codec = codecs[sub.mid]
+            sub.negotiated = True
+            sub.declined = None
+            sub.answer_extmaps = {e.uri: e.id for e in answered[sub.mid].extmaps}
+            self._configure_retransmission(sub, codec)
+            if "transport-cc" in codec.rtcp_fb:
+                twcc_id = twcc_id or sub.answer_extmaps.get(TRANSPORT_CC_URI, 0)
+        leg.set_twcc(twcc_id)
+        for sub in p.subscriptions.values():
+            self._configure_extensions(sub)
+        self.port.send_handshake(leg, transport.maybe_start(self.clock()))
+        self.refresh_outputs(p)
+        return answer
+
+    def ice_restart(
+        self, room_id: str, participant_id: str, connection: str, ufrag: str, pwd: str
+    ) -> dict[str, Any]:
+        """Restart ICE on a participant's ``publisher`` or ``subscriber`` connection (a WHIP or
+        WHEP PATCH): the client's new credentials, new ones of the relay's, the same DTLS
+        association; the next nominating check latches whatever address it comes from.
+        Returns the relay's ``ice_ufrag``, ``ice_pwd``, ``candidates`` and
+        ``tcp_candidates`` ([ip, port] each: the UDP ones, and the passive ICE-TCP ones)."""
+        p = self.get_participant(room_id, participant_id)
+        leg = p.publisher_leg if connection == "publisher" else p.subscriber_leg
+        if connection not in ("publisher", "subscriber") or leg is None:
+            raise Conflict(f"no {connection} connection to restart", code="no_connection")
+        if not _ICE_CHARS.fullmatch(ufrag) or len(ufrag) < 4 or len(ufrag) > 256:
+            raise BadRequest("ice-ufrag must be 4-256 ice-chars", code="bad_sdp")
+        if not _ICE_CHARS.fullmatch(pwd) or len(pwd) < 22 or len(pwd) > 256:
+            raise BadRequest("ice-pwd must be 22-256 ice-chars", code="bad_sdp")
+        transport = leg.transport
+        if self.port.by_ufrag.get(transport.local.ufrag) is leg:
+            del self.port.by_ufrag[transport.local.ufrag]
+        transport.local = IceCredentials.generate()
+        self.port.by_ufrag[transport.local.ufrag] = leg
+        transport.remote_ufrag, transport.remote_pwd = ufrag, pwd
+        transport.nominated = False
+        log.info("participant %s: ICE restart on its %s connection", participant_id, connection)
+        return {
+            "ice_ufrag": transport.local.ufrag,
+            "ice_pwd": transport.local.pwd,
+            "candidates": [[ip, port] for ip, port in self.candidates],
+            "tcp_candidates": [[ip, port] for ip, port in self.tcp_candidates],
+        }
+
     def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
         p = self.get_participant(room_id, participant_id)
         return {

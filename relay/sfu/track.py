@@ -60,6 +60,13 @@ class PipeTap:
         self.wanted = True
 
 
+class Recorder(Protocol):
+    """A recording file a track's packets are written to (``relay.recording.writer.TrackFile``):
+    takes one plain RTP packet, never blocks."""
+
+    def packet(self, plain: bytes, offset: int, seq: int, ts: int, now: float) -> None: ...
+
+
 class Upstream(Protocol):
     """Where the feedback of a track imported from another worker goes (the pipe back to
     the worker its publisher is connected to) instead of a publisher leg."""
@@ -121,6 +128,11 @@ class Track:
         self.keyframes = KeyframeRequester(ctx, self)
         self.rtx_received = 0
         self.muted = False
+        #: muted by a moderator through the API: nothing of it is forwarded, piped or recorded
+        #: (set on the track and each of its simulcast layers)
+        self.moderated = False
+        #: recording files this stream's packets go to (relay/sfu/recording.py)
+        self.recorders: list[Recorder] = []
         #: active outbound streams, in the order they became active: the fan-out iterates this
         self.outputs: list[OutboundStream] = []
         #: every subscription of this track, by subscriber participant id
@@ -355,6 +367,11 @@ class Track:
                 if ext_id == level_id and value:
                     self.level_sum += value[0] & 0x7F
                     self.level_count += 1
+        if self.moderated:
+            return
+        if self.recorders:
+            for recorder in self.recorders:
+                recorder.packet(plain, offset, seq, ts, now)
         if self.pipes:
             self._pipe(plain, offset, now)
         outputs = self.outputs
@@ -438,7 +455,8 @@ class Track:
             "kind": self.kind,
             "codec": self.codec.mime_type,
             "mid": self.mid,
-            "muted": self.muted,
+            "muted": self.muted or self.moderated,
+            "moderated": self.moderated,
             "simulcast_layers": [layer.layer_dict() for layer in self.layers],
         }
 

@@ -24,7 +24,28 @@
  * Other fragment options: join (join at once), recvonly, codec=vp8|vp9|h264|av1 (preferred
  * video codec), width, height, fps (camera constraints), simulcast=0 (one video layer),
  * report=URL (POST a statistics summary there every second; loopback URLs only, for automated
- * tests).
+ * tests), passphrase (see below; removed from the address bar at once), transform=streams
+ * (encrypt with createEncodedStreams() even where RTCRtpScriptTransform exists, for tests).
+ *
+ * Chat: the publisher connection carries a data channel labelled "chat" (a receive-only page
+ * publishes that channel alone, when its token allows publishing); the relay relays what is sent on it to everyone else, and a
+ * channel whose protocol is "to:<participant>" to that participant only. What the others send
+ * arrives on channels the relay opens on the subscriber connection, whose protocol names the
+ * sender ("from:<id>", or "from:<id>;to:<me>" for a message to this page alone). For tests:
+ * chat=TEXT sends "TEXT #n" to the room every second for 30 s, and with chatto=PARTICIPANT
+ * also "TEXT (to PARTICIPANT) #n" to that participant alone; window.demoChat.send(text, to)
+ * sends one message. In an end-to-end encrypted room the messages are encrypted with the
+ * room's key (AES-GCM, a random 12-byte IV first, the label as additional data) and travel
+ * as binary messages: the relay relays what it cannot read, as it does for the frames.
+ *
+ * End-to-end encryption: with a passphrase the page joins an end-to-end encrypted room. It
+ * derives an AES-GCM key from the passphrase (PBKDF2, see e2eeKey) and encrypts every media
+ * frame it sends, and decrypts every frame it receives, in a worker (demo-e2ee.js, which
+ * documents the frame format) through the Encoded Transform API; the relay forwards the frames
+ * unchanged. Video is sent as VP8 then: which bytes of a frame stay in the clear is codec
+ * specific. A frame that does not decrypt is dropped and counted. Without a passphrase, in a
+ * room that requires end-to-end encryption, the page says so and leaves instead of showing what
+ * it cannot decrypt.
  */
 'use strict';
 
@@ -77,7 +98,15 @@
     // as one layer, so that one encoder takes all of it)
     source: fragment.get('source') || 'camera',
     report: loopbackUrl(fragment.get('report')),
+    passphrase: fragment.get('passphrase') || '',
+    transform: fragment.get('transform') || '',
   };
+  if (fragment.has('passphrase')) {
+    // keep the passphrase out of the address bar and the history
+    const kept = new URLSearchParams(fragment);
+    kept.delete('passphrase');
+    history.replaceState(null, '', `#${kept}`);
+  }
 
   function loopbackUrl(text) {
     if (!text) return null;
@@ -104,6 +133,13 @@
     firstFrame: {},
     joinedAt: null,
     marks: {},
+    // end-to-end encryption: the API used and frame counters (null without a passphrase), and
+    // whether the relay said the room requires it
+    e2ee: null,
+    e2eeRequired: false,
+    // chat messages received (the latest 300): { from, direct, label, text }
+    chat: [],
+    chatSent: 0,
   };
 
   /** Milliseconds from page load to a step of joining (the first time it happens). */
@@ -173,8 +209,8 @@
     }
   }
 
-  async function devToken(room, participant, canPublish) {
-    const body = { room_id: room, can_publish: canPublish, can_subscribe: true };
+  async function devToken(room, participant, canPublish, e2ee) {
+    const body = { room_id: room, can_publish: canPublish, can_subscribe: true, e2ee };
     if (participant) body.participant_id = participant;
     const response = await fetch('/demo/token', {
       method: 'POST',
@@ -337,6 +373,113 @@
   }
 
   // ------------------------------------------------------------------------------------------
+  // End-to-end encryption: the key, and the worker that encrypts and decrypts the frames
+
+  // PBKDF2-HMAC-SHA256 over the passphrase, 600000 iterations (OWASP's figure for
+  // PBKDF2-SHA256; a few hundred milliseconds, once per join, while the page gets its token),
+  // salted with the room id so that one passphrase gives every room another key. The key:
+  // AES-GCM, 128 bits.
+  const E2EE_ITERATIONS = 600000;
+  const E2EE_SALT_PREFIX = 'relay-demo-e2ee/';
+  const E2EE_NEEDED = 'this room is end-to-end encrypted: enter its passphrase to join';
+
+  async function e2eeKey(passphrase, room) {
+    const encoder = new TextEncoder();
+    const material = await crypto.subtle.importKey('raw', encoder.encode(passphrase), 'PBKDF2', false, ['deriveKey']);
+    return crypto.subtle.deriveKey(
+      { name: 'PBKDF2', hash: 'SHA-256', salt: encoder.encode(E2EE_SALT_PREFIX + room), iterations: E2EE_ITERATIONS },
+      material, { name: 'AES-GCM', length: 128 }, false, ['encrypt', 'decrypt']);
+  }
+
+  /** The frame encryption of one call: a worker (demo-e2ee.js) holding the key. */
+  class FrameCrypto {
+    /** 'script-transform' (RTCRtpScriptTransform), 'insertable-streams' or null. */
+    static api() {
+      if (options.transform !== 'streams' && window.RTCRtpScriptTransform) return 'script-transform';
+      if (window.RTCRtpSender && 'createEncodedStreams' in RTCRtpSender.prototype) return 'insertable-streams';
+      return null;
+    }
+
+    static async create(passphrase, room) {
+      if (!window.crypto || !crypto.subtle) {
+        throw new Error('end-to-end encryption needs a secure page: https://, or http://localhost');
+      }
+      const api = FrameCrypto.api();
+      if (!api) throw new Error('this browser cannot encrypt media frames (no Encoded Transform API)');
+      return new FrameCrypto(api, await e2eeKey(passphrase, room));
+    }
+
+    constructor(api, key) {
+      this.api = api;
+      this.key = key; // also the chat's (AES-GCM, a random IV per message)
+      this.worker = new Worker('/demo/demo-e2ee.js');
+      this.worker.postMessage({ type: 'key', key });
+      this.counters = { encrypted: 0, unkeyed: 0, receivers: {} };
+      this.worker.onmessage = (event) => {
+        if (event.data.type === 'counters') this.counters = event.data.counters;
+      };
+      this.ids = new WeakMap(); // sender or receiver -> its transform's id
+      this.receivers = new Map(); // transform id -> { kind, participant }
+      this.next = 0;
+    }
+
+    /**
+     * RTCPeerConnection configuration: createEncodedStreams() needs to be asked for. Chromium
+     * wants it for RTCRtpScriptTransform on receivers too: without it (seen in Chromium 156),
+     * an audio receiver given its transform in ontrack, the earliest a subscriber can, never
+     * handed the transform a frame.
+     */
+    config(base) {
+      const streams = window.RTCRtpSender && 'createEncodedStreams' in RTCRtpSender.prototype;
+      return streams ? { ...base, encodedInsertableStreams: true } : base;
+    }
+
+    /** Encrypt what a sender sends, or decrypt what a receiver receives (once for each). */
+    attach(endpoint, side, kind) {
+      if (this.ids.has(endpoint)) return;
+      const id = this.next++;
+      this.ids.set(endpoint, id);
+      if (side === 'receive') this.receivers.set(id, { kind, participant: null });
+      const transformOptions = { side, kind, id };
+      if (this.api === 'script-transform') {
+        endpoint.transform = new RTCRtpScriptTransform(this.worker, transformOptions);
+      } else {
+        const { readable, writable } = endpoint.createEncodedStreams();
+        this.worker.postMessage({ type: 'streams', readable, writable, options: transformOptions },
+          [readable, writable]);
+      }
+    }
+
+    /** Whose media a receiver carries now (the msid stream id of its m-line). */
+    label(receiver, participant) {
+      const id = this.ids.get(receiver);
+      if (id !== undefined) this.receivers.get(id).participant = participant;
+    }
+
+    /** Per participant and kind: frames decrypted, and frames dropped (they did not decrypt). */
+    received() {
+      const result = {};
+      for (const [id, count] of Object.entries(this.counters.receivers)) {
+        const receiver = this.receivers.get(Number(id));
+        if (!receiver || !receiver.participant) continue;
+        const kinds = result[receiver.participant] || (result[receiver.participant] = {});
+        const total = kinds[receiver.kind] || (kinds[receiver.kind] = { decrypted: 0, failed: 0 });
+        total.decrypted += count.decrypted;
+        total.failed += count.failed;
+      }
+      return result;
+    }
+
+    summary() {
+      return { api: this.api, encrypted: this.counters.encrypted, received: this.received() };
+    }
+
+    close() {
+      this.worker.terminate();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
   // Tiles
 
   class Tile {
@@ -422,9 +565,13 @@
   // A call
 
   class Call {
-    constructor(credentials) {
+    /** frameCrypto: a FrameCrypto in an end-to-end encrypted call, else null. */
+    constructor(credentials, frameCrypto = null) {
       this.api = new Api(credentials.room_id, credentials.participant_id, credentials.token);
       this.me = credentials.participant_id;
+      this.e2ee = frameCrypto;
+      this.pcConfig = frameCrypto ? frameCrypto.config(PC_CONFIG) : PC_CONFIG;
+      record.e2ee = frameCrypto ? frameCrypto.summary() : null;
       this.local = null;
       this.pub = null;
       this.sub = null;
@@ -439,6 +586,7 @@
       this.timer = null;
       this.states = { publisher: 'none', subscriber: 'new', events: 'connecting' };
       this.ended = false;
+      this.leaving = null; // why this page is leaving (it asked the relay to remove it)
       this.last = { out: null, at: 0 };
       this.layers = null; // the latest publisher.layers for this page's video: { wanted, unused }
       this.layerTimer = null;
@@ -479,9 +627,14 @@
       });
       await this.events.open();
       mark('events');
-      this.sub = new RTCPeerConnection(PC_CONFIG);
+      this.sub = new RTCPeerConnection(this.pcConfig);
       this.watch(this.sub, 'subscriber');
-      this.sub.ontrack = () => this.reconcile();
+      this.sub.ondatachannel = (event) => this.chatChannel(event.channel);
+      this.sub.ontrack = (event) => {
+        // before any frame of it arrives: nothing undecrypted reaches the decoder
+        if (this.e2ee) this.e2ee.attach(event.receiver, 'receive', event.track.kind);
+        this.reconcile();
+      };
       const subscribed = this.negotiateNow().then(() => mark('subscribed'));
       this.chain = subscribed.catch(() => {}); // later renegotiations queue behind this one
       const local = await camera;
@@ -501,8 +654,21 @@
         this.states.publisher = 'new';
         await this.publish();
         mark('published');
+      } else {
+        // the chat channel alone; a participant that may not publish receives no chat either
+        try {
+          this.states.publisher = 'new';
+          await this.publish();
+        } catch (error) {
+          if (this.pub) this.pub.close();
+          this.pub = null;
+          this.states.publisher = 'none';
+          this.showStates();
+          notice(`no chat: ${error.message}`);
+        }
       }
       await subscribed;
+      this.startChatAutomation();
       record.state = 'joined';
       this.timer = setInterval(() => this.updateStats().catch((e) => notice(`stats: ${e.message}`, true)),
         STATS_INTERVAL_MS);
@@ -534,18 +700,25 @@
       parts.push(`subscriber: ${s.subscriber}`, `events: ${s.events}`);
       $('connection').textContent = parts.join(' · ');
       const connected = s.subscriber === 'connected' && ['connected', 'none'].includes(s.publisher);
+      const notes = [record.mode === 'recvonly' && 'receive only', this.e2ee && 'end-to-end encrypted']
+        .filter(Boolean);
       setStatus(connected
-        ? `In room ${this.api.room} as ${this.me}${record.mode === 'recvonly' ? ' (receive only)' : ''}.`
+        ? `In room ${this.api.room} as ${this.me}${notes.length ? ` (${notes.join(', ')})` : ''}.`
         : `Connecting to room ${this.api.room}…`);
     }
 
     async publish() {
-      const pc = this.pub = new RTCPeerConnection(PC_CONFIG);
+      const pc = this.pub = new RTCPeerConnection(this.pcConfig);
       this.watch(pc, 'publisher');
-      for (const track of this.local.getTracks()) {
+      for (const track of this.local ? this.local.getTracks() : []) {
         const transceiver = this.addSender(pc, track);
-        if (track.kind === 'video' && options.codec) preferCodec(transceiver, options.codec);
+        // end-to-end encrypted: VP8, whose clear header bytes the frame format knows
+        const codec = this.e2ee ? 'vp8' : options.codec;
+        if (track.kind === 'video' && codec) preferCodec(transceiver, codec);
+        if (this.e2ee) this.e2ee.attach(transceiver.sender, 'send', track.kind);
       }
+      this.chatOut = new Map(); // '' (the room) or a participant id -> data channel
+      this.chatOutChannel(''); // after the transceivers: the same transport (BUNDLE)
       await pc.setLocalDescription(await pc.createOffer());
       const answer = await this.api.call('POST', `${this.api.base}/publisher`,
         { type: 'offer', sdp: pc.localDescription.sdp });
@@ -706,6 +879,129 @@
       }
     }
 
+    // -- chat over data channels ----------------------------------------------------------
+
+    /** The channel this page sends on to the room ('') or to one participant. */
+    chatOutChannel(to) {
+      let channel = this.chatOut && this.chatOut.get(to);
+      if (channel && channel.readyState !== 'closed' && channel.readyState !== 'closing') return channel;
+      if (!this.pub || this.pub.connectionState === 'closed') return null;
+      channel = this.pub.createDataChannel('chat', to ? { protocol: `to:${to}` } : {});
+      channel.pending = [];
+      channel.onopen = () => {
+        for (const text of channel.pending.splice(0)) channel.send(text);
+        if (!to) $('chat-send').disabled = false;
+      };
+      this.chatOut.set(to, channel);
+      return channel;
+    }
+
+    /** Send one message to the room ('') or to one participant; queued until the channel opens. */
+    chatSend(text, to = '') {
+      const channel = this.chatOutChannel(to);
+      if (!channel || !text) return false;
+      const send = (payload) => {
+        if (channel.readyState === 'open') channel.send(payload);
+        else channel.pending.push(payload);
+      };
+      if (this.e2ee) {
+        // encrypted in order, one after the other
+        const key = this.e2ee.key;
+        this.chatChain = (this.chatChain || Promise.resolve()).then(async () => {
+          const iv = crypto.getRandomValues(new Uint8Array(12));
+          const sealed = await crypto.subtle.encrypt(
+            { name: 'AES-GCM', iv, additionalData: new TextEncoder().encode(channel.label) },
+            key, new TextEncoder().encode(text));
+          const payload = new Uint8Array(12 + sealed.byteLength);
+          payload.set(iv);
+          payload.set(new Uint8Array(sealed), 12);
+          send(payload.buffer);
+        }).catch((error) => notice(`chat: ${error.message}`, true));
+      } else {
+        send(text);
+      }
+      record.chatSent += 1;
+      if (to) this.chatShow(this.me, to, text, true);
+      else this.chatShow(this.me, '', text, false);
+      return true;
+    }
+
+    /** A channel the relay opened to this page: its protocol names the sender. */
+    chatChannel(channel) {
+      const match = /^from:([^;]*)(;to:(.*))?$/.exec(channel.protocol || '');
+      const from = match ? match[1] : '?';
+      const direct = Boolean(match && match[2]);
+      this.chatPeer(from);
+      channel.binaryType = 'arraybuffer';
+      const show = (text) => {
+        record.chat.push({ from, direct, label: channel.label, text });
+        if (record.chat.length > 300) record.chat.shift();
+        this.chatShow(from, direct ? this.me : '', text, direct);
+      };
+      let chain = Promise.resolve(); // decrypted in order
+      channel.onmessage = (event) => {
+        const data = event.data;
+        if (typeof data === 'string') {
+          show(this.e2ee ? '(a message sent in the clear, not shown in an encrypted room)' : data);
+          return;
+        }
+        if (!this.e2ee || data.byteLength < 13) {
+          show(`(${data.byteLength} bytes)`);
+          return;
+        }
+        const key = this.e2ee.key;
+        chain = chain.then(async () => {
+          try {
+            const plain = await crypto.subtle.decrypt(
+              { name: 'AES-GCM', iv: data.slice(0, 12), additionalData: new TextEncoder().encode(channel.label) },
+              key, data.slice(12));
+            show(new TextDecoder().decode(plain));
+          } catch (error) {
+            show('(a message this page cannot decrypt)');
+          }
+        });
+      };
+    }
+
+    chatPeer(id) {
+      const select = $('chat-to');
+      if (!id || id === this.me || [...select.options].some((o) => o.value === id)) return;
+      const option = document.createElement('option');
+      option.value = id;
+      option.textContent = `${id} only`;
+      select.append(option);
+    }
+
+    chatShow(from, to, text, direct) {
+      const log = $('chat-log');
+      const item = document.createElement('li');
+      if (direct) item.className = 'direct';
+      const who = document.createElement('span');
+      who.className = 'who';
+      who.textContent = direct ? `${from} → ${to}:` : `${from}:`;
+      item.append(who, document.createTextNode(text));
+      log.append(item);
+      while (log.children.length > 200) log.firstChild.remove();
+      log.scrollTop = log.scrollHeight;
+    }
+
+    /** chat= and chatto= from the fragment (automated tests): a message a second for 30 s. */
+    startChatAutomation() {
+      const text = fragment.get('chat');
+      if (!text) return;
+      const to = fragment.get('chatto') || '';
+      let n = 0;
+      const timer = setInterval(() => {
+        n += 1;
+        if (this.ended || n > 30) {
+          clearInterval(timer);
+          return;
+        }
+        this.chatSend(`${text} #${n}`);
+        if (to) this.chatSend(`${text} (to ${to}) #${n}`, to);
+      }, 1000);
+    }
+
     /** Fetch the current subscriber offer and answer it; serialised, skips stale requests. */
     negotiate(revision) {
       this.chain = this.chain.then(() => this.negotiateNow(revision)).catch((error) => {
@@ -748,6 +1044,7 @@
         group.tracks.push(transceiver.receiver.track);
         if (info.kind === 'video' && info.track) group.video = info.track;
         group.receivers.push({ kind: info.kind, ssrc: info.ssrc, receiver: transceiver.receiver });
+        if (this.e2ee) this.e2ee.label(transceiver.receiver, info.stream);
         groups.set(info.stream, group);
       }
       for (const [id, group] of groups) {
@@ -807,10 +1104,11 @@
           break;
         case 'participant.joined':
           this.gone.delete(event.participant_id);
+          if (event.e2ee_required && !this.e2ee) this.needPassphrase();
           break;
         case 'participant.left':
           if (event.participant_id === this.me) {
-            this.end(`removed from the room (${event.reason})`);
+            this.end(this.leaving || `removed from the room (${event.reason})`);
           } else {
             this.gone.add(event.participant_id);
             this.dropTile(event.participant_id);
@@ -891,6 +1189,31 @@
         }
       }
       this.lastStats = { inbound, outbound, rtt };
+      if (this.e2ee) this.showDecryption();
+    }
+
+    /** Frame counters for the report, and a word on the tiles whose video does not decrypt. */
+    showDecryption() {
+      const summary = this.e2ee.summary();
+      record.e2ee = summary;
+      for (const [id, tile] of this.tiles) {
+        if (id === this.me) continue;
+        const video = (summary.received[id] || {}).video;
+        const failing = Boolean(video && video.failed > 0 && video.decrypted === 0);
+        tile.placeholder.hidden = !failing && tile.tracks.some((t) => t.kind === 'video');
+        if (failing) tile.placeholder.textContent = `cannot decrypt (${video.failed} frames): another passphrase?`;
+      }
+    }
+
+    /** The room requires end-to-end encryption and this page has no passphrase. */
+    needPassphrase() {
+      if (this.ended) return;
+      record.e2eeRequired = true;
+      this.leave(E2EE_NEEDED).then(() => {
+        record.state = 'error';
+        record.error = E2EE_NEEDED;
+        $('passphrase').focus();
+      });
     }
 
     async end(reason) {
@@ -904,6 +1227,7 @@
       this.sizes.disconnect();
       if (this.events) this.events.close();
       for (const pc of [this.pub, this.sub]) if (pc) pc.close();
+      if (this.e2ee) this.e2ee.close();
       if (this.local) for (const track of this.local.getTracks()) track.stop();
       for (const tile of this.tiles.values()) tile.remove();
       this.tiles.clear();
@@ -914,13 +1238,14 @@
       if (current === this) current = null;
     }
 
-    async leave() {
+    async leave(reason = 'you left the call') {
+      this.leaving = reason; // the relay's participant.left may arrive before its answer
       try {
         await this.api.call('DELETE', `${this.api.base}?reason=left`);
       } catch (error) {
         if (error.status !== 404) notice(`leave: ${error.message}`, true);
       }
-      await this.end('you left the call');
+      await this.end(reason);
     }
 
     /** Tell the relay at once when the tab goes away (instead of waiting for the timeout). */
@@ -1057,45 +1382,64 @@
     }
   }
 
-  async function join(room, recvonly) {
+  async function join(room, recvonly, passphrase = '') {
     if (!ID.test(room)) throw new Error('a room name is 1-64 letters, digits, dots, dashes or underscores');
     $('join-button').disabled = true;
     setStatus(`Joining ${room}…`);
-    // The camera opens while the page gets its token and starts receiving.
+    record.e2eeRequired = false;
+    // The camera opens, and the key is derived, while the page gets its token.
     const camera = recvonly ? Promise.resolve(null) : openCamera();
+    const frameCrypto = passphrase ? FrameCrypto.create(passphrase, room) : Promise.resolve(null);
+    frameCrypto.catch(() => {}); // reported below
     let call = null;
     try {
       const credentials = options.token
         ? { room_id: room, participant_id: options.participant, token: options.token }
-        : await devToken(room, options.participant, !recvonly);
+        : await devToken(room, options.participant, !recvonly, Boolean(passphrase));
       mark('token');
+      if (credentials.e2ee_required && !passphrase) {
+        record.e2eeRequired = true;
+        await new Api(room, credentials.participant_id, credentials.token)
+          .call('DELETE', `/v1/rooms/${encodeURIComponent(room)}/participants/` +
+            `${encodeURIComponent(credentials.participant_id)}?reason=left`)
+          .catch(() => {});
+        throw new Error(E2EE_NEEDED);
+      }
       options.token = ''; // a token from the fragment is good for one participant, one join
       record.participant = credentials.participant_id;
       record.room = room;
       record.joinedAt = performance.now();
       if (!fragment.has('token')) history.replaceState(null, '', `#room=${encodeURIComponent(room)}`);
-      showCall(room, credentials.participant_id);
-      call = current = new Call(credentials);
+      const e2ee = await frameCrypto;
+      if (e2ee) mark('key');
+      showCall(room, credentials.participant_id, Boolean(e2ee));
+      call = current = new Call(credentials, e2ee);
       await call.start(camera);
     } catch (error) {
       camera.then((stream) => {
         if (stream && (!call || call.local !== stream)) for (const track of stream.getTracks()) track.stop();
       });
-      if (call) await call.end(`could not join: ${error.message}`);
+      frameCrypto.then((e2ee) => {
+        if (e2ee && !call) e2ee.close();
+      }).catch(() => {});
+      if (error.code === 'e2ee_required') record.e2eeRequired = true; // the relay refused to publish
+      const message = record.e2eeRequired ? E2EE_NEEDED : error.message;
+      if (call && record.e2eeRequired) await call.leave(`could not join: ${message}`);
+      else if (call) await call.end(`could not join: ${message}`);
       else showJoinForm();
       record.state = 'error';
-      record.error = error.message;
-      notice(`could not join: ${error.message}`, true);
-      setStatus('Not in a call.');
+      record.error = message;
+      notice(`could not join: ${message}`, true);
+      setStatus(record.e2eeRequired ? 'Not in a call: this room is end-to-end encrypted.' : 'Not in a call.');
     } finally {
       $('join-button').disabled = false;
     }
   }
 
-  function showCall(room, participant) {
+  function showCall(room, participant, e2ee) {
     $('join').hidden = true;
     $('call').hidden = false;
-    $('room-label').textContent = `Room ${room} · you are ${participant}`;
+    $('room-label').textContent = `Room ${room} · you are ${participant}${e2ee ? ' · end-to-end encrypted' : ''}`;
     enableMute(false);
   }
 
@@ -1116,9 +1460,10 @@
   function setupControls() {
     $('room').value = ID.test(options.room) ? options.room : '';
     $('recvonly').checked = options.recvonly;
+    $('passphrase').value = options.passphrase;
     $('join').addEventListener('submit', (event) => {
       event.preventDefault();
-      join($('room').value.trim(), $('recvonly').checked);
+      join($('room').value.trim(), $('recvonly').checked, $('passphrase').value);
     });
     $('mute-audio').addEventListener('click', () => {
       const muted = current && current.toggle('audio');
@@ -1133,6 +1478,12 @@
     $('leave').addEventListener('click', () => {
       if (current) current.leave();
     });
+    $('chat-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const text = $('chat-text').value;
+      if (current && text && current.chatSend(text, $('chat-to').value)) $('chat-text').value = '';
+    });
+    window.demoChat = { send: (text, to = '') => Boolean(current && current.chatSend(text, to)) };
     window.addEventListener('pagehide', () => {
       if (current) current.leaveOnUnload();
     });
@@ -1164,6 +1515,6 @@
   mark('script');
   setupControls();
   startReports();
-  if (options.join && options.room) join(options.room, options.recvonly);
+  if (options.join && options.room) join(options.room, options.recvonly, options.passphrase);
   else setStatus('Not in a call. Type a room name and join.');
 })();

@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from relay.metrics import Metrics
 from relay.sfu import events
 from relay.sfu.errors import (
     Draining,
+    NotFound,
     Overloaded,
     SfuError,
     participant_exists,
@@ -154,6 +155,9 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[Any]] = []
         self._jobs: asyncio.Queue[Coroutine[Any, Any, Any]] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        #: (recording id, track id) -> index of the worker writing that track
+        self._recording_taps: dict[tuple[str, str], int] = {}
+        self._recording_failure: Callable[[dict[str, Any]], None] | None = None
         metrics.gauge(
             "workers_ready", "Media worker processes ready.", lambda: float(self._ready_count())
         )
@@ -291,6 +295,8 @@ class WorkerPool:
                 return
             if method == "event":
                 self._worker_event(sender, params.get("event"))
+            elif method == "recording_failure":
+                self._recording_failed(sender, params)
             else:
                 log.debug("worker %d: notification %r ignored", sender.index, method)
 
@@ -694,6 +700,7 @@ class WorkerPool:
         can_publish: bool,
         can_subscribe: bool,
         auto_subscribe: bool,
+        e2ee: bool = False,
     ) -> dict[str, Any]:
         if self._draining:
             raise Draining("the relay is draining and accepts no new participants")
@@ -731,6 +738,7 @@ class WorkerPool:
                     can_publish=can_publish,
                     can_subscribe=can_subscribe,
                     auto_subscribe=auto_subscribe,
+                    e2ee=e2ee,
                 )
             except SfuError:
                 if new_shard:
@@ -777,9 +785,39 @@ class WorkerPool:
     async def remove_participant(self, room_id: str, participant_id: str, reason: str) -> None:
         await self._on_member("remove_participant", room_id, participant_id, reason=reason)
 
-    async def publisher_offer(self, room_id: str, participant_id: str, sdp: str) -> str:
-        answer: str = await self._on_member("publisher_offer", room_id, participant_id, sdp=sdp)
+    async def publisher_offer(
+        self, room_id: str, participant_id: str, sdp: str, e2ee: bool = False
+    ) -> str:
+        answer: str = await self._on_member(
+            "publisher_offer", room_id, participant_id, sdp=sdp, e2ee=e2ee
+        )
         return answer
+
+    async def moderate_track(
+        self, room_id: str, participant_id: str, track_id: str, muted: bool
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self._on_member(
+            "moderate_track", room_id, participant_id, track_id=track_id, muted=muted
+        )
+        # the workers its track is piped to stop (and restart) their own subscribers; a pipe
+        # set up later carries the state in its description
+        entry = self._entry(room_id)
+        source = entry.members.get(participant_id)
+        for tid, origin, target in sorted(entry.pipes):
+            if tid != track_id or origin != source:
+                continue
+            try:
+                await self._call(
+                    self.handles[target],
+                    "moderate_track",
+                    room_id=room_id,
+                    participant_id=participant_id,
+                    track_id=track_id,
+                    muted=muted,
+                )
+            except SfuError as exc:
+                log.warning("room %s: muting on worker %d failed: %s", room_id, target, exc)
+        return result
 
     async def subscriber_offer(self, room_id: str, participant_id: str) -> tuple[str, int]:
         sdp, revision = await self._on_member("subscriber_offer", room_id, participant_id)
@@ -807,6 +845,86 @@ class WorkerPool:
     async def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
         stats: dict[str, Any] = await self._on_member("participant_stats", room_id, participant_id)
         return stats
+
+    async def viewer_offer(
+        self,
+        room_id: str,
+        participant_id: str,
+        sdp: str,
+        publisher_id: str | None = None,
+        track_id: str | None = None,
+    ) -> str:
+        answer: str = await self._on_member(
+            "viewer_offer",
+            room_id,
+            participant_id,
+            sdp=sdp,
+            publisher_id=publisher_id,
+            track_id=track_id,
+        )
+        return answer
+
+    async def ice_restart(
+        self, room_id: str, participant_id: str, connection: str, ufrag: str, pwd: str
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self._on_member(
+            "ice_restart", room_id, participant_id, connection=connection, ufrag=ufrag, pwd=pwd
+        )
+        return result
+
+    # -- recording: the worker holding a track's publisher writes it -----------------------
+    async def record_track(
+        self, room_id: str, track_id: str, recording_id: str, path_base: str
+    ) -> dict[str, Any]:
+        entry = self._entry(room_id)
+        where = entry.tracks.get(track_id)
+        if where is None:
+            raise NotFound(
+                f"no track {track_id} published in room {room_id}", code="track_not_found"
+            )
+        index = where[0]
+        result: dict[str, Any] = await self._call(
+            self.handles[index],
+            "record_track",
+            room_id=room_id,
+            track_id=track_id,
+            recording_id=recording_id,
+            path_base=path_base,
+        )
+        self._recording_taps[(recording_id, track_id)] = index
+        return result
+
+    async def stop_track_recording(
+        self, room_id: str, track_id: str, recording_id: str
+    ) -> dict[str, Any] | None:
+        index = self._recording_taps.pop((recording_id, track_id), None)
+        if index is None:
+            return None
+        result: dict[str, Any] | None = await self._call_quietly(
+            self.handles[index],
+            "stop_track_recording",
+            room_id=room_id,
+            track_id=track_id,
+            recording_id=recording_id,
+        )
+        return result
+
+    def set_recording_failure_handler(
+        self, handler: Callable[[dict[str, Any]], None] | None
+    ) -> None:
+        """Who hears that a worker's writer gave up on a recording file."""
+        self._recording_failure = handler
+
+    def _recording_failed(self, worker: WorkerHandle, params: dict[str, Any]) -> None:
+        key = (params.get("recording_id"), params.get("track_id"))
+        if self._recording_taps.get(key) == worker.index:  # type: ignore[arg-type]
+            del self._recording_taps[key]  # type: ignore[arg-type]
+        handler = self._recording_failure
+        if handler is not None:
+            try:
+                handler(params)
+            except Exception:
+                log.exception("recording failure handler failed")
 
     async def workers(self) -> list[dict[str, Any]]:
         counts = {w.index: 0 for w in self.handles}

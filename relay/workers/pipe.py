@@ -365,6 +365,8 @@ class PipeEndpoint:
             "extensions": {str(ext_id): uri for ext_id, uri in track.ext_uris.items()},
             # a history on this side answers NACKs for packets lost on the pipe
             "nack": any(s.history is not None for s in streams),
+            # muted by a moderator: the importing worker forwards nothing of it either
+            "moderated": track.moderated,
             "ssrc": None if track.layers else taps[0].ssrc,
             "layers": [
                 {
@@ -461,6 +463,9 @@ class PipeEndpoint:
             stream.set_ssrc(ssrc, now)
             stream.enable_retransmission(nack, history_size)
         track.ssrc_signalled = True
+        if spec["moderated"]:
+            for stream in (track, *track.layers):
+                stream.moderated = True
         try:
             sfu.publish_remote(track)
         except Exception:
@@ -787,6 +792,7 @@ def _parse_description(description: Mapping[str, Any]) -> dict[str, Any]:
         "codec": codec,
         "extensions": ext_uris,
         "nack": bool(description.get("nack", False)),
+        "moderated": description.get("moderated", False) is True,
         "ssrc": ssrc,
         "layers": layers,
     }

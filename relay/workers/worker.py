@@ -47,6 +47,11 @@ SFU_CALLS = frozenset(
         "subscriber_answer",
         "set_subscription_preferences",
         "participant_stats",
+        "moderate_track",
+        "record_track",
+        "stop_track_recording",
+        "viewer_offer",
+        "ice_restart",
     }
 )
 #: The pipe's operations the front may call, by name.
@@ -94,6 +99,12 @@ class Worker:
             self.settings, self.metrics, self._emit, self.settings.media.port + self.index
         )
         self.sfu = sfu = await self.media.start()
+
+        # a recording file the writer gave up on: the front's recording service decides
+        def recording_failed(info: dict[str, Any]) -> None:
+            channel.notify("recording_failure", info)
+
+        sfu.recording.on_failure = recording_failed
         pipe = await open_pipe(sfu)
         assert pipe.endpoint is not None
         self.pipe = pipe.endpoint

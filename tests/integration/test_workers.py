@@ -326,3 +326,59 @@ def test_sigterm_leaves_no_worker(tmp_path: Path) -> None:
         for pid in pids:
             if running(pid):  # a worker the front left behind
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_moderator_mutes_a_track_for_subscribers_on_both_workers(
+    relay: RunningRelay,
+) -> None:
+    """``POST .../tracks/{id}/mute``: the relay stops forwarding the track to its subscribers
+    on the publisher's worker and on the other one (the pipe), tells them with
+    ``track.muted`` (``by: "moderator"``), and forwards it again after ``/unmute``; the
+    others' media keeps flowing throughout."""
+    wait_workers_ready(relay)
+    room = new_room(relay, "mute")
+    names = ["red", "green", "blue"]
+    async with api_client(relay) as http, EventListener(relay, room) as events:
+        clients = await _start(relay, room, names)
+        try:
+            placed = await placement(http, room)
+            assert set(placed.values()) == set(range(WORKERS)), placed
+            red = next(c for c in clients if c.identity == "red")
+            watchers = [c for c in clients if c is not red]
+            assert {placed[c.participant_id] for c in watchers} == set(range(WORKERS)), placed
+            assert await wait_for(
+                lambda: all(_decodes(c, set(names) - {c.identity}) for c in clients), 45
+            ), [(c.identity, c.received.frames, c.received.tones) for c in clients]
+            r = await http.get(f"/v1/rooms/{room}/participants/{red.participant_id}")
+            tracks = {t["kind"]: t["track_id"] for t in r.json()["tracks"]}
+            base = f"/v1/rooms/{room}/participants/{red.participant_id}/tracks"
+            for kind in ("video", "audio"):
+                r = await http.post(f"{base}/{tracks[kind]}/mute")
+                assert r.status_code == 204, r.text
+                muted = await events.wait_for("track.muted", 5, track_id=tracks[kind])
+                assert muted is not None and muted["by"] == "moderator", events.events
+            await asyncio.sleep(1.0)  # what was in flight arrives
+            start = time.monotonic()
+            frames = {c.identity: c.received.frames.get("red", 0) for c in watchers}
+            tones = {c.identity: c.received.tones.get("red", 0) for c in watchers}
+            await asyncio.sleep(2.0)
+            end = time.monotonic()
+            assert {c.identity: c.received.frames.get("red", 0) for c in watchers} == frames
+            assert {c.identity: c.received.tones.get("red", 0) for c in watchers} == tones
+            for c in watchers:  # the others' media went on
+                other = next(n for n in names if n not in ("red", c.identity))
+                assert c.received.frames_between(other, start, end) >= 10, (c.identity, other)
+            for kind in ("video", "audio"):
+                r = await http.post(f"{base}/{tracks[kind]}/unmute")
+                assert r.status_code == 204, r.text
+            assert await events.wait_for("track.unmuted", 5, track_id=tracks["video"])
+            assert await wait_for(
+                lambda: all(
+                    c.received.frames.get("red", 0) >= frames[c.identity] + 10
+                    and c.received.tones.get("red", 0) > tones[c.identity]
+                    for c in watchers
+                ),
+                15,
+            ), [(c.identity, c.received.frames, c.received.tones) for c in watchers]
+        finally:
+            await _close(clients)

@@ -53,6 +53,14 @@ ROUTES = [
     ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriber"),
     ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/subscriptions/{track_id}"),
     ("GET", "/v1/rooms/{room_id}/participants/{participant_id}/stats"),
+    ("POST", "/v1/rooms/{room_id}/participants/{participant_id}/tracks/{track_id}/mute"),
+    ("POST", "/v1/rooms/{room_id}/participants/{participant_id}/tracks/{track_id}/unmute"),
+    ("POST", "/v1/rooms/{room_id}/recordings"),
+    ("PUT", "/v1/rooms/{room_id}/participants/{participant_id}/consent"),
+    ("GET", "/v1/recordings"),
+    ("GET", "/v1/recordings/{recording_id}"),
+    ("POST", "/v1/recordings/{recording_id}/stop"),
+    ("DELETE", "/v1/recordings/{recording_id}"),
     ("GET", "/v1/events"),
     ("GET", "/v1/workers"),
 ]
@@ -213,7 +221,9 @@ async def test_every_v1_route_requires_a_key(
     world: World, client: httpx.AsyncClient, method: str, template: str
 ) -> None:
     await setup_room(client, "alice")
-    path = template.format(room_id="r1", participant_id="alice", track_id="TR_1")
+    path = template.format(
+        room_id="r1", participant_id="alice", track_id="TR_1", recording_id="rec_1"
+    )
     body = BODIES.get((method, template))
     for headers in BAD_CREDENTIALS:
         r = await client.request(method, path, json=body, headers=headers)

@@ -284,7 +284,8 @@ async def test_one_event_is_serialised_once_for_every_stream(
     assert frames[0][0] is frames[1][0]  # the very same bytes object
     assert frames[0][0] == (
         b"event: participant.joined\ndata: "
-        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"p0"}'
+        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"p0",'
+        b'"e2ee":false,"e2ee_required":false}'
         b"\n\n"
     )
     bus.publish(RoomClosed("elsewhere", 1.0))  # only the unfiltered streams take it

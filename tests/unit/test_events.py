@@ -32,6 +32,10 @@ from relay.sfu.events import (
     ParticipantJoined,
     ParticipantLeft,
     PublisherLayers,
+    RecordingParticipantExcluded,
+    RecordingRequested,
+    RecordingStarted,
+    RecordingStopped,
     RoomClosed,
     SpeakerChanged,
     SubscriberRenegotiate,
@@ -74,8 +78,9 @@ TRACK = {
 WIRE: list[tuple[Event, bytes]] = [
     (RoomClosed("r1", AT), b'{"type":"room.closed","room_id":"r1","at":1700000000.5}'),
     (
-        ParticipantJoined("r1", AT, "a"),
-        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"a"}',
+        ParticipantJoined("r1", AT, "a", True, True),
+        b'{"type":"participant.joined","room_id":"r1","at":1700000000.5,"participant_id":"a",'
+        b'"e2ee":true,"e2ee_required":true}',
     ),
     (
         ParticipantConnected("r1", AT, "a"),
@@ -98,14 +103,14 @@ WIRE: list[tuple[Event, bytes]] = [
         b'"track_id":"TR_1"}',
     ),
     (
-        TrackMuted("r1", AT, "a", "TR_1"),
+        TrackMuted("r1", AT, "a", "TR_1", "moderator"),
         b'{"type":"track.muted","room_id":"r1","at":1700000000.5,"participant_id":"a",'
-        b'"track_id":"TR_1"}',
+        b'"track_id":"TR_1","by":"moderator"}',
     ),
     (
         TrackUnmuted("r1", AT, "a", "TR_1"),
         b'{"type":"track.unmuted","room_id":"r1","at":1700000000.5,"participant_id":"a",'
-        b'"track_id":"TR_1"}',
+        b'"track_id":"TR_1","by":"inactivity"}',
     ),
     (
         TrackUnsupported("r1", AT, "b", "TR_1", "a", "video/AV1", "codec AV1 not accepted"),
@@ -131,7 +136,47 @@ WIRE: list[tuple[Event, bytes]] = [
         SpeakerChanged("r1", AT, None),
         b'{"type":"speaker.changed","room_id":"r1","at":1700000000.5,"participant_id":null}',
     ),
+    (
+        RecordingRequested("r1", AT, "rec_1", ["a", "b"]),
+        b'{"type":"recording.requested","room_id":"r1","at":1700000000.5,'
+        b'"recording_id":"rec_1","participant_ids":["a","b"]}',
+    ),
+    (
+        RecordingStarted("r1", AT, "rec_1"),
+        b'{"type":"recording.started","room_id":"r1","at":1700000000.5,"recording_id":"rec_1"}',
+    ),
+    (
+        RecordingParticipantExcluded("r1", AT, "rec_1", "a", "withdrawn"),
+        b'{"type":"recording.participant_excluded","room_id":"r1","at":1700000000.5,'
+        b'"recording_id":"rec_1","participant_id":"a","reason":"withdrawn"}',
+    ),
+    (
+        RecordingStopped("r1", AT, "rec_1", "disk_full"),
+        b'{"type":"recording.stopped","room_id":"r1","at":1700000000.5,'
+        b'"recording_id":"rec_1","reason":"disk_full"}',
+    ),
 ]
+
+
+def test_observers_see_every_event_synchronously() -> None:
+    """An observer (the recording service) gets each event as it is published, also with no
+    stream open and after close; one that raises does not stop the others or the delivery."""
+    bus = EventBus(Settings())
+    seen: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("observer bug")
+
+    bus.add_observer(broken)
+    bus.add_observer(seen.append)
+    bus.publish(RoomClosed("r1", AT))
+    assert seen == [RoomClosed("r1", AT)]
+    bus.close()
+    bus.publish(RoomClosed("r2", AT))
+    assert [e.room_id for e in seen] == ["r1", "r2"]
+    bus.remove_observer(seen.append)
+    bus.publish(RoomClosed("r3", AT))
+    assert len(seen) == 2
 
 
 def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -181,6 +226,8 @@ async def test_fan_out_with_room_filter() -> None:
         "room_id": "r2",
         "at": AT,
         "participant_id": "a",
+        "e2ee": False,
+        "e2ee_required": False,
     }
     assert room2.queue.empty()
     assert bus.published == 3
@@ -377,7 +424,14 @@ async def test_sse_through_the_app() -> None:
         assert isinstance(data["at"], float)
     at = [data["at"] for _, data in messages]
     assert [data for _, data in messages] == [
-        {"type": "participant.joined", "room_id": "r1", "at": at[0], "participant_id": "alice"},
+        {
+            "type": "participant.joined",
+            "room_id": "r1",
+            "at": at[0],
+            "participant_id": "alice",
+            "e2ee": False,
+            "e2ee_required": False,
+        },
         {
             "type": "participant.left",
             "room_id": "r1",
@@ -636,6 +690,6 @@ async def test_app_lifespan_starts_and_stops_the_webhook() -> None:
     headers, body = receiver.requests[0]
     assert headers["x-relay-event"] == "participant.joined"
     data = json.loads(body)
-    assert list(data) == ["type", "room_id", "at", "participant_id"]
+    assert list(data) == ["type", "room_id", "at", "participant_id", "e2ee", "e2ee_required"]
     assert data["type"] == "participant.joined" and data["room_id"] == "w"
     assert isinstance(data["at"], float) and data["participant_id"].startswith("PA_")

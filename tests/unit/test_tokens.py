@@ -464,7 +464,11 @@ async def test_demo_page_is_served_with_a_strict_policy() -> None:
         assert "script-src 'self'" in CONTENT_SECURITY_POLICY
         assert r.headers["x-content-type-options"] == "nosniff"
         assert '<script src="/demo/demo.js"' in r.text
-        for name, kind in (("demo.js", "text/javascript"), ("demo.css", "text/css")):
+        for name, kind in (
+            ("demo.js", "text/javascript"),
+            ("demo-e2ee.js", "text/javascript"),
+            ("demo.css", "text/css"),
+        ):
             asset = await client.get(f"/demo/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
             assert asset.content == (STATIC / name).read_bytes()
@@ -474,7 +478,7 @@ async def test_demo_page_is_served_with_a_strict_policy() -> None:
 
 def test_demo_files_load_nothing_from_elsewhere() -> None:
     names = sorted(p.name for p in STATIC.iterdir())
-    assert names == ["demo.css", "demo.html", "demo.js"]
+    assert names == ["demo-e2ee.js", "demo.css", "demo.html", "demo.js", "whip.html", "whip.js"]
     for path in STATIC.iterdir():
         text = path.read_text(encoding="utf-8")
         for url in re.findall(r"""(?:https?:)?//[A-Za-z0-9.\[\]:-]+""", text):
@@ -482,14 +486,16 @@ def test_demo_files_load_nothing_from_elsewhere() -> None:
                 f"{path.name} refers to {url}"
             )
         assert "import(" not in text and "<iframe" not in text
-    html = (STATIC / "demo.html").read_text()
-    assert "<script>" not in html and "style=" not in html  # nothing inline: CSP allows 'self'
+    for page in ("demo.html", "whip.html"):
+        html = (STATIC / page).read_text()
+        assert "<script>" not in html and "style=" not in html  # nothing inline: CSP allows 'self'
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_demo_script_parses() -> None:
+@pytest.mark.parametrize("name", ["demo.js", "demo-e2ee.js", "whip.js"])
+def test_demo_script_parses(name: str) -> None:
     result = subprocess.run(
-        ["node", "--check", str(STATIC / "demo.js")], capture_output=True, text=True, timeout=30
+        ["node", "--check", str(STATIC / name)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
 
@@ -527,6 +533,34 @@ async def test_development_token_joins_a_room() -> None:
         assert_error(r, 409)
         for body in ({}, {"room_id": "bad room"}, {"room_id": "r", "admin": True}):
             assert_error(await client.post("/demo/token", json=body), 422)
+
+
+async def test_development_token_for_an_end_to_end_encrypted_call() -> None:
+    """With ``e2ee`` (a page with a passphrase) the room it creates requires end-to-end
+    encryption and the participant and its token are e2ee; a page without it is told the room
+    requires it; an e2ee page cannot join a room that exists without end-to-end encryption."""
+    world = World(token_settings())
+    async with local_client(world) as client:
+        r = await client.post("/demo/token", json={"room_id": "secret", "e2ee": True})
+        assert r.status_code == 201, r.text
+        joined = r.json()
+        assert joined["e2ee_required"] is True
+        assert decode_token(joined["token"], SECRET, time.time()).e2ee is True
+        room = world.sfu.get_room("secret")
+        assert room.e2ee_required is True
+        assert room.participants[joined["participant_id"]].e2ee is True
+        r = await client.post("/demo/token", json={"room_id": "secret", "participant_id": "p"})
+        assert r.status_code == 201, r.text
+        plain = r.json()
+        assert plain["e2ee_required"] is True
+        assert decode_token(plain["token"], SECRET, time.time()).e2ee is False
+        assert room.participants["p"].e2ee is False
+        r = await client.post("/demo/token", json={"room_id": "open"})
+        assert r.json()["e2ee_required"] is False
+        r = await client.post("/demo/token", json={"room_id": "open", "e2ee": True})
+        assert_error(r, 409)
+        assert r.json()["error"]["code"] == "room_not_e2ee"
+        assert len(world.sfu.get_room("open").participants) == 1
 
 
 async def test_development_tokens_use_the_configured_secret() -> None:
