@@ -31,6 +31,7 @@ __all__ = [
     "ApiSettings",
     "AuthSettings",
     "ComplianceSettings",
+    "DataChannelSettings",
     "ConfigError",
     "DemoSettings",
     "EventSettings",
@@ -261,6 +262,23 @@ class WhipSettings:
 
 
 @dataclass(frozen=True)
+class DataChannelSettings:
+    """Data channels (``m=application``, SCTP over DTLS) relayed between the participants of a
+    room, with per-participant limits; a message over a limit is dropped and counted."""
+
+    enabled: bool = True
+    #: the largest message relayed (also announced as ``a=max-message-size``)
+    max_message_bytes: int = 65536
+    #: messages and bytes one participant may send per second, on all its channels
+    messages_per_second: int = 20
+    bytes_per_second: int = 262144
+    #: how long a participant may send above those rates (the token buckets' depth)
+    burst_seconds: float = 2.0
+    #: channels one participant may open
+    max_channels_per_participant: int = 16
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per TOML section."""
 
@@ -279,6 +297,7 @@ class Settings:
     recording: RecordingSettings = field(default_factory=RecordingSettings)
     compliance: ComplianceSettings = field(default_factory=ComplianceSettings)
     whip: WhipSettings = field(default_factory=WhipSettings)
+    datachannels: DataChannelSettings = field(default_factory=DataChannelSettings)
 
 
 def _sections() -> dict[str, type]:
@@ -727,6 +746,14 @@ CHECKS: dict[str, dict[str, Check]] = {
         "ice_servers": List(IceServerUrl(), "a list of stun:/turn: URIs"),
         "ice_username": QuotedText(),
         "ice_credential": QuotedText(),
+    },
+    "datachannels": {
+        "enabled": Boolean(),
+        "max_message_bytes": Integer(1024, 1048576),
+        "messages_per_second": Integer(1, 100000),
+        "bytes_per_second": Integer(1024, 1073741824),
+        "burst_seconds": Seconds(),
+        "max_channels_per_participant": Integer(1, 1024),
     },
 }
 

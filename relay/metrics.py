@@ -55,6 +55,17 @@ class Histogram:
         self.count += 1
 
 
+#: Reasons a data channel message is not relayed (``relay_datachannel_dropped_total``).
+DATACHANNEL_DROP_REASONS = (
+    "too_large",  # over [datachannels] max_message_bytes
+    "rate_limited",  # over the sender's messages/s or bytes/s (after its burst)
+    "unknown_channel",  # on a stream no DATA_CHANNEL_OPEN opened
+    "too_many_channels",  # a channel over max_channels_per_participant (closed at once)
+    "no_recipient",  # addressed to a participant that is not in the room or has no channel
+    "send_buffer_full",  # a recipient's association could not take it (a slow reader)
+)
+
+
 class Metrics:
     """Everything /metrics shows."""
 
@@ -90,6 +101,10 @@ class Metrics:
         self.loop_lag = 0.0
         self.loop_lag_max = 0.0
         self.events_dropped = 0
+        #: data channel messages received from participants, and those not relayed (one
+        #: count per message, or per recipient for "no_recipient"/"send_buffer_full")
+        self.datachannel_messages = 0
+        self.datachannel_drops: dict[str, int] = dict.fromkeys(DATACHANNEL_DROP_REASONS, 0)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -241,6 +256,18 @@ class Metrics:
             "counter",
             "Datagrams dropped, by reason.",
             [(f'{{reason="{r}"}}', n) for r, n in self.drops.items()],
+        )
+        metric(
+            "datachannel_messages_total",
+            "counter",
+            "Data channel messages received from participants.",
+            [("", self.datachannel_messages)],
+        )
+        metric(
+            "datachannel_dropped_total",
+            "counter",
+            "Data channel messages not relayed, by reason.",
+            [(f'{{reason="{r}"}}', n) for r, n in self.datachannel_drops.items()],
         )
         hist = self.forward_latency
         out.append(

@@ -247,6 +247,11 @@ class DtlsEndpoint:
         self.failure_reason: str | None = None
         self.srtp_keys: SrtpKeys | None = None
 
+        #: SCTP over DTLS (RFC 8261): with this set, application data records received after
+        #: the handshake are kept in ``application_data`` (else read and dropped)
+        self.accept_application_data = False
+        self.application_data: list[bytes] = []
+
         self._verify_error: str | None = None
         self._deadline: float | None = None  # handshake deadline, `now` clock
         self._retransmit_at: float | None = None  # OpenSSL timer translated to `now` clock
@@ -412,8 +417,21 @@ class DtlsEndpoint:
     def _read_records(self) -> None:
         """Process records after the handshake (close_notify, retransmitted Finished)."""
         recv = self._conn.recv
-        for _ in range(64):  # application data is not used: read and drop it
-            recv(65536)
+        for _ in range(64):  # application data is kept only for data channels
+            record = recv(65536)
+            if self.accept_application_data and len(self.application_data) < 64:
+                self.application_data.append(record)
+
+    def send_application_data(self, data: bytes) -> list[bytes]:
+        """One application data record (an SCTP packet); the datagrams to send. Nothing
+        before the handshake is done or after the connection ended."""
+        if self.state is not DtlsState.CONNECTED:
+            return []
+        try:
+            self._conn.send(data)
+        except Exception:
+            return []
+        return self._drain()
 
     def _verify_peer(self, cert: X509, depth: int) -> bool:
         if depth != 0:

@@ -125,8 +125,14 @@ def _extmap_id_usable(ext_id: int, allow_mixed: bool) -> bool:
 
 #: Why an offered data channel (``m=application`` over SCTP) is rejected.
 DATA_CHANNELS_UNSUPPORTED = (
-    "data channels are not supported yet (the relay carries audio and video only)"
+    "data channels are turned off on this relay ([datachannels] enabled = false: it carries "
+    "audio and video only)"
 )
+
+#: Data channel profiles answered (RFC 8841); the answer echoes the offered one.
+SCTP_PROTOCOLS = {"UDP/DTLS/SCTP", "TCP/DTLS/SCTP"}
+#: the SCTP port of the relay's data channels (RFC 8841 §5: 5000 by default)
+SCTP_PORT = 5000
 
 #: RTP profiles answered (DTLS-SRTP with feedback); the answer echoes the offered one.
 RTP_PROTOCOLS = {"UDP/TLS/RTP/SAVPF", "TCP/DTLS/RTP/SAVPF", "TCP/TLS/RTP/SAVPF", "RTP/SAVPF"}
@@ -1371,6 +1377,7 @@ def build_answer(
     *,
     codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
     simulcast: bool = True,
+    data_channels: int = 0,
 ) -> tuple[str, list[AnsweredMedia]]:
     """Answer a publisher offer: receive what the client sends, over one bundled transport.
 
@@ -1386,7 +1393,10 @@ def build_answer(
 
     ``a=extmap-allow-mixed`` is answered where it was offered (session or media level), and
     only then are extension ids above 14 taken (RFC 8285). A data channel (``m=application``)
-    is rejected with port 0 and left out of the answer's BUNDLE group.
+    is rejected with port 0 and left out of the answer's BUNDLE group, unless
+    ``data_channels`` is set (the ``a=max-message-size`` the relay takes): then an
+    ``UDP/DTLS/SCTP webrtc-datachannel`` m-line in the BUNDLE group is accepted (RFC 8841) and
+    answered with ``a=sctp-port:5000`` (see :func:`application_lines`).
 
     RID simulcast (``a=simulcast:send`` with ``a=rid`` lines) offered on a video m-line the
     relay receives is answered with ``a=rid:<id> recv`` and ``a=simulcast:recv`` (see
@@ -1419,7 +1429,14 @@ def build_answer(
     for m in offer.media:
         answered.append(
             _answer_media(
-                m, bundle, fb, extensions, _allows_mixed(offer, m), codec_preference, simulcast
+                m,
+                bundle,
+                fb,
+                extensions,
+                _allows_mixed(offer, m),
+                codec_preference,
+                simulcast,
+                data_channels,
             )
         )
 
@@ -1442,6 +1459,9 @@ def build_answer(
             if m.rtcp_mux:
                 lines.append("a=rtcp-mux")
             lines += _candidate_lines(local)
+            continue
+        if a.kind == "application":
+            lines += application_lines(local, setup, str(m.mid), data_channels, m.protocol)
             continue
         pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
         lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
@@ -1468,6 +1488,7 @@ def _answer_media(
     allow_mixed: bool = False,
     codec_preference: Sequence[str] = DEFAULT_VIDEO_PREFERENCE,
     simulcast: bool = True,
+    data_channels: int = 0,
 ) -> AnsweredMedia:
     def reject(reason: str) -> AnsweredMedia:
         return AnsweredMedia(m.mid, m.kind, True, reason, "inactive", [], [], m)
@@ -1476,7 +1497,15 @@ def _answer_media(
         return reject("m-line disabled in the offer (port 0)")
     if m.kind not in ("audio", "video"):
         if "SCTP" in m.protocol.upper():
-            return reject(DATA_CHANNELS_UNSUPPORTED)
+            if not data_channels:
+                return reject(DATA_CHANNELS_UNSUPPORTED)
+            if m.kind != "application" or m.protocol.upper() not in SCTP_PROTOCOLS:
+                return reject(f"unsupported data channel protocol {m.protocol!r}")
+            if "webrtc-datachannel" not in m.formats:
+                return reject("data channel m-line without webrtc-datachannel")
+            if m.mid not in bundle:
+                return reject("not in the BUNDLE group")
+            return AnsweredMedia(m.mid, m.kind, False, None, "sendrecv", [], [], m)
         return reject(f"unsupported media kind {m.kind!r}")
     if m.protocol.upper() not in RTP_PROTOCOLS:
         return reject(f"unsupported protocol {m.protocol!r}")
@@ -1617,6 +1646,26 @@ class OfferedMedia:
     rtx_ssrc: int | None = None
     cname: str = ""
     msid: tuple[str, str] | None = None
+    #: an ``m=application`` (data channels, no codecs): the ``a=max-message-size`` offered
+    max_message_size: int = 0
+
+
+def application_lines(
+    local: LocalTransport,
+    setup: str,
+    mid: str,
+    max_message_size: int,
+    protocol: str = "UDP/DTLS/SCTP",
+) -> list[str]:
+    """The lines of a data channel m-line (RFC 8841): ``m=application ... webrtc-datachannel``,
+    the bundle transport's attributes, ``a=sctp-port`` and ``a=max-message-size``."""
+    lines = [f"m=application {_media_port(local)} {protocol} webrtc-datachannel"]
+    lines += _transport_lines(local, setup)
+    lines.append(f"a=mid:{mid}")
+    lines.append(f"a=sctp-port:{SCTP_PORT}")
+    lines.append(f"a=max-message-size:{max_message_size}")
+    lines += _candidate_lines(local)
+    return lines
 
 
 def build_offer(
@@ -1636,6 +1685,8 @@ def build_offer(
         if not m.mid or any(ch.isspace() for ch in m.mid) or m.mid in mids:
             raise SdpError(f"offered media: empty, blank-containing or duplicate mid {m.mid!r}")
         mids.add(m.mid)
+        if m.kind == "application":
+            continue
         if m.direction not in DIRECTIONS:
             raise SdpError(f"mid {m.mid}: bad direction {m.direction!r}")
         if not m.codecs:
@@ -1647,6 +1698,9 @@ def build_offer(
 
     lines = _session_lines(local, [m.mid for m in media], extmap_allow_mixed)
     for m in media:
+        if m.kind == "application":
+            lines += application_lines(local, local.setup, m.mid, m.max_message_size)
+            continue
         pts = " ".join(str(pt) for pt in _codec_pts(m.codecs))
         lines.append(f"m={m.kind} {_media_port(local)} UDP/TLS/RTP/SAVPF {pts}")
         lines += _transport_lines(local, local.setup)
@@ -1687,7 +1741,7 @@ def check_answer(offered: list[OfferedMedia], answer: SessionDescription) -> Rem
             raise SdpError(f"{where}: kind {a.kind!r} answers an offered {o.kind!r}")
         if a.mid is not None and a.mid != o.mid:
             raise SdpError(f"{where}: mid {a.mid!r} answers an offered {o.mid!r}")
-        if not a.disabled and not a.rtcp_mux:
+        if not a.disabled and not a.rtcp_mux and a.kind != "application":
             raise SdpError(f"{where}: missing a=rtcp-mux (rtcp-mux is required)")
     if all(a.disabled for a in answer.media):
         return None

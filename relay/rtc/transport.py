@@ -67,6 +67,8 @@ class WebRtcTransport:
         self.last_activity = 0.0
         self.created_at = 0.0
         self.connected_at: float | None = None
+        #: data channels negotiated: DTLS application data (SCTP) is kept for the leg
+        self.data_channels = False
 
     # -- negotiation ------------------------------------------------------------------
     def set_remote(
@@ -144,6 +146,7 @@ class WebRtcTransport:
             remote_fingerprints=self.remote_fingerprints,
             srtp_profiles=self.srtp_profiles,
         )
+        self.dtls.accept_application_data = self.data_channels
         self.state = TransportState.CONNECTING
         return self.dtls.start(now)
 

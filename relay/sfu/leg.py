@@ -21,6 +21,7 @@ from relay.sfu.timers import Timer, Timers
 
 if TYPE_CHECKING:
     from relay.config import Settings
+    from relay.sfu.datachannels import DataEndpoint
     from relay.sfu.participant import Participant
 
 
@@ -72,6 +73,8 @@ class Leg:
         self.transport = transport
         #: DTLS retransmissions while handshaking (armed by the port)
         self.dtls_timer: Timer | None = None
+        #: data channels over this connection (SCTP over its DTLS), when negotiated
+        self.data: DataEndpoint | None = None
 
     def send_datagrams(self, datagrams: list[bytes]) -> None:
         """Handshake datagrams (DTLS) to the latched address, if any."""
@@ -126,3 +129,5 @@ class Leg:
         """Stop every timer of the leg (the port closes the transport)."""
         if self.dtls_timer is not None:
             self.dtls_timer.cancel()
+        if self.data is not None:
+            self.data.close()

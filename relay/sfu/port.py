@@ -265,6 +265,13 @@ class MediaPort:
             self._latch(leg, addr, transport.addr)
         self.send_handshake(leg, out)
         self._after_dtls(leg, connected)
+        dtls = transport.dtls
+        if dtls is not None and dtls.application_data:
+            # SCTP packets of the leg's data channels (relay/sfu/datachannels.py)
+            records, dtls.application_data = dtls.application_data, []
+            if leg.data is not None and latched:
+                transport.rx_seen = True
+                leg.data.receive_records(records)
 
     def _after_dtls(self, leg: Leg, connected: bool) -> None:
         state = leg.transport.state

@@ -48,6 +48,7 @@ from relay.sfu.allocation import (
     layer_cost,
     probe_target,
 )
+from relay.sfu.datachannels import DataChannelRelay
 from relay.sfu.errors import (
     BadRequest,
     Conflict,
@@ -230,6 +231,8 @@ class Sfu:
         self.port = MediaPort(self.media, self.on_leg_connected, self.on_leg_failed)
         #: the recording files this process writes (relay/sfu/recording.py)
         self.recording = TrackRecorders(settings.recording)
+        #: data channels relayed between participants (relay/sfu/datachannels.py)
+        self.datachannels = DataChannelRelay(settings.datachannels, self.metrics)
         self._session_id = secrets.randbits(62)
         self._last_housekeeping = clock()
         self._housekeeping = self.timers.timer(self.tick)
@@ -333,6 +336,7 @@ class Sfu:
             self._remove(room.participants[pid], "room_closed")
         self._end_remote(room)
         del self.rooms[room_id]
+        self.datachannels.room_closed(room_id)
         self.emit(events.RoomClosed, room)
         log.info("room %s closed", room_id)
 
@@ -409,6 +413,7 @@ class Sfu:
             self._unpublish(track)
         for sub in list(p.subscriptions.values()):
             self._drop_subscription(sub)
+        self.datachannels.participant_left(p)
         for leg in p.legs:
             self.port.remove(leg)
         p.publisher_leg = p.subscriber_leg = None
@@ -478,6 +483,7 @@ class Sfu:
                 self._local_transport(transport, "passive"),
                 self.settings.rtp.congestion_control,
                 codec_preference=p.room.codec_preference,
+                data_channels=self._data_channel_size(),
             )
         except SdpError as exc:
             raise BadRequest(f"bad offer: {exc}", code="bad_sdp") from None
@@ -531,8 +537,22 @@ class Sfu:
         for m in publishing:
             self._publish_mline(p, leg, m)
         leg.route_payload_types()
+        application = next((m for m in accepted if m.kind == "application"), None)
+        if application is not None:
+            self.datachannels.attach(
+                leg,
+                application.offer.sctp_port or sdpmod.SCTP_PORT,
+                application.offer.max_message_size or 0,
+            )
+            if p.subscriber_leg is not None and not any(s.kind == "application" for s in p.slots):
+                self._renegotiate(p)  # its subscriber connection gets data channels too
         self.port.send_handshake(leg, transport.maybe_start(self.clock()))
         return answer_sdp
+
+    def _data_channel_size(self) -> int:
+        """The ``a=max-message-size`` data channels are accepted with, 0 when they are off."""
+        settings = self.settings.datachannels
+        return settings.max_message_bytes if settings.enabled else 0
 
     def _configure_feedback(self, leg: PublisherLeg, accepted: list[sdpmod.AnsweredMedia]) -> None:
         """Bind the congestion-control feedback the answer accepted for a publisher."""
@@ -1013,6 +1033,16 @@ class Sfu:
         )
 
     def _offered_media(self, p: Participant, slot: Slot) -> OfferedMedia:
+        if slot.kind == "application":
+            return OfferedMedia(
+                mid=slot.mid,
+                kind="application",
+                direction="sendrecv",
+                codecs=[],
+                extmaps=[],
+                ssrc=None,
+                max_message_size=self.settings.datachannels.max_message_bytes,
+            )
         sub = slot.subscription
         if sub is None:
             codec = _PLACEHOLDER[slot.kind]
@@ -1072,6 +1102,15 @@ class Sfu:
             self.port.add(leg)
         if not p.slots:
             p.slots.append(Slot(mid="0", kind="audio"))
+        publisher = p.publisher_leg
+        if (
+            publisher is not None
+            and publisher.data is not None
+            and self._data_channel_size()
+            and not any(s.kind == "application" for s in p.slots)
+        ):
+            # a participant that has data channels receives the others' on this connection
+            p.slots.append(Slot(mid="dc", kind="application"))
         media = [self._offered_media(p, slot) for slot in p.slots]
         p.offered = OfferState(p.revision, media)
         offer = sdpmod.build_offer(self._local_transport(leg.transport, "actpass"), media)
@@ -1111,6 +1150,13 @@ class Sfu:
         transport.set_remote(
             first.ice_ufrag, first.ice_pwd, first.fingerprints, dtls_server=first.setup == "active"
         )
+        for slot, answered in zip(p.slots, answer.media, strict=False):
+            if slot.kind == "application" and answered.port != 0:
+                self.datachannels.attach(
+                    leg,
+                    answered.sctp_port or sdpmod.SCTP_PORT,
+                    answered.max_message_size or 0,
+                )
         p.offered = None
         p.applied_revision = revision
         twcc_id = 0
@@ -1366,6 +1412,8 @@ class Sfu:
             p.state = "connected"
             p.connected_once = True
             self.emit(events.ParticipantConnected, p.room, participant_id=p.participant_id)
+        if leg.data is not None:
+            leg.data.start()
         if leg is p.subscriber_leg:
             self.refresh_outputs(p)
         elif leg is p.publisher_leg:

@@ -297,6 +297,8 @@ class WorkerPool:
                 self._worker_event(sender, params.get("event"))
             elif method == "recording_failure":
                 self._recording_failed(sender, params)
+            elif method == "datachannel":
+                self._datachannel(sender, params)
             else:
                 log.debug("worker %d: notification %r ignored", sender.index, method)
 
@@ -526,6 +528,17 @@ class WorkerPool:
     # -- events -----------------------------------------------------------------------------
     def _publish(self, event: events.Event) -> None:
         self.bus.publish(event)
+
+    def _datachannel(self, worker: WorkerHandle, params: dict[str, Any]) -> None:
+        """Data channel traffic of a participant on ``worker``: to the room's other shards, in
+        order (a notification on each one's channel; relay/sfu/datachannels.py)."""
+        entry = self.rooms.get(str(params.get("room_id")))
+        if entry is None:
+            return
+        for index in sorted(entry.shards - {worker.index}):
+            target = self.handles[index]
+            if target.channel is not None and target.state == "ready":
+                target.channel.notify("datachannel", params)
 
     def _worker_event(self, worker: WorkerHandle, data: Any) -> None:
         """An event of a worker's core: update the directory, pass it on."""

@@ -93,12 +93,19 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         reader, writer = await asyncio.open_unix_connection(self.socket_path)
         self.channel = channel = Channel(
-            reader, writer, handler=self.handle, name=f"worker {self.index}"
+            reader,
+            writer,
+            handler=self.handle,
+            on_notification=self._notification,
+            name=f"worker {self.index}",
         )
         self.media = MediaPlane(
             self.settings, self.metrics, self._emit, self.settings.media.port + self.index
         )
         self.sfu = sfu = await self.media.start()
+        # data channels: what this worker's participants send reaches the room's participants
+        # on the other workers through the front (relay/sfu/datachannels.py)
+        sfu.datachannels.on_remote = lambda params: channel.notify("datachannel", params)
 
         # a recording file the writer gave up on: the front's recording service decides
         def recording_failed(info: dict[str, Any]) -> None:
@@ -129,6 +136,11 @@ class Worker:
         pipe.close()
         self.media.close()
         return 0
+
+    def _notification(self, method: str, params: dict[str, Any]) -> None:
+        """A notification of the front: data channel traffic of another worker's participants."""
+        if method == "datachannel" and self.sfu is not None:
+            self.sfu.datachannels.remote(params, self.sfu.rooms)
 
     def load(self) -> dict[str, Any]:
         """CPU share of one core since the last call, forwarded packets/s, what it holds."""

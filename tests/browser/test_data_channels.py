@@ -1,6 +1,7 @@
 """Chromium publishes a camera and opens a data channel on the same connection: the relay's
-answer rejects the data channel (port 0, out of the BUNDLE group) and Chromium accepts that
-answer and sends its video, which the relay receives."""
+answer accepts the data channel (in the BUNDLE group, a=sctp-port) and Chromium opens it over
+SCTP with the relay and sends its video, which the relay receives. Chat between browsers:
+tests/browser/test_datachannel_chat.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ PUBLISH = """
 (async () => {
   const pc = new RTCPeerConnection();
   window.testPc = pc;
-  pc.createDataChannel('chat');
+  window.testChannel = pc.createDataChannel('chat');
   const stream = await navigator.mediaDevices.getUserMedia({ video: true });
   pc.addTransceiver(stream.getVideoTracks()[0], { direction: 'sendonly' });
   await pc.setLocalDescription(await pc.createOffer());
@@ -36,7 +37,7 @@ PUBLISH = """
 """
 
 
-def test_chromium_data_channel_rejected_and_video_received(call: Call) -> None:
+def test_chromium_data_channel_accepted_and_video_received(call: Call) -> None:
     token = call.participant("sender")
     page = launch_chromium(
         call.world.namespace, f"{call.relay.api}/demo", call.folder, "sender", devtools=True
@@ -67,8 +68,9 @@ def test_chromium_data_channel_rejected_and_video_received(call: Call) -> None:
     assert "answer" in value, value
     assert "m=application" in value["offer"]
     answer = value["answer"].replace("\r\n", "\n")
-    assert "\nm=application 0 UDP/DTLS/SCTP webrtc-datachannel\n" in answer
-    assert "\na=group:BUNDLE 0\n" in answer
+    assert "\nm=application 0 " not in answer
+    assert "UDP/DTLS/SCTP webrtc-datachannel\n" in answer and "\na=sctp-port:5000\n" in answer
+    assert "\na=group:BUNDLE 0 1\n" in answer
 
     wait_until(
         lambda: cdp.evaluate("window.testPc.connectionState") == "connected",
@@ -81,3 +83,8 @@ def test_chromium_data_channel_rejected_and_video_received(call: Call) -> None:
         return sum(t["packets"] for t in r.json()["inbound"] if t["kind"] == "video")
 
     wait_until(lambda: video_packets() > 100, 20, what=lambda: f"video ({video_packets()})")
+    wait_until(
+        lambda: cdp.evaluate("window.testChannel.readyState") == "open",
+        20,
+        what=lambda: f"the data channel ({cdp.evaluate('window.testChannel.readyState')})",
+    )

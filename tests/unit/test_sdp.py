@@ -325,7 +325,7 @@ def test_answer_rejects_data_channel(name: str) -> None:
     app = answered[2]
     assert app.kind == "application" and app.rejected
     assert app.reason == DATA_CHANNELS_UNSUPPORTED
-    assert "audio and video only" in app.reason and "not supported yet" in app.reason
+    assert "audio and video only" in app.reason and "turned off" in app.reason
     assert "m=application 0 UDP/DTLS/SCTP webrtc-datachannel" in answer_lines(sdp)
     assert "a=group:BUNDLE 0 1" in answer_lines(sdp)
     parsed = parse_sdp(sdp)

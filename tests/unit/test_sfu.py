@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Settings
+from relay.config import DataChannelSettings, Settings
 from relay.rtc import rtcp
 from relay.rtc.extensions import TRANSPORT_CC_URI
 from relay.rtc.rtp import build_extension_block, extension_profile, parse_extensions, parse_rtp
@@ -395,16 +395,18 @@ def test_chrome_offer_with_a_data_channel_publishes_audio_and_video() -> None:
     assert [(m.kind, m.port != 0) for m in answer.media] == [
         ("audio", True),
         ("video", True),
-        ("application", False),
+        ("application", True),
     ]
-    assert answer.bundle_mids == ["0", "1"]
+    assert answer.bundle_mids == ["0", "1", "2"]
+    assert answer.media[2].sctp_port == 5000 and answer.media[2].max_message_size == 65536
     assert answer.extmap_allow_mixed
     carol = h.sfu.get_participant("r", "carol")
     assert sorted(t.kind for t in carol.tracks.values()) == ["audio", "video"]
+    assert carol.publisher_leg is not None and carol.publisher_leg.data is not None
 
 
-def test_data_channel_only_offer_is_a_bad_sdp_that_says_why() -> None:
-    h = Harness()
+def test_data_channel_only_offer_is_a_bad_sdp_that_says_why_when_turned_off() -> None:
+    h = Harness(dataclasses.replace(Settings(), datachannels=DataChannelSettings(enabled=False)))
     h.sfu.add_participant("r", "carol")
     head, *sections = chrome_offer().split("m=")
     offer = head.replace("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 2") + "m=" + sections[2]
@@ -412,7 +414,7 @@ def test_data_channel_only_offer_is_a_bad_sdp_that_says_why() -> None:
         h.sfu.publisher_offer("r", "carol", offer)
     assert exc.value.code == "bad_sdp"
     message = str(exc.value)
-    assert "data channels are not supported yet" in message
+    assert "data channels are turned off" in message
     assert "audio and video only" in message
     carol = h.sfu.get_participant("r", "carol")
     assert carol.publisher_leg is None and carol.tracks == {}
