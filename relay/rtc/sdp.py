@@ -1714,15 +1714,19 @@ def build_offer(
         lines += _codec_lines(m.codecs)
         if m.ssrc is not None:
             cname = m.cname or (m.msid[0] if m.msid and m.msid[0] != "-" else "") or "relay"
-            ssrcs = [m.ssrc] + ([m.rtx_ssrc] if m.rtx_ssrc is not None else [])
-            if m.rtx_ssrc is not None:
-                lines.append(f"a=ssrc-group:FID {m.ssrc} {m.rtx_ssrc}")
-            for s in ssrcs:
-                lines.append(f"a=ssrc:{s} cname:{cname}")
-                if msid:
-                    lines.append(f"a=ssrc:{s} msid:{msid}")
+            lines += _ssrc_lines(m.ssrc, m.rtx_ssrc, cname, msid)
         lines += _candidate_lines(local)
     return _join(lines)
+
+
+def _ssrc_lines(ssrc: int, rtx_ssrc: int | None, cname: str, msid: str | None) -> list[str]:
+    """The ``a=ssrc`` lines of a stream the relay sends (and of its RTX stream, grouped)."""
+    lines = [f"a=ssrc-group:FID {ssrc} {rtx_ssrc}"] if rtx_ssrc is not None else []
+    for s in [ssrc] if rtx_ssrc is None else [ssrc, rtx_ssrc]:
+        lines.append(f"a=ssrc:{s} cname:{cname}")
+        if msid:
+            lines.append(f"a=ssrc:{s} msid:{msid}")
+    return lines
 
 
 def check_answer(offered: list[OfferedMedia], answer: SessionDescription) -> RemoteTransport | None:
@@ -1876,14 +1880,7 @@ def build_viewer_answer(
             lines.append("a=rtcp-rsize")
         lines += _codec_lines(a.codecs)
         if a.ssrc is not None and a.direction != "inactive":
-            cname = a.cname or "relay"
-            ssrcs = [a.ssrc] + ([a.rtx_ssrc] if a.rtx_ssrc is not None else [])
-            if a.rtx_ssrc is not None:
-                lines.append(f"a=ssrc-group:FID {a.ssrc} {a.rtx_ssrc}")
-            for s in ssrcs:
-                lines.append(f"a=ssrc:{s} cname:{cname}")
-                if msid:
-                    lines.append(f"a=ssrc:{s} msid:{msid}")
+            lines += _ssrc_lines(a.ssrc, a.rtx_ssrc, a.cname or "relay", msid)
         lines += _candidate_lines(local)
     return _join(lines)
 
