@@ -1448,17 +1448,7 @@ def build_answer(
     for a in answered:
         m = a.offer
         if a.rejected:
-            lines.append(f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}")
-            lines.append("c=IN IP4 0.0.0.0")
-            lines.append(f"a=mid:{m.mid}")
-            # The bundle transport's attributes and candidates, ignored by a client that honours
-            # the port 0: aiortc refuses an answer without them and, with max-bundle, takes the
-            # remote candidates of its shared transport from its last m-line, which is where
-            # it puts a data channel.
-            lines += _transport_lines(local, setup)[2:]
-            if m.rtcp_mux:
-                lines.append("a=rtcp-mux")
-            lines += _candidate_lines(local)
+            lines += _rejected_lines(m, local, setup)
             continue
         if a.kind == "application":
             lines += application_lines(local, setup, str(m.mid), data_channels, m.protocol)
@@ -1854,13 +1844,7 @@ def build_viewer_answer(
     lines = _session_lines(local, answer_bundle, offer.extmap_allow_mixed)
     for m, a in zip(offer.media, media, strict=True):
         if a is None:
-            lines.append(f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}")
-            lines.append("c=IN IP4 0.0.0.0")
-            lines.append(f"a=mid:{m.mid}")
-            lines += _transport_lines(local, setup)[2:]
-            if m.rtcp_mux:
-                lines.append("a=rtcp-mux")
-            lines += _candidate_lines(local)
+            lines += _rejected_lines(m, local, setup)
             continue
         if not a.codecs or a.mid != m.mid or a.direction not in DIRECTIONS:
             raise SdpError(f"m-line {m.index}: bad answered media for mid {m.mid}")
@@ -1883,6 +1867,22 @@ def build_viewer_answer(
             lines += _ssrc_lines(a.ssrc, a.rtx_ssrc, a.cname or "relay", msid)
         lines += _candidate_lines(local)
     return _join(lines)
+
+
+def _rejected_lines(m: MediaDescription, local: LocalTransport, setup: str) -> list[str]:
+    """An answered m-line refused with port 0. It still carries the bundle transport's
+    attributes and candidates, ignored by a client that honours the port 0: aiortc refuses an
+    answer without them and, with max-bundle, takes the remote candidates of its shared
+    transport from its last m-line, which is where it puts a data channel."""
+    lines = [
+        f"m={m.kind} 0 {m.protocol} {' '.join(m.formats)}",
+        "c=IN IP4 0.0.0.0",
+        f"a=mid:{m.mid}",
+        *_transport_lines(local, setup)[2:],
+    ]
+    if m.rtcp_mux:
+        lines.append("a=rtcp-mux")
+    return lines + _candidate_lines(local)
 
 
 def answer_setup(offered: str | None) -> str:
