@@ -306,6 +306,27 @@ enabled = true
     )
 
 
+def wait_healthy(loop: NamespaceLoop, process: Process, api: str) -> None:
+    """Wait (up to 30 s) until the relay started in the namespace answers ``/healthz``;
+    stop it and raise with its log if it exits or does not answer in time."""
+
+    async def healthy() -> bool:
+        async with httpx.AsyncClient(timeout=2) as http:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if not process.alive():
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{api}/healthz")).status_code == 200:
+                        return True
+                await asyncio.sleep(0.1)
+        return False
+
+    if not loop.run(healthy(), timeout=40):
+        process.stop()
+        raise RuntimeError(f"relay did not start in the namespace:\n{process.log()}")
+
+
 def start_relay(
     namespace: Namespace,
     loop: NamespaceLoop,
@@ -331,21 +352,7 @@ def start_relay(
     process = Process(command, folder / "relay.log", env=env, cwd=ROOT)
     relay = RelayInNamespace(process, secret, api_key=API_KEY if config else DEV_API_KEY)
 
-    async def healthy() -> bool:
-        async with httpx.AsyncClient(timeout=2) as http:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if not process.alive():
-                    return False
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{relay.api}/healthz")).status_code == 200:
-                        return True
-                await asyncio.sleep(0.1)
-        return False
-
-    if not loop.run(healthy(), timeout=40):
-        process.stop()
-        raise RuntimeError(f"relay did not start in the namespace:\n{process.log()}")
+    wait_healthy(loop, process, relay.api)
     return relay
 
 

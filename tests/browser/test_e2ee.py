@@ -10,18 +10,14 @@ and checks that beyond the clear header bytes they are ciphertext under the pass
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import secrets
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +34,7 @@ from tests.browser.harness import (
     Process,
     RelayInNamespace,
     relay_config,
+    wait_healthy,
     wait_until,
 )
 
@@ -105,21 +102,7 @@ def start_capturing_relay(
     process = Process(command, folder / "relay.log", env=env, cwd=ROOT)
     relay = RelayInNamespace(process, secret)
 
-    async def healthy() -> bool:
-        async with httpx.AsyncClient(timeout=2) as http:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if not process.alive():
-                    return False
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{relay.api}/healthz")).status_code == 200:
-                        return True
-                await asyncio.sleep(0.1)
-        return False
-
-    if not loop.run(healthy(), timeout=40):
-        process.stop()
-        raise RuntimeError(f"relay did not start in the namespace:\n{process.log()}")
+    wait_healthy(loop, process, relay.api)
     return relay, capture
 
 
