@@ -663,6 +663,17 @@ def test_packet_is_a_put_nowait(tmp_path: Path) -> None:
 
 def encode_with(codec: str, options: dict[str, str], seconds: float = 3.0) -> list[tuple]:
     """(bytes, keyframe, frame index) of each coded frame of the test picture (noise on top)."""
+    # SVT-AV1 switches the calling thread to SCHED_FIFO when it may (as root): the test runner
+    # gets its own policy back, or every process the suite starts afterwards (relays, browsers)
+    # would inherit real-time scheduling
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        return _encode(codec, options, seconds)
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
+def _encode(codec: str, options: dict[str, str], seconds: float) -> list[tuple]:
     context = av.CodecContext.create(codec, "w")
     context.width, context.height, context.pix_fmt = 320, 240, "yuv420p"
     context.time_base = fractions.Fraction(1, FPS)
