@@ -127,6 +127,8 @@ class MediaSettings:
     tcp_max_connections: int = 1000
     tcp_write_buffer_bytes: int = 262144
     tcp_handshake_timeout: float = 5.0
+    #: time slice (µs) each media process asks the kernel's scheduler for (relay/scheduling.py)
+    scheduler_slice_us: int = 100
 
 
 @dataclass(frozen=True)
@@ -367,6 +369,20 @@ class Integer(Check):
         if value < self.low or (self.high is not None and value > self.high):
             raise self.fail(value)
         return value
+
+
+class SliceMicroseconds(Integer):
+    """0 (the kernel's default slice) or a slice the kernel accepts, in microseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 100_000)
+        self.expected = "0 or an integer 100-100000 (microseconds)"
+
+    def validate(self, value: object) -> int:
+        checked = super().validate(value)
+        if 0 < checked < 100:
+            raise self.fail(value)
+        return checked
 
 
 class Seconds(Check):
@@ -674,6 +690,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "tcp_max_connections": Integer(1),
         "tcp_write_buffer_bytes": Integer(4096, 16777216),
         "tcp_handshake_timeout": Seconds(),
+        "scheduler_slice_us": SliceMicroseconds(),
     },
     "session": {
         "consent_timeout": Seconds(),

@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from relay import scheduling
 from relay.addresses import media_candidate_addresses
 from relay.api.app import create_app
 from relay.api.events import EventBus
@@ -434,6 +435,8 @@ def raise_open_file_limit(wanted: int) -> None:
 def run(settings: Settings) -> int:
     """Run the relay until SIGINT or SIGTERM; the exit code."""
     raise_open_file_limit(settings.api.max_connections + 256)
+    if worker_count(settings.workers) == 1:  # media in this process (workers ask for their own)
+        scheduling.apply(settings.media.scheduler_slice_us, "relay")
     try:
         import uvloop
 

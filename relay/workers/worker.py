@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from relay import scheduling
 from relay.config import ConfigError, settings_from_toml
 from relay.metrics import Metrics
 from relay.server import MediaPlane
@@ -213,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler = setup_logging(settings.log)
     handler.addFilter(_WorkerLogFilter(args.index))
+    scheduling.apply(settings.media.scheduler_slice_us, f"worker {args.index}")
     try:
         import uvloop
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay import scheduling
 from tests.integration.clients import CallClient, wait_for
 from tests.integration.conftest import (
     EventListener,
@@ -304,6 +305,9 @@ def test_sigterm_leaves_no_worker(tmp_path: Path) -> None:
         for worker in workers:
             assert_worker_process(relay, worker)
         pids += [w["pid"] for w in workers]
+        if scheduling.per_thread_slices():  # [media] scheduler_slice_us, by default 100, in each worker
+            assert [scheduling.current_slice_us(pid) for pid in pids] == [100] * WORKERS
+            assert "scheduler slice 100 µs requested: 100 µs" in relay.log(), relay.log()[-3000:]
         room = new_room(relay, "workers")
         for name in EVERYONE[:WORKERS]:
             r = httpx.post(
