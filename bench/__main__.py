@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         "nice value (0; -1: not)",
     )
     parser.add_argument(
+        "--contrast-slice",
+        type=int,
+        metavar="US",
+        help="load --workers: then 1 and 2 workers (spread) again with the relay's [media] "
+        "scheduler_slice_us at this value (0, the kernel's default; -1: not)",
+    )
+    parser.add_argument(
         "--no-ramp",
         action="store_true",
         help="load --workers: fixed fan-outs only, no capacity ramp",
@@ -205,6 +212,8 @@ def workers_plan(args: argparse.Namespace) -> Any:
         plan.generator_nice = args.generator_nice
     if args.contrast_nice is not None:
         plan.contrast_nice = None if args.contrast_nice < 0 else args.contrast_nice
+    if args.contrast_slice is not None:
+        plan.contrast_slice = None if args.contrast_slice < 0 else args.contrast_slice
     plan.pack = not args.no_pack
     plan.ramp = not args.no_ramp
     return plan

@@ -9,11 +9,14 @@ candidate line in our SDP. The client always takes the controlling role (largest
 tie-breaker), which a full agent that offered accepts by switching to controlled.
 
 Every payload carries a stamp: a 1-byte VP8 payload descriptor, the magic ``RB``, the stream
-id, the packet index ``k`` and its scheduled send time. The sender also logs the wall-clock
-time (``CLOCK_REALTIME``) right before each ``sendto``; a receiver's latency sample is its
-kernel receive timestamp (same clock) minus that log entry. So a sample is the time from our
-``sendto`` to the packet's arrival in the receiving socket: the server's queueing and
-processing plus two loopback hops, none of the generator's own scheduling.
+id, the packet index ``k`` and its scheduled send time. A frame's packets go to the kernel in
+one ``sendmmsg`` (a burst, as an encoder's frame leaves a browser unpaced), and the sender logs
+the wall-clock time (``CLOCK_REALTIME``) right before that call for every packet of the frame;
+a receiver's latency sample is its kernel receive timestamp (same clock) minus that log entry.
+So a sample is the time from the frame's hand-over to the packet's arrival in the receiving
+socket: the server's queueing and processing plus two loopback hops. The generator's own
+scheduling cannot reshape the burst (a server process that preempts the generator between
+two ``sendto`` calls would otherwise receive the frame paced, and look faster than it is).
 
 Only loopback addresses (and, for Janus, the bench namespace's own two addresses) are ever
 sent to: any other remote candidate is ignored.
@@ -49,6 +52,7 @@ from relay.client.peer import (
 from relay.rtc.dtls import Certificate
 from relay.rtc.rtp import build_extension_block
 from relay.rtc.srtp import SrtpError
+from relay.udp import BatchSender
 
 Address = tuple[str, int]
 
@@ -133,6 +137,10 @@ class Conn:
         sock.setblocking(False)
         self.sock = sock
         self.port: int = sock.getsockname()[1]
+        #: media out: a frame's packets in one system call; what the socket refuses is dropped
+        #: (and counted), as the plain ``sendto`` it replaces dropped it
+        self.send_dropped = 0
+        self.sender = BatchSender(sock, self._drop)
         self.peer: ClientPeer | None = None
         if not plain:
             self.peer = ClientPeer(certificate, consent_interval=2.0)
@@ -222,6 +230,9 @@ class Conn:
         for datagram in datagrams:
             with contextlib.suppress(BlockingIOError):
                 self.sock.sendto(datagram, addr)
+
+    def _drop(self, data: Any, addr: Address) -> None:
+        self.send_dropped += 1
 
     # -- receiving --------------------------------------------------------------------
     def _readable(self) -> None:
@@ -380,7 +391,8 @@ class SendStream:
         self.clock_step = 960 if spec.kind == "audio" else int(90000 / spec.fps)
         self.interval = 1.0 / spec.fps
         self.frames = frames  # real codec payloads (no stamp) instead of stamped filler
-        self.log = array("q")  # send time (CLOCK_REALTIME ns) of packet k, right before sendto
+        # send time (CLOCK_REALTIME ns) of packet k: right before its frame's sendmmsg
+        self.log = array("q")
         self.packets: list[bytes] = []
         self.frame_sizes: list[int] = []
         self.frame = 0  # next frame to send
@@ -429,21 +441,17 @@ class SendStream:
         if self.frame >= len(self.frame_sizes):  # the schedule ran ahead of the protection
             self.protect_ahead(Sender.AHEAD)
         n = self.frame_sizes[self.frame]
-        sock = self.conn.sock
         addr = self.conn.remote_addr
-        log = self.log.append
+        assert addr is not None
         packets = self.packets
-        ns = time.time_ns
         k = self.k
-        for _ in range(n):
-            log(ns())
-            try:
-                sock.sendto(packets[k], addr)
-            except BlockingIOError:
-                pass
-            packets[k] = b""  # sent once: release it
-            k += 1
-        self.k = k
+        batch = [(packets[i], addr) for i in range(k, k + n)]
+        handed = time.time_ns()
+        self.log.extend([handed] * n)
+        self.conn.sender.send(batch)
+        for i in range(k, k + n):
+            packets[i] = b""  # sent once: release it
+        self.k = k + n
         self.frame += 1
 
 

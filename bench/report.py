@@ -152,7 +152,8 @@ def _load(load: dict[str, Any]) -> list[str]:
     lines = [
         "## Load: the relay in its own process",
         "",
-        "Latency: publisher `sendto` to the subscriber socket's kernel receive timestamp. "
+        "Latency: the publisher's `sendmmsg` of the packet's frame to the subscriber socket's "
+        "kernel receive timestamp. "
         "'other procs CPU': what other processes on the machine used during the window (in "
         "cores); a window above 30 % is measured again, and marked '(busy machine)' if it "
         "stays so.",
@@ -439,7 +440,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
             r = next(r for r in results if r["subscribers"] == n)
             ax.plot(r["latency_cdf_ms"], CDF_QUANTILES, label=SYSTEM_LABELS.get(system, system))
         ax.set_xscale("log")
-        ax.set_xlabel("latency from publisher sendto to subscriber socket (ms, log)")
+        ax.set_xlabel("latency from the publisher's send to the subscriber socket (ms, log)")
         ax.set_ylabel("percentile")
         ax.set_title(f"Latency CDF, 1 publisher to {n} subscribers")
         ax.grid(True, which="both", alpha=0.3)

@@ -185,12 +185,14 @@ class RelayServer(Server):
         workers: int | None = None,
         placement: str | None = None,
         cores: Collection[int] | None = None,
+        scheduler_slice_us: int | None = None,
     ) -> None:
         super().__init__(workdir, cores)
         self.max_participants = max_participants
         self.key = BENCH_KEY
         self.workers = workers
         self.placement = placement
+        self.scheduler_slice_us = scheduler_slice_us  # None: the relay's default
         self.workers_section = ""
 
     def _workers_section(self) -> str:
@@ -214,7 +216,12 @@ class RelayServer(Server):
             "[media]\n"
             f'host = "127.0.0.1"\nport = {self.media_port}\n'
             "receive_buffer_bytes = 8388608\nsend_buffer_bytes = 8388608\n"
-            "[limits]\n"
+            + (
+                f"scheduler_slice_us = {self.scheduler_slice_us}\n"
+                if self.scheduler_slice_us is not None
+                else ""
+            )
+            + "[limits]\n"
             f"max_participants_per_room = {self.max_participants}\nmax_rooms = 1000\n"
             '[log]\nlevel = "warning"\n'
             # the bench sets connections up in bursts and measures forwarding up to saturation:

@@ -80,6 +80,9 @@ class WorkersPlan:
     #: then the 1-worker and 2-worker spread fixed fan-outs again with the generator at this nice
     #: value (None: not), to show what the generator's competition does to latency
     contrast_nice: int | None = 0
+    #: and again with the relay's ``[media] scheduler_slice_us`` at this value (None: not; 0 is
+    #: the kernel's default slice), to show what the relay's short slice does to latency
+    contrast_slice: int | None = 0
     budget_s: float = 900.0  # later rounds, ramp steps and re-measuring give way past it
     started: float = field(default_factory=time.monotonic)
     ramp: bool = True
@@ -100,6 +103,7 @@ class WorkersPlan:
             retries=0,
             rounds=1,
             contrast_nice=None,
+            contrast_slice=None,
         )
 
     def spent(self) -> float:
@@ -113,6 +117,13 @@ class WorkersPlan:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()} | self.extra
 
 
+def slice_label(slice_us: int | None) -> str:
+    """A ``[media] scheduler_slice_us`` value in words."""
+    if slice_us is None:
+        return "the relay's default (100 µs)"
+    return "the kernel's default" if slice_us == 0 else f"{slice_us} µs"
+
+
 def sharing_note(plan: WorkersPlan) -> str:
     """How the relay and the load generator share the machine's cores, in words."""
     contrast = (
@@ -121,6 +132,14 @@ def sharing_note(plan: WorkersPlan) -> str:
         if plan.contrast_nice is not None and plan.contrast_nice != plan.generator_nice
         else ""
     )
+    if plan.contrast_slice is not None:
+        contrast += (
+            " And once more with the relay's processes on the kernel's default scheduler slice"
+            if plan.contrast_slice == 0
+            else f" And once more with the relay's processes asking for a {plan.contrast_slice} µs"
+            " scheduler slice"
+        ) + " (`[media] scheduler_slice_us`; the relay's default asks for 100 µs)."
+
     return (
         "Nothing pinned: the relay (front process and every worker, or the single process with "
         "1 worker) and the load generator (this bench process: signalling, sending, and "
@@ -130,8 +149,9 @@ def sharing_note(plan: WorkersPlan) -> str:
         ". With 1 worker the relay and the generator keep about a core each; with 2 workers "
         "the two workers, the front and the generator share the 2 cores (the generator's CPU "
         "is in every row; it is taken from what the relay could use). Latency is unaffected by "
-        "the generator's own delays: send times are logged right before `sendto`, receive "
-        "times are the kernel's. The single-process bench (`bench load`) instead pins the relay "
+        "the generator's own delays: each frame's packets go out in one `sendmmsg` and are "
+        "logged right before it (so a relay process that preempts the generator cannot pace "
+        "the burst it receives), receive times are the kernel's. The single-process bench (`bench load`) instead pins the relay "
         "to core 0 and the generator to core 1." + contrast
     )
 
@@ -431,6 +451,12 @@ def _headline(window: dict[str, Any]) -> str:
 # The whole command
 
 
+#: one relay to measure: workers, placement, ramp, round (0: a contrast), the generator's nice
+#: value, the relay's scheduler_slice_us (None: its default), what a contrast changes
+#: ("nice", "slice"; None: not a contrast)
+Planned = tuple[int, str | None, bool, int, int, int | None, str | None]
+
+
 def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, Any]:
     """Every layout of ``plan`` on its own relay, then the derived figures and the model."""
     import uvloop
@@ -455,25 +481,35 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
         "errors": {},
     }
     plan.started = time.monotonic()
-    layouts: list[tuple[int, str | None, bool, int, int]] = []
+    layouts: list[Planned] = []
+    nice = plan.generator_nice
     for r in range(1, plan.rounds + 1):  # the ramp (capacity) in the first round only
         for w in plan.workers:
             layouts.append(
-                (w, "spread" if w > 1 else None, plan.ramp and r == 1, r, plan.generator_nice)
+                (w, "spread" if w > 1 else None, plan.ramp and r == 1, r, nice, None, None)
             )
             if w > 1 and plan.pack:
-                layouts.append((w, "pack", False, r, plan.generator_nice))
-    if plan.contrast_nice is not None and plan.contrast_nice != plan.generator_nice:
+                layouts.append((w, "pack", False, r, nice, None, None))
+    if plan.contrast_nice is not None and plan.contrast_nice != nice:
         for w in plan.workers:
-            layouts.append((w, "spread" if w > 1 else None, False, 0, plan.contrast_nice))
+            layouts.append(
+                (w, "spread" if w > 1 else None, False, 0, plan.contrast_nice, None, "nice")
+            )
+    if plan.contrast_slice is not None:
+        for w in plan.workers:
+            layouts.append(
+                (w, "spread" if w > 1 else None, False, 0, nice, plan.contrast_slice, "slice")
+            )
     before = os.sched_getaffinity(0)
     nice_before = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         os.sched_setaffinity(0, all_cores())
-        for w, placement, ramp, r, nice in layouts:
+        for w, placement, ramp, r, nice, slice_us, contrast in layouts:
             label = f"{w} worker{'s' if w > 1 else ''}" + (f", {placement}" if placement else "")
-            if r == 0:
+            if contrast == "nice":
                 label += f", generator nice {nice}"
+            elif contrast == "slice":
+                label += f", scheduler slice {slice_label(slice_us)}"
             elif plan.rounds > 1:
                 label += f", round {r}"
             if r != 1 and plan.spent() > (0.75 if r == 0 else 0.7):
@@ -490,6 +526,7 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
                 workers=w,
                 placement=placement,
                 cores=all_cores(),
+                scheduler_slice_us=slice_us,
             )
             try:
                 server.start()
@@ -498,7 +535,8 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
                 result = uvloop.run(run_layout(server, plan, label, ramp=ramp, progress=update))
                 result["round"] = r
                 result["generator_nice"] = nice
-                result["contrast"] = r == 0
+                result["contrast"] = contrast
+                result["scheduler_slice_us"] = slice_us
                 out["layouts"].append(result)
                 last = (result["ramp"] or result["fanouts"] or [{}])[-1]
                 update(f"done: {_headline(last)}", 1.0)
@@ -595,7 +633,8 @@ def row_of(layout: dict[str, Any], window: dict[str, Any], kind: str) -> dict[st
         "kind": kind,
         "round": layout.get("round", 1),
         "generator_nice": layout.get("generator_nice"),
-        "contrast": bool(layout.get("contrast")),
+        "contrast": layout.get("contrast") or None,
+        "scheduler_slice_us": layout.get("scheduler_slice_us"),
         "subscribers": window["subscribers"],
         "forwarded_pps": window["forwarded_pps"],
         "loss": window.get("loss"),
@@ -629,9 +668,11 @@ def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
             rows.append(row_of(layout, w, "fan-out"))
         for w in layout["ramp"]:
             rows.append(row_of(layout, w, "ramp"))
-    # the contrast layouts (the generator at another nice value) only for their latency
+    # the contrast layouts (the generator at another nice value, the relay on another
+    # scheduler slice) only for their latency
     layouts = [x for x in every if not x.get("contrast")]
-    contrast = [x for x in every if x.get("contrast")]
+    contrast = [x for x in every if x.get("contrast") == "nice"]
+    slices = [x for x in every if x.get("contrast") == "slice"]
     one = _find(layouts, 1, "single")
     spread = _find(layouts, 2, "spread")
     pack = _find(layouts, 2, "pack")
@@ -663,6 +704,10 @@ def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
                 s["cpu_per_packet_us"] - o["cpu_per_packet_us"]
             ) / s["cpu_per_packet_us"]
             entry["two_minus_one_worker_cores"] = _cores(s) - _cores(o)
+        paired = _paired_pipe_shares(layouts, n)
+        if paired:
+            entry["pipe_share_by_round"] = paired
+            entry["pipe_share_paired_median"] = float(np.median(paired))
         if entry:
             pipe["by_fanout"][str(n)] = entry
     pooled = float(np.mean(deltas)) / float(np.mean(piped)) if deltas and np.mean(piped) else None
@@ -679,6 +724,11 @@ def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
         ratio["generator_nice"] = contrast[0].get("generator_nice")
         ratio["note"] = "not the target's setting: the generator competing at equal priority"
         targets["p99_two_workers_over_one_at_100_generator_competing"] = ratio
+    if slices:
+        ratio = _p99_ratio(_find(slices, 1, "single"), _find(slices, 2, "spread"))
+        ratio["scheduler_slice_us"] = slices[0].get("scheduler_slice_us")
+        ratio["note"] = "not the relay's default: another scheduler slice"
+        targets["p99_two_workers_over_one_at_100_other_slice"] = ratio
     model = scaling_model(layouts, pipe, rate)
     return {"table": rows, "pipe": pipe, "targets": targets, "model": model}
 
@@ -718,10 +768,29 @@ def _receiving_end(
     return (imp["cpu_fraction"] - idle - local) / piped_pps * 1e6
 
 
+def _paired_pipe_shares(layouts: Sequence[dict[str, Any]], n: int) -> list[float]:
+    """The pipe share at ``n`` subscribers round by round: each round's spread window against
+    the pack window measured right after it (what drifts between rounds cancels out)."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for x in layouts:
+        if x["workers"] == 2 and x["placement"] in ("spread", "pack"):
+            by_round.setdefault(x.get("round", 1), {})[x["placement"]] = x
+    shares = []
+    for r in sorted(by_round):
+        s, p = _at(by_round[r].get("spread"), n), _at(by_round[r].get("pack"), n)
+        if s and p and s.get("cpu_per_packet_us") and p.get("cpu_per_packet_us"):
+            shares.append(
+                (s["cpu_per_packet_us"] - p["cpu_per_packet_us"]) / s["cpu_per_packet_us"]
+            )
+    return shares
+
+
 def _targets(
     pipe: dict[str, Any], one: dict[str, Any] | None, spread: dict[str, Any] | None
 ) -> dict[str, Any]:
-    shares = {n: e.get("pipe_share") for n, e in pipe["by_fanout"].items() if "pipe_share" in e}
+    paired = all("pipe_share_paired_median" in e for e in pipe["by_fanout"].values())
+    key = "pipe_share_paired_median" if paired and pipe["by_fanout"] else "pipe_share"
+    shares = {n: e.get(key) for n, e in pipe["by_fanout"].items() if key in e}
     worst = max(shares.values()) if shares else None
     overhead = {
         n: e.get("two_vs_one_worker_share")
@@ -733,7 +802,8 @@ def _targets(
             "by_fanout": shares,
             "worst": worst,
             "limit": PIPE_SHARE_MAX,
-            "method": "(CPU/pkt 2 workers spread - 2 workers pack) / CPU/pkt spread, same N",
+            "method": "(CPU/pkt 2 workers spread - 2 workers pack) / CPU/pkt spread, same N"
+            + (", each round's pair, median over the rounds" if key != "pipe_share" else ""),
             "met": None if worst is None else worst <= PIPE_SHARE_MAX,
         },
         "two_workers_vs_one_cpu_share": {
@@ -746,6 +816,14 @@ def _targets(
         },
         "p99_two_workers_over_one_at_100": _p99_ratio(one, spread),
     }
+
+
+def _ratio_text(ratio: dict[str, Any]) -> str:
+    """'p99 with 2 workers ms / p99 with 1 worker ms = ratio' of a :func:`_p99_ratio`."""
+    return (
+        f"{_f(ratio['p99_2_workers_ms'], 2)} ms / {_f(ratio['p99_1_worker_ms'], 2)} ms = "
+        f"{_f(ratio['ratio'], 3)}"
+    )
 
 
 def _p99_ratio(one: dict[str, Any] | None, spread: dict[str, Any] | None) -> dict[str, Any]:
@@ -916,8 +994,8 @@ def report_lines(data: dict[str, Any]) -> list[str]:
         "subscribers on the least loaded worker (the publisher's worker pipes the track once to "
         "the other); `pack`: everyone on one worker (the same processes, nothing piped). Relay "
         "CPU: the front and every worker process (`/proc/<pid>/task/*/schedstat`), in cores; "
-        "CPU µs/pkt: relay CPU over packets the subscribers received. Latency: publisher "
-        "`sendto` to the subscriber socket's kernel receive timestamp.",
+        "CPU µs/pkt: relay CPU over packets the subscribers received. Latency: the publisher's "
+        "`sendmmsg` of the packet's frame to the subscriber socket's kernel receive timestamp.",
         "",
         f"Cores: {data['sharing']['note']}",
         "",
@@ -928,7 +1006,9 @@ def report_lines(data: dict[str, Any]) -> list[str]:
     ]
     for r in data.get("table", []):
         label = f"{r['workers']}, {r['placement']}" + (" (ramp)" if r["kind"] == "ramp" else "")
-        if r.get("contrast"):
+        if r.get("contrast") == "slice":
+            label += f", scheduler slice {slice_label(r.get('scheduler_slice_us'))}"
+        elif r.get("contrast"):
             label += f", generator nice {r['generator_nice']}"
         elif rounds > 1 and r["kind"] != "ramp":
             label += f", round {r['round']}"
@@ -973,22 +1053,33 @@ def report_lines(data: dict[str, Any]) -> list[str]:
         "### The pipe",
         "",
         "| N | spread − pack (cores) | piped pkt/s | µs per piped pkt | pipe share (spread vs pack) "
-        "| pipe share (pooled µs/piped pkt) | 2 workers vs 1 (CPU/pkt) |",
-        "|---" * 7 + "|",
+        "| pipe share by round (median) | pipe share (pooled µs/piped pkt) "
+        "| 2 workers vs 1 (CPU/pkt) |",
+        "|---" * 8 + "|",
     ]
     pipe = data.get("pipe", {})
     for n, e in pipe.get("by_fanout", {}).items():
         lines.append(
             f"| {n} | {_f(e.get('spread_minus_pack_cores'), 4)} | {_f(e.get('piped_pps'), 0)} | "
             f"{_f(e.get('pipe_us_per_piped_packet'), 1)} | {_pct(e.get('pipe_share'))} | "
-            f"{_pct(e.get('pipe_share_pooled'), 2)} | {_pct(e.get('two_vs_one_worker_share'))} |"
+            + (
+                ", ".join(_pct(v) for v in e["pipe_share_by_round"])
+                + f" ({_pct(e.get('pipe_share_paired_median'))})"
+                if e.get("pipe_share_by_round")
+                else "–"
+            )
+            + f" | {_pct(e.get('pipe_share_pooled'), 2)} | "
+            f"{_pct(e.get('two_vs_one_worker_share'))} |"
         )
     lines += [
         "",
         f"Pooled pipe cost: {_f(pipe.get('pipe_us_per_piped_packet_pooled'), 1)} µs of relay CPU "
         "per piped packet (both ends: the exporter's send, the importer's receive and history), "
         "the mean spread − pack CPU over the mean piped packet rate. The per-N shares are the "
-        "difference of two windows on two relays and carry their noise (a few % of a core).",
+        "difference of two windows on two relays and carry their noise (a few % of a core): "
+        "'spread vs pack' compares the medians over the rounds, 'by round' each round's spread "
+        "window with the pack window measured right after it, which cancels what drifts between "
+        "rounds (the target takes the median of those).",
         "",
         "### Targets (measured, not asserted)",
         "",
@@ -1014,17 +1105,21 @@ def report_lines(data: dict[str, Any]) -> list[str]:
     if p99:
         lines.append(
             f"- p99 with 2 workers <= {P99_RATIO_MAX:g} x one worker's at N = "
-            f"{p99['subscribers']}: {_met(p99['met'])} ({_f(p99['p99_2_workers_ms'], 2)} ms / "
-            f"{_f(p99['p99_1_worker_ms'], 2)} ms = {_f(p99['ratio'], 3)})."
+            f"{p99['subscribers']}: {_met(p99['met'])} ({_ratio_text(p99)})."
         )
     competing = t.get("p99_two_workers_over_one_at_100_generator_competing", {})
     if competing:
         lines.append(
             f"- For contrast, the generator at nice {competing.get('generator_nice')} (competing "
-            f"with the relay at equal priority): {_f(competing['p99_2_workers_ms'], 2)} ms / "
-            f"{_f(competing['p99_1_worker_ms'], 2)} ms = {_f(competing['ratio'], 3)} (not the "
-            "target's setting: on a machine of its own the relay does not share its cores with "
-            "its subscribers)."
+            f"with the relay at equal priority): {_ratio_text(competing)} (not the target's "
+            "setting: on a machine of its own the relay does not share its cores with its "
+            "subscribers)."
+        )
+    other = t.get("p99_two_workers_over_one_at_100_other_slice", {})
+    if other:
+        lines.append(
+            f"- For contrast, the relay's processes on {slice_label(other.get('scheduler_slice_us'))}"
+            f" scheduler slice: {_ratio_text(other)}."
         )
     lines += [""] + model_lines(data.get("model", {}))
     for layout in data.get("layouts", []):
