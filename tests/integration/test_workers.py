@@ -305,7 +305,8 @@ def test_sigterm_leaves_no_worker(tmp_path: Path) -> None:
         for worker in workers:
             assert_worker_process(relay, worker)
         pids += [w["pid"] for w in workers]
-        if scheduling.per_thread_slices():  # [media] scheduler_slice_us, by default 100, in each worker
+        # [media] scheduler_slice_us, by default 100, in each worker
+        if scheduling.per_thread_slices():
             assert [scheduling.current_slice_us(pid) for pid in pids] == [100] * WORKERS
             assert "scheduler slice 100 µs requested: 100 µs" in relay.log(), relay.log()[-3000:]
         room = new_room(relay, "workers")
