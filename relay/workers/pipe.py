@@ -258,6 +258,8 @@ class PipeEndpoint:
         #: every pipe SSRC this endpoint allocated and still uses
         self._ssrcs_used: set[int] = set()
         self.packets_received = 0
+        #: packets copied to exports that are gone (the counter must never go down)
+        self.packets_sent_unexported = 0
         self.retransmissions = 0
         self.keyframe_requests_received = 0
         self.keyframe_requests_sent = 0
@@ -272,7 +274,10 @@ class PipeEndpoint:
         metrics.counter(
             "pipe_packets_sent_total",
             "RTP packets copied to other workers' pipes (retransmissions not included).",
-            lambda: sum(t.packets for e in self._exports.values() for t in e.taps),
+            lambda: (
+                self.packets_sent_unexported
+                + sum(t.packets for e in self._exports.values() for t in e.taps)
+            ),
         )
         metrics.counter(
             "pipe_packets_received_total",
@@ -398,6 +403,7 @@ class PipeEndpoint:
         peer_ssrcs = self._export_ssrcs.get(export.peer, {})
         taps = export.taps
         for tap in taps:
+            self.packets_sent_unexported += tap.packets
             peer_ssrcs.pop(tap.ssrc, None)
             self._ssrcs_used.discard(tap.ssrc)
         for stream in (export.track, *export.track.layers):

@@ -772,6 +772,28 @@ def test_unexport_stops_the_flow() -> None:
     assert w.pipe_a._exports == {} and w.pipe_a._export_ssrcs[PIPE_B] == {}
 
 
+def test_the_pipes_sent_counter_keeps_what_unexported_tracks_sent() -> None:
+    """A Prometheus counter never goes down: the packets an export copied stay counted
+    after it ends (unexported, or its publisher gone)."""
+    w, alice, _bob, _d = call()
+    video_packets(w, 10, 3)
+
+    def sent() -> float:
+        name = "relay_pipe_packets_sent_total "
+        lines = w.pipe_a.metrics.render().splitlines()
+        return float(next(line for line in lines if line.startswith(name))[len(name) :])
+
+    before = sent()
+    assert before >= 3
+    track = next(t for t in alice.tracks.values() if t.kind == "video")
+    w.pipe_a.unexport_track("r", track.track_id, list(PIPE_B))
+    assert sent() == before
+    w.a.sfu.remove_participant("r", "alice", "left")
+    w.pipe_a.drop_peer(list(PIPE_B))
+    assert w.pipe_a._exports == {}
+    assert sent() == before
+
+
 def test_remove_import_ends_the_subscription_and_renegotiates() -> None:
     w, alice, bob, _d = call()
     track = next(t for t in alice.tracks.values() if t.kind == "video")
