@@ -1544,7 +1544,6 @@ class Sfu:
         for room_id in list(self.rooms):
             self.delete_room(room_id)
 
-    # -- stats ----------------------------------------------------------------------------
     # -- WHIP / WHEP (relay/api/whip.py) ---------------------------------------------------
     def viewer_offer(
         self,
@@ -1725,6 +1724,7 @@ class Sfu:
             "tcp_candidates": [[ip, port] for ip, port in self.tcp_candidates],
         }
 
+    # -- stats ----------------------------------------------------------------------------
     def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
         p = self.get_participant(room_id, participant_id)
         return {
