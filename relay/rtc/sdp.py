@@ -1453,14 +1453,9 @@ def build_answer(
         if a.kind == "application":
             lines += application_lines(local, setup, str(m.mid), data_channels, m.protocol)
             continue
-        pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
-        lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
-        lines += _transport_lines(local, setup)
-        lines.append(f"a=mid:{m.mid}")
-        if m.extmap_allow_mixed and not offer.extmap_allow_mixed:
-            lines.append("a=extmap-allow-mixed")
-        lines += _extmap_lines(a.extmaps)
-        lines.append(f"a={a.direction}")
+        lines += _accepted_mline_lines(
+            m, local, setup, offer.extmap_allow_mixed, a.codecs, a.extmaps, a.direction
+        )
         lines.append("a=rtcp-mux")
         if m.rtcp_rsize:
             lines.append("a=rtcp-rsize")
@@ -1848,14 +1843,9 @@ def build_viewer_answer(
             continue
         if not a.codecs or a.mid != m.mid or a.direction not in DIRECTIONS:
             raise SdpError(f"m-line {m.index}: bad answered media for mid {m.mid}")
-        pts = " ".join(str(pt) for pt in _codec_pts(a.codecs))
-        lines.append(f"m={m.kind} {_media_port(local)} {m.protocol} {pts}")
-        lines += _transport_lines(local, setup)
-        lines.append(f"a=mid:{m.mid}")
-        if m.extmap_allow_mixed and not offer.extmap_allow_mixed:
-            lines.append("a=extmap-allow-mixed")
-        lines += _extmap_lines(a.extmaps)
-        lines.append(f"a={a.direction}")
+        lines += _accepted_mline_lines(
+            m, local, setup, offer.extmap_allow_mixed, a.codecs, a.extmaps, a.direction
+        )
         msid = f"{a.msid[0]} {a.msid[1]}".rstrip() if a.msid else None
         if msid and a.direction != "inactive":
             lines.append(f"a=msid:{msid}")
@@ -1867,6 +1857,29 @@ def build_viewer_answer(
             lines += _ssrc_lines(a.ssrc, a.rtx_ssrc, a.cname or "relay", msid)
         lines += _candidate_lines(local)
     return _join(lines)
+
+
+def _accepted_mline_lines(
+    m: MediaDescription,
+    local: LocalTransport,
+    setup: str,
+    session_allow_mixed: bool,
+    codecs: list[Codec],
+    extmaps: list[Extmap],
+    direction: str,
+) -> list[str]:
+    """The start of an answered m-line the relay accepts, up to its direction: the m= line
+    with the answered payload types, the bundle transport, the mid, a=extmap-allow-mixed
+    where the offer put it on this m-line rather than the session, the extensions."""
+    pts = " ".join(str(pt) for pt in _codec_pts(codecs))
+    lines = [f"m={m.kind} {_media_port(local)} {m.protocol} {pts}"]
+    lines += _transport_lines(local, setup)
+    lines.append(f"a=mid:{m.mid}")
+    if m.extmap_allow_mixed and not session_allow_mixed:
+        lines.append("a=extmap-allow-mixed")
+    lines += _extmap_lines(extmaps)
+    lines.append(f"a={direction}")
+    return lines
 
 
 def _rejected_lines(m: MediaDescription, local: LocalTransport, setup: str) -> list[str]:
