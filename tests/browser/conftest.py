@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -40,9 +40,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     yield from make_world(tmp_path_factory.mktemp("browsers"))
 
 
-def make_world(folder: Path, relay_extra: str = "", *, config: bool = True) -> Iterator[World]:
-    """Namespace, loop, collector and relay (with extra TOML, or with no config file at all),
-    removed when done."""
+def make_world(
+    folder: Path,
+    relay_extra: str = "",
+    *,
+    config: bool = True,
+    start: Callable[[Namespace, NamespaceLoop, Path], RelayInNamespace] | None = None,
+) -> Iterator[World]:
+    """Namespace, loop, collector and relay (with extra TOML, or with no config file at all;
+    or the one ``start`` starts), removed when done."""
     namespace = Namespace()
     loop: NamespaceLoop | None = None
     relay: RelayInNamespace | None = None
@@ -52,7 +58,10 @@ def make_world(folder: Path, relay_extra: str = "", *, config: bool = True) -> I
         loop.start()
         collector = Collector()
         loop.run(collector.start())
-        relay = start_relay(namespace, loop, folder, relay_extra, config=config)
+        if start is not None:
+            relay = start(namespace, loop, folder)
+        else:
+            relay = start_relay(namespace, loop, folder, relay_extra, config=config)
         yield World(namespace, loop, relay, collector, folder)
     finally:
         if relay is not None:

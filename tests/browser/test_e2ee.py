@@ -25,10 +25,9 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from relay.rtc.vp8 import Vp8Error, parse_vp8
-from tests.browser.conftest import Call, World
+from tests.browser.conftest import Call, World, make_world
 from tests.browser.harness import (
     ROOT,
-    Collector,
     Namespace,
     NamespaceLoop,
     Process,
@@ -109,24 +108,10 @@ def start_capturing_relay(
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """Overrides the browser tests' world: the same, with the capturing relay."""
-    folder = tmp_path_factory.mktemp("e2ee")
-    namespace = Namespace()
-    loop: NamespaceLoop | None = None
-    relay: RelayInNamespace | None = None
-    try:
-        namespace.create()
-        loop = NamespaceLoop(namespace)
-        loop.start()
-        collector = Collector()
-        loop.run(collector.start())
-        relay, _ = start_capturing_relay(namespace, loop, folder)
-        yield World(namespace, loop, relay, collector, folder)
-    finally:
-        if relay is not None:
-            relay.process.stop()
-        if loop is not None:
-            loop.stop()
-        namespace.remove()
+    yield from make_world(
+        tmp_path_factory.mktemp("e2ee"),
+        start=lambda namespace, loop, folder: start_capturing_relay(namespace, loop, folder)[0],
+    )
 
 
 def e2ee_room(call: Call) -> None:
