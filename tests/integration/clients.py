@@ -125,6 +125,29 @@ class Received:
         return sum(1 for t in self.frame_times.get(name, []) if start <= t <= end)
 
 
+async def consume(track: MediaStreamTrack, received: Received) -> None:
+    """Decode ``track`` until it ends, counting in ``received`` the colour of every video frame
+    (with its arrival time) and the tone of every 0.2 s of audio."""
+    buffer: list[np.ndarray] = []
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            if track.kind == "video":
+                name = classify_colour(frame)
+                received.frames[name] = received.frames.get(name, 0) + 1
+                now = time.monotonic()
+                received.first_frame_at.setdefault(name, now)
+                received.frame_times.setdefault(name, []).append(now)
+                continue
+            samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+            buffer.append(samples.astype(np.float64))
+            if sum(len(b) for b in buffer) >= 9600:
+                name = classify_tone(dominant_frequency(np.concatenate(buffer), frame.sample_rate))
+                buffer.clear()
+                if name is not None:
+                    received.tones[name] = received.tones.get(name, 0) + 1
+
+
 def new_peer_connection() -> RTCPeerConnection:
     """No STUN server (no network here), and max-bundle: with aiortc's default (balanced)
     policy a remote offer with two video m-lines leaves the second on a transport of its own."""
@@ -277,26 +300,7 @@ class CallClient:
         self._tasks.append(asyncio.create_task(self._consume(track)))
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        buffer: list[np.ndarray] = []
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                if track.kind == "video":
-                    name = classify_colour(frame)
-                    self.received.frames[name] = self.received.frames.get(name, 0) + 1
-                    now = time.monotonic()
-                    self.received.first_frame_at.setdefault(name, now)
-                    self.received.frame_times.setdefault(name, []).append(now)
-                    continue
-                samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
-                buffer.append(samples.astype(np.float64))
-                if sum(len(b) for b in buffer) >= 9600:
-                    name = classify_tone(
-                        dominant_frequency(np.concatenate(buffer), frame.sample_rate)
-                    )
-                    buffer.clear()
-                    if name is not None:
-                        self.received.tones[name] = self.received.tones.get(name, 0) + 1
+        await consume(track, self.received)
 
     async def leave(self, delete: bool = True) -> None:
         if delete:

@@ -8,15 +8,13 @@ Location ends it within a second (``participant.left``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 from aiortc import RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
 from relay.api.tokens import encode_token
 from tests.integration.clients import (
@@ -25,9 +23,7 @@ from tests.integration.clients import (
     ColourTrack,
     Received,
     ToneTrack,
-    classify_colour,
-    classify_tone,
-    dominant_frequency,
+    consume,
     new_peer_connection,
     wait_for,
 )
@@ -133,25 +129,7 @@ class WhepViewer:
         return r
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        buffer: list[np.ndarray] = []
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                if track.kind == "video":
-                    name = classify_colour(frame)
-                    got = self.received
-                    got.frames[name] = got.frames.get(name, 0) + 1
-                    got.first_frame_at.setdefault(name, time.monotonic())
-                    continue
-                samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
-                buffer.append(samples.astype(np.float64))
-                if sum(len(b) for b in buffer) >= 9600:
-                    name = classify_tone(
-                        dominant_frequency(np.concatenate(buffer), frame.sample_rate)
-                    )
-                    buffer.clear()
-                    if name is not None:
-                        self.received.tones[name] = self.received.tones.get(name, 0) + 1
+        await consume(track, self.received)
 
     async def close(self) -> None:
         for task in self._tasks:
