@@ -471,11 +471,7 @@ class Sfu:
         leg = p.publisher_leg
         fresh = leg is None
         if leg is None:
-            transport = WebRtcTransport(
-                self.certificate, list(self.settings.media.srtp_profiles), role="publisher"
-            )
-            transport.created_at = self.clock()
-            leg = PublisherLeg(self.media, p, transport)
+            leg = PublisherLeg(self.media, p, self._new_transport("publisher"))
         transport = leg.transport
         try:
             answer_sdp, answered = sdpmod.build_answer(
@@ -1091,15 +1087,7 @@ class Sfu:
         leg = p.subscriber_leg
         if leg is None:
             self.overload.check()  # a new connection; new offers on a live one are not refused
-            transport = WebRtcTransport(
-                self.certificate,
-                list(self.settings.media.srtp_profiles),
-                role="subscriber",
-            )
-            transport.created_at = self.clock()
-            p.subscriber_leg = leg = SubscriberLeg(self.media, p, transport)
-            leg.on_estimate_drop = self._on_estimate_drop
-            self.port.add(leg)
+            leg = self._add_subscriber_leg(p)
         if not p.slots:
             p.slots.append(Slot(mid="0", kind="audio"))
         publisher = p.publisher_leg
@@ -1612,14 +1600,8 @@ class Sfu:
                 code="no_tracks",
             )
         self.overload.check()
-        transport = WebRtcTransport(
-            self.certificate, list(self.settings.media.srtp_profiles), role="subscriber"
-        )
-        transport.created_at = self.clock()
-        leg = SubscriberLeg(self.media, p, transport)
-        leg.on_estimate_drop = self._on_estimate_drop
-        p.subscriber_leg = leg
-        self.port.add(leg)
+        leg = self._add_subscriber_leg(p)
+        transport = leg.transport
         transport.set_remote(
             remote.ice_ufrag,
             remote.ice_pwd,
@@ -1723,6 +1705,22 @@ class Sfu:
             "candidates": [[ip, port] for ip, port in self.candidates],
             "tcp_candidates": [[ip, port] for ip, port in self.tcp_candidates],
         }
+
+    # -- connections ----------------------------------------------------------------------
+    def _new_transport(self, role: str) -> WebRtcTransport:
+        transport = WebRtcTransport(
+            self.certificate, list(self.settings.media.srtp_profiles), role=role
+        )
+        transport.created_at = self.clock()
+        return transport
+
+    def _add_subscriber_leg(self, p: Participant) -> SubscriberLeg:
+        """A new subscriber connection for ``p``, on the media port."""
+        leg = SubscriberLeg(self.media, p, self._new_transport("subscriber"))
+        leg.on_estimate_drop = self._on_estimate_drop
+        p.subscriber_leg = leg
+        self.port.add(leg)
+        return leg
 
     # -- stats ----------------------------------------------------------------------------
     def participant_stats(self, room_id: str, participant_id: str) -> dict[str, Any]:
