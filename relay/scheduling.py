@@ -22,7 +22,7 @@ platform without the call: :func:`request_slice` then says why nothing changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -52,13 +52,19 @@ def _syscalls() -> tuple[int, int] | None:
     return _SYSCALLS.get(platform.machine())
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library's symbols, as loaded in this process (for ``syscall``)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def current_slice_us(pid: int = 0) -> int | None:
     """The slice of thread ``pid`` (0: the calling thread; a process id: its main thread) as
     the kernel reports it, in µs; None where it cannot say."""
     numbers = _syscalls()
     if numbers is None:
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     buf = ctypes.create_string_buffer(_SCHED_ATTR.size)
     if libc.syscall(numbers[1], pid, buf, _SCHED_ATTR.size, 0) != 0:
         return None
@@ -82,7 +88,7 @@ def request_slice(microseconds: int) -> str:
         return "left alone: the process runs under another scheduling policy"
     nice = os.getpriority(os.PRIO_PROCESS, 0)
     attr = _SCHED_ATTR.pack(_SCHED_ATTR.size, SCHED_OTHER, 0, nice, 0, microseconds * 1000, 0, 0)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     buf = ctypes.create_string_buffer(attr, _SCHED_ATTR.size)
     if libc.syscall(numbers[0], 0, buf, 0) != 0:
         errno = ctypes.get_errno()
