@@ -42,6 +42,7 @@ from relay.sfu import events
 from relay.sfu.admission import OverloadDetector
 from relay.sfu.allocation import (
     PROBATION,
+    UP_MARGIN,
     Demand,
     allocate,
     hold_after,
@@ -821,14 +822,21 @@ class Sfu:
         other: float,
         now: float,
     ) -> None:
-        """Probe the subscriber's path when its wishes ask for more than its estimate gives."""
+        """Probe the subscriber's path when its wishes ask for more than its estimate gives,
+        or when they get all they ask for without :data:`UP_MARGIN` to spare: a publisher's
+        encoder raises its rate as its own estimate grows, faster than the subscriber's
+        estimate grows by itself (its delay-based increase stays within 1.5 x what is being
+        acknowledged), and a stream that outgrows the estimate would lose layers on a path
+        that carries it."""
         twcc, prober = leg.twcc, leg.prober
         if twcc is None or prober is None or prober.busy:
             return
-        if all(c >= d.cap for d, c in zip(demands, choices, strict=True)):
-            return
-        target = probe_target(demands, other)
         estimator = twcc.estimator
+        if all(c >= d.cap for d, c in zip(demands, choices, strict=True)):
+            wanted = other + sum(d.rates[d.cap] for d in demands)
+            if estimator.estimate >= UP_MARGIN * wanted:
+                return
+        target = probe_target(demands, other)
         if estimator.wants_probe(now, target):
             prober.start(estimator.probe_rate(target), now)
 

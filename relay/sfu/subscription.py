@@ -95,6 +95,13 @@ class Subscription:
             # simulcast: the layer (rid) the stream carries now, and the one it moves to
             "layer": _rid(stream.track) if self.track.layers else None,
             "target_layer": _rid(stream.target) if self.track.layers else None,
+            # layers within the stream (VP8 temporal, VP9 SVC, AV1): the highest spatial and
+            # temporal layer forwarded now (null: all of them)
+            "svc_layers": (
+                {"max_spatial": stream.max_spatial, "max_temporal": stream.max_temporal}
+                if self.track.svc is not None
+                else None
+            ),
         }
 
     def preferences(self) -> dict[str, Any]:

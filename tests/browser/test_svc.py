@@ -23,7 +23,9 @@ encodings, and the subscriber pages' own subscription wishes kept from the relay
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from typing import Any
 
@@ -322,31 +324,107 @@ def frames_over(call: Call, seconds: float) -> dict[str, tuple[int, float, list[
     return out
 
 
+def relay_views(call: Call, track_id: str) -> dict[str, dict[str, Any]]:
+    """Each subscriber's video as the relay forwards it: the layers within the stream, the
+    bit rate, and the bandwidth estimate and allocation behind them."""
+    views = {}
+    for label in SUBSCRIBERS:
+        r = call.api("GET", f"/v1/rooms/{call.room}/participants/{label}/stats")
+        assert r.status_code == 200, r.text
+        stats = r.json()
+        video = next((o for o in stats["outbound"] if o["track_id"] == track_id), {})
+        delivery = stats["subscriber_delivery"] or {}
+        views[label] = {
+            "svc_layers": video.get("svc_layers"),
+            "bitrate": video.get("bitrate"),
+            **{
+                key: delivery.get(key)
+                for key in (
+                    "estimated_bitrate",
+                    "allocated_bitrate",
+                    "estimator_state",
+                    "probe_clusters",
+                    "last_probe_bitrate",
+                    "delivery_rate",
+                )
+            },
+        }
+    return views
+
+
+class RelayTimeline:
+    """:func:`relay_views` every half second on a thread of its own, while in a ``with``
+    block: how the relay's choices moved, for a failure's diagnostics."""
+
+    def __init__(self, call: Call, track_id: str) -> None:
+        self.call, self.track_id = call, track_id
+        self.samples: list[tuple[float, dict[str, dict[str, Any]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RelayTimeline:
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            with contextlib.suppress(Exception):  # a diagnostic must not fail the test
+                views = relay_views(self.call, self.track_id)
+                self.samples.append((time.monotonic() - self._start, views))
+
+    def __str__(self) -> str:
+        keys = ("svc_layers", "estimated_bitrate", "allocated_bitrate", "probe_clusters")
+        return "\n".join(
+            f"  {at:5.1f} s "
+            + "; ".join(
+                f"{label}: " + ", ".join(f"{k}={view.get(k)}" for k in keys)
+                for label, view in views.items()
+            )
+            for at, views in self.samples
+        )
+
+
 def temporal_limit(call: Call, track_id: str) -> None:
     """max_fps 8 for one subscriber of a 15 fps stream in three temporal layers: it decodes
     about half the frames (temporal layers 0 and 1), the other all of them, both the same
     picture and without a stall; the limit lifted, it gets every frame again. (The picture
     size is the publisher's choice: a busy machine makes Chromium encode below the camera's.)"""
     for wish, low, high in ((8, 0.3, 0.7), (None, 0.85, 1.15)):
-        answer = set_subscription(call, "limited", track_id, max_fps=wish)
-        assert answer["max_fps"] == wish, answer
-        time.sleep(1.5)  # the layer statistics (once a second), then a switching point
-        mark = time.monotonic()
-        outbound_heights = {outbound(call).get("frameHeight")}
-        seen = frames_over(call, WATCH)
-        outbound_heights.add(outbound(call).get("frameHeight"))
+        with RelayTimeline(call, track_id) as moves:
+            answer = set_subscription(call, "limited", track_id, max_fps=wish)
+            assert answer["max_fps"] == wish, answer
+            time.sleep(1.5)  # the layer statistics (once a second), then a switching point
+            mark = time.monotonic()
+            outbound_heights = {outbound(call).get("frameHeight")}
+            seen = frames_over(call, WATCH)
+            outbound_heights.add(outbound(call).get("frameHeight"))
+            # every picture size the publisher encoded meanwhile (it adapts to its machine)
+            for report in reports_since(call, "publisher", mark - 1.0):
+                outbound_heights.update(o.get("frameHeight") for o in report.get("outbound") or [])
+            relay_view = relay_views(call, track_id)
         print(f"max_fps {wish}: (frames, longest stall, heights) over {WATCH:.0f} s: {seen}")
         limited, unlimited = seen["limited"], seen["unlimited"]
-        assert unlimited[0] >= MIN_FRAMES, seen
+        assert unlimited[0] >= MIN_FRAMES, f"{seen}; the relay from the request on:\n{moves}"
         ratio = limited[0] / unlimited[0]
-        assert low <= ratio <= high, f"max_fps {wish}: limited/unlimited frames {ratio:.2f}"
+        assert low <= ratio <= high, (
+            f"max_fps {wish}: limited/unlimited frames {ratio:.2f} (watched from 1.5 s); "
+            f"the relay from the request on:\n{moves}"
+        )
+        # what the relay says it forwards: temporal layers 0 and 1 of three, then all
+        want_temporal = 1 if wish is not None else None
+        assert relay_view["limited"]["svc_layers"]["max_temporal"] == want_temporal, relay_view
         for label, (_frames, stall, heights) in seen.items():
             assert stall <= MAX_STALL, (
                 f"{label} went {stall:.2f} s without a new frame after max_fps {wish}\n"
                 + timeline(call, label, mark - 2.0)
             )
             assert heights and 0 not in heights, f"{label} decoded heights {heights}"
-        assert set(limited[2]) <= set(unlimited[2]) | set(outbound_heights), seen
+        assert set(limited[2]) <= set(unlimited[2]) | outbound_heights, (seen, outbound_heights)
 
 
 @pytest.mark.parametrize(("codec", "mode"), [("VP8", "L1T3"), ("VP9", "L1T3"), ("AV1", "L1T3")])

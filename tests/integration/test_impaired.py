@@ -60,10 +60,21 @@ async def run_call(tmp_path, leg: str, nack: bool) -> tuple[float, float]:
         end, sent = time.monotonic(), red.video_track.frame_count - sent_before
         decoded = green.received.frames_between("red", start, end)
         freeze = green.received.longest_freeze("red", start, end)
+        repair = {
+            name.removeprefix("relay_"): value
+            for name, value in relay.metrics().items()
+            if any(k in name for k in ("nacks", "retransmission", "keyframe_requests"))
+        }
+        stats = httpx.get(
+            f"{relay.api}/v1/rooms/lossy/participants/green/stats", headers=headers
+        ).json()
+        to_green = next((o for o in stats["outbound"] if o["kind"] == "video"), {})
+        repair["rtt_to_green"] = to_green.get("round_trip_time")
         print(
             f"leg={leg} nack={nack}: {decoded}/{sent} frames decoded "
-            f"({decoded / sent:.1%}), longest freeze {freeze:.2f} s, proxy dropped "
-            f"{proxy.dropped} of {proxy.dropped + proxy.forwarded}"
+            f"({decoded / sent:.1%}), longest freeze {freeze:.2f} s "
+            f"{freeze_at(green, start, end)}, proxy dropped "
+            f"{proxy.dropped} of {proxy.dropped + proxy.forwarded}; relay's repairs: {repair}"
         )
         return decoded / sent, freeze
     finally:
@@ -71,6 +82,14 @@ async def run_call(tmp_path, leg: str, nack: bool) -> tuple[float, float]:
         if proxy is not None:
             proxy.close()
         stop_relay(relay)
+
+
+def freeze_at(client: CallClient, start: float, end: float) -> str:
+    """Where the longest freeze of red's video at ``client`` lies in the window (seconds)."""
+    times = [start, *(t for t in client.received.frame_times.get("red", []) if start <= t <= end)]
+    times.append(end)
+    gap, at = max((b - a, a) for a, b in zip(times, times[1:], strict=False))
+    return f"(from {at - start:.2f} s to {at - start + gap:.2f} s)"
 
 
 @pytest.mark.parametrize("leg", ["publisher", "subscriber"])

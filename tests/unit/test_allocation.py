@@ -11,6 +11,9 @@ and climb again when a thin path widens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from relay.rtc import rtcp
 from relay.rtc.rtp import extension_profile, parse_extensions, parse_rtp
@@ -23,7 +26,10 @@ from relay.sfu.allocation import (
     nominal_bitrate,
     probe_target,
 )
-from tests.unit.test_simulcast import BOB, Call
+from tests.unit.harness import Harness
+from tests.unit.test_sfu import FIXTURES, rtp
+from tests.unit.test_simulcast import ALICE, BOB, Call
+from tests.unit.test_svc import VP8_TIDS, vp8_payload
 
 RATES = [150_000.0, 500_000.0, 1_500_000.0]
 
@@ -97,10 +103,57 @@ class Path:
         return self.free_at + 0.005
 
 
+class SvcCall:
+    """Alice publishes one VP8 stream of three temporal layers (libwebrtc's L1T3 pattern:
+    pictures of temporal layers 0, 2, 1, 2); bob subscribes with transport-cc."""
+
+    SSRC = 1840449578  # the video SSRC of the captured offer
+
+    def __init__(self) -> None:
+        self.h = h = Harness()
+        h.sfu.add_participant("r", "alice")
+        h.sfu.add_participant("r", "bob")
+        h.publish("alice", (FIXTURES / "chrome_offer.sdp").read_text())
+        h.answer("bob", twcc=True)
+        alice, self.bob = (h.sfu.get_participant("r", p) for p in ("alice", "bob"))
+        h.connect(alice.publisher_leg, ALICE)
+        h.connect(self.bob.subscriber_leg, BOB)
+        self.video = next(s for s in self.bob.subscriptions.values() if s.track.kind == "video")
+        self.picture = self.seq = 0
+        self.tl0 = 20
+
+    def send_picture(self, packets: int, padding: int, keyframe: bool) -> None:
+        n = self.picture
+        self.picture += 1
+        tid = 0 if keyframe else VP8_TIDS[n % 4]
+        if tid == 0 and n:
+            self.tl0 += 1
+        sync = n % 4 in (1, 2) and not keyframe
+        for k in range(packets):
+            self.seq += 1
+            payload = vp8_payload(
+                n & 0x7FFF, self.tl0 & 0xFF, tid, sync, keyframe, k == 0, bytes(padding)
+            )
+            packet = rtp(self.SSRC, 96, self.seq & 0xFFFF, 3000 * n, [], payload)
+            if k == packets - 1:
+                packet = packet[:1] + bytes((packet[1] | 0x80,)) + packet[2:]  # marker
+            self.h.receive(packet, ALICE)
+
+
 class Simulation:
-    def __init__(self, rate: float | None, feedback_interval: float = FEEDBACK_INTERVAL) -> None:
+    def __init__(
+        self,
+        rate: float | None,
+        feedback_interval: float = FEEDBACK_INTERVAL,
+        svc: bool = False,
+    ) -> None:
+        """Bob on a path of ``rate`` bits/s; alice sends Chromium's three simulcast layers,
+        or with ``svc`` one stream of three temporal layers (its packets per picture and
+        padding are :attr:`packets` ``[2]``, as a single layer's)."""
         self.feedback_interval = feedback_interval
-        self.call = call = Call(twcc=True)
+        self.svc = svc
+        call: Any = SvcCall() if svc else Call(twcc=True)
+        self.call = call
         self.h = call.h
         self.path = Path(rate)
         leg = call.bob.subscriber_leg
@@ -109,13 +162,20 @@ class Simulation:
         self.ext_id = leg.twcc.ext_id
         self.in_flight: list[tuple[float, int]] = []  # (arrival, transport seq)
         self.seen = 0
+        #: (packets per frame, padding) of each layer, changed by a test as the call goes
+        self.packets = list(PACKETS)
         self.next_frame = self.next_feedback = self.next_keyframe = self.h.now
         #: (time, index of the layer bob is on) at every change
         self.timeline: list[tuple[float, int]] = []
-        call.start_all()
+        if not svc:
+            call.start_all()
 
     def layer(self) -> int:
-        return self.call.track.layers.index(self.call.video.stream.track)
+        """The simulcast layer bob is on; with ``svc``, his highest temporal layer."""
+        stream = self.call.video.stream
+        if self.svc:
+            return 2 if stream.max_temporal is None else stream.max_temporal
+        return self.call.track.layers.index(stream.track)
 
     def run(self, seconds: float) -> None:
         h = self.h
@@ -127,7 +187,9 @@ class Simulation:
                 keyframe = h.now >= self.next_keyframe
                 if keyframe:
                     self.next_keyframe += KEYFRAME_INTERVAL
-                for layer, (count, padding) in enumerate(PACKETS):
+                if self.svc:
+                    self.call.send_picture(*self.packets[2], keyframe)
+                for layer, (count, padding) in enumerate([] if self.svc else self.packets):
                     for i in range(count):
                         self.call.send(layer, keyframe=keyframe and i == 0, padding=padding)
             h.sfu.timers.run(h.now)
@@ -137,7 +199,8 @@ class Simulation:
                 self.next_feedback += self.feedback_interval
                 for packet in self.path.recorder.build_feedback(h.now):
                     h.receive(packet, BOB)
-            layer = self.layer() if self.call.video.stream.track in self.call.track.layers else -1
+            on = self.svc or self.call.video.stream.track in self.call.track.layers
+            layer = self.layer() if on else -1
             if not self.timeline or self.timeline[-1][1] != layer:
                 self.timeline.append((round(h.now - 100.0, 3), layer))
 
@@ -200,6 +263,26 @@ def test_a_wide_path_starts_low_is_probed_and_climbs_to_the_top_layer() -> None:
         if parse_rtp(d)[3] == sim.call.video.rtx_ssrc
     ]
     assert len(rtx) >= metrics.probe_packets
+
+
+@pytest.mark.parametrize("svc", [False, True], ids=["simulcast", "temporal-layers"])
+def test_a_growing_stream_on_a_wide_path_keeps_the_subscriber_on_its_top_layer(svc: bool) -> None:
+    # the publisher's encoder starts its top layer (or its one stream) low and raises it
+    # six-fold over nine seconds, as a browser does while its own estimate grows: bob's path
+    # carries all of it, so once on the top layer he must stay there; his estimate has to
+    # grow ahead of the stream (probes for headroom), not trail it at the estimator's pace
+    sim = Simulation(rate=None, svc=svc)
+    sim.packets[2] = (1, 600)
+    sim.run(6.0)
+    assert sim.layer() == 2, (sim.timeline, sim.estimate())
+    settled = sim.h.now - 100.0
+    for step in ((2, 500), (2, 900), (3, 900), (4, 900), (5, 900), (5, 1100)):
+        sim.packets[2] = step
+        sim.run(1.5)
+    sim.run(3.0)
+    print("growing top layer, bob's layers (s, layer):", sim.timeline, sim.estimate())
+    assert sim.layers_between(settled, sim.h.now - 100.0) == {2}, (sim.timeline, sim.estimate())
+    assert sim.estimate() > UP_MARGIN * sim.leg.allocated, (sim.estimate(), sim.leg.allocated)
 
 
 def test_a_thin_path_keeps_the_lowest_layer_and_a_widened_one_climbs_within_15_s() -> None:
