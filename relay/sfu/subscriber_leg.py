@@ -150,9 +150,11 @@ class SubscriberLeg(Leg):
 
     def retransmit(self, stream: OutboundStream, lost: list[int], now: float) -> None:
         """Answer a NACK for one stream (on its RTX stream when negotiated), within the
-        stream's retransmission budget. A packet the history no longer has is repaired by a
-        keyframe, unless the relay is itself still recovering it from the publisher (it then
-        reaches every subscriber when it arrives)."""
+        stream's retransmission budget, the oldest packets first (the oldest gap holds the
+        subscriber's decoder up the longest; a NACK's own order need not be by age, for
+        instance one sorted numerically across a sequence number wrap). A packet the history
+        no longer has is repaired by a keyframe, unless the relay is itself still recovering
+        it from the publisher (it then reaches every subscriber when it arrives)."""
         metrics = self.metrics
         metrics.nacks_received += len(lost)
         responder = stream.nack
@@ -165,7 +167,8 @@ class SubscriberLeg(Leg):
         missed = False
         addr = transport.addr
         sendto = self.ctx.sender.sendto
-        for seq in lost[:MAX_NACK_ITEMS]:
+        newest = stream.rewriter.last_seq
+        for seq in sorted(lost[:MAX_NACK_ITEMS], key=lambda seq: (seq - newest) & 0xFFFF):
             misses = responder.misses
             packet = responder.resend(seq, now)
             if packet is None:

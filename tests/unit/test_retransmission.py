@@ -102,6 +102,22 @@ def test_an_empty_budget_suppresses_and_counts() -> None:
     assert h.sfu.metrics.retransmissions_suppressed["budget"] == 1
 
 
+def test_a_budget_short_of_a_whole_nack_resends_the_oldest_packets_first() -> None:
+    # the oldest missing packet holds the subscriber's decoder up the longest; a NACK need
+    # not list it first (a client sorting numerically lists 3 before 65530 across a wrap)
+    h, video, out = _call_with_ten_packets()
+    responder = video.stream.nack
+    assert responder is not None
+    responder.budget.refill(video.stream.bytes_sent, h.now)
+    responder.budget.tokens = 1100 + RESEND_OVERHEAD + 16  # one packet and its overhead
+    h.sent.clear()
+    h.receive(rtcp.nack(1234, video.ssrc, [out[8], out[2], out[5]]), BOB)
+    resent = [d for d, a in h.sent if a == BOB]
+    assert len(resent) == 1 and responder.budget_suppressed == 2
+    offset = parse_rtp(resent[0])[5]
+    assert int.from_bytes(resent[0][offset : offset + 2], "big") == out[2]  # RTX's OSN
+
+
 def _forward(h: Harness, first: int, count: int, size: int = 1000) -> None:
     for seq in range(first, first + count):
         payload = VP8_KEYFRAME if seq == first else b"\x90\x10" + bytes(size)
