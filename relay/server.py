@@ -60,6 +60,46 @@ class MediaProtocol(asyncio.DatagramProtocol):
         self.metrics.send_errors += 1
 
 
+class Deferred:
+    """``defer(callback, *args)`` for the packet path (``MediaContext.defer``): the callbacks
+    run, in order, on the event loop's next turn, after the datagrams it read in this one.
+    ``send_soon(send, batch)`` (``MediaContext.send_soon``): the batches given the same
+    ``send`` in one turn go out together, in one call, at the place in that order of the
+    first of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._sends: dict[Callable[[list[Any]], object], list[Any]] = {}
+
+    def send_soon(self, send: Callable[[list[Any]], object], batch: list[Any]) -> None:
+        pending = self._sends.get(send)
+        if pending is not None:
+            pending.extend(batch)
+            return
+        if not self._sends:
+            self.defer(self._flush_sends)
+        self._sends[send] = list(batch)
+
+    def _flush_sends(self) -> None:
+        sends, self._sends = self._sends, {}
+        for send, batch in sends.items():
+            send(batch)
+
+    def defer(self, callback: Callable[..., None], *args: Any) -> None:
+        if not self._queue:
+            self.loop.call_soon(self._run)
+        self._queue.append((callback, args))
+
+    def _run(self) -> None:
+        queue, self._queue = self._queue, []
+        for callback, args in queue:
+            try:
+                callback(*args)
+            except Exception:  # one packet's failure must not lose the others queued with it
+                log.exception("deferred packet work failed")
+
+
 class TimerDriver:
     """Keeps one ``loop.call_at`` armed for the earliest deadline of the media plane's timers
     (the SFU's clock is ``time.monotonic``; the loop's own clock may differ by an offset)."""
@@ -177,6 +217,8 @@ class MediaPlane:
             tcp_candidates=self.tcp_candidates,
         )
         protocol.port = sfu.port
+        deferred = Deferred(loop)
+        sfu.media.defer, sfu.media.send_soon = deferred.defer, deferred.send_soon
         if tcp_sock is not None:
             await self._start_tcp(tcp_sock, sfu, media_sender)
         for path in ("batched", "direct", "fallback"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.metrics import Metrics
 from relay.rtc import rtcp
@@ -59,6 +59,15 @@ class MediaContext:
     clock: Callable[[], float]
     timers: Timers
     sender: DatagramSender
+    #: ``defer(callback, *args)``: run it once the datagrams read together with the current one
+    #: have been handled (the asyncio layer's; None: at once). A track piped to other workers
+    #: sends every queued packet's pipe copies before its local fan-outs.
+    defer: Callable[..., None] | None = None
+    #: ``send_soon(send, batch)``: ``send(batch)`` once the datagrams read together with the
+    #: current one have been handled, with the other batches for the same ``send`` meanwhile
+    #: (the asyncio layer's; None: at once). A piped track's copies for other workers go out
+    #: this way: every packet of a frame in one system call, so the importer wakes once.
+    send_soon: Callable[[Callable[[list[Any]], object], list[Any]], None] | None = None
 
 
 class Leg:

@@ -183,6 +183,9 @@ class Track:
         #: other workers this track's packets are copied to (relay/workers/pipe.py), on the
         #: track or layer that receives them
         self.pipes: list[PipeTap] = []
+        #: local fan-outs handed to ``ctx.defer`` and not run yet: while there are any, the
+        #: next packet's waits behind them, so subscribers get the packets in order
+        self.fan_outs_deferred = 0
         #: a track imported from another worker (and each of its layers): where its keyframe
         #: requests, NACKs and layer choices go (None: a local track, the publisher leg's)
         self.upstream: Upstream | None = None
@@ -372,11 +375,38 @@ class Track:
         if self.recorders:
             for recorder in self.recorders:
                 recorder.packet(plain, offset, seq, ts, now)
-        if self.pipes:
-            self._pipe(plain, offset, now)
+        if self.pipes or self.fan_outs_deferred:
+            piped = self._pipe(plain, offset, now) if self.pipes else 0
+            defer = self.ctx.defer
+            if defer is not None and self.outputs and (piped or self.fan_outs_deferred):
+                # the copies for the other workers first: the local fan-out of this packet
+                # waits until the datagrams read with it have been piped too (in order)
+                self.fan_outs_deferred += 1
+                defer(self._deferred_fan_out, plain, seq, ts, offset, elements, size, now, newest)
+                return
+        self._fan_out(plain, seq, ts, offset, elements, size, now, newest)
+
+    def _deferred_fan_out(self, *packet: Any) -> None:
+        """:meth:`_fan_out` of a packet whose turn came (its arguments as given to it)."""
+        self.fan_outs_deferred -= 1
+        self._fan_out(*packet)
+
+    def _fan_out(
+        self,
+        plain: bytes,
+        seq: int,
+        ts: int,
+        offset: int,
+        elements: list[tuple[int, bytes]],
+        size: int,
+        now: float,
+        newest: bool,
+    ) -> None:
+        """One copy of the packet to every active outbound stream, sent as one batch."""
         outputs = self.outputs
         if not outputs:
             return
+        metrics = self.metrics
         svc = self.svc
         if svc is not None:
             svc.count(plain, offset, elements, size)
@@ -402,10 +432,11 @@ class Track:
             metrics.bytes_out += sent
         metrics.forward_latency.observe(self.ctx.clock() - now)
 
-    def _pipe(self, plain: bytes, offset: int, now: float) -> None:
+    def _pipe(self, plain: bytes, offset: int, now: float) -> int:
         """One copy of the packet per pipe that wants it, with the pipe's SSRC, sent as one
-        batch. While a keyframe asked for is still to come, whether this packet starts it (an
-        importer's request then goes out again at once, as a local subscriber's would)."""
+        batch; how many. While a keyframe asked for is still to come, whether this packet
+        starts it (an importer's request then goes out again at once, as a local subscriber's
+        would)."""
         keyframes = self.keyframes
         keyframe_start = self.keyframe_start
         if (
@@ -423,7 +454,12 @@ class Track:
                 batch.append((copy, tap.addr))
                 tap.packets += 1
         if batch:
-            pipes[0].send(batch)
+            send_soon = self.ctx.send_soon
+            if send_soon is not None:
+                send_soon(pipes[0].send, batch)
+            else:
+                pipes[0].send(batch)
+        return len(batch)
 
     def close(self) -> None:
         """The track ended: stop its timers (and its layers')."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from relay.rtc import rtcp
 from relay.rtc.rtp import is_rtcp, parse_rtp
 from relay.rtc.sdp import parse_sdp
+from relay.server import Deferred
 from relay.sfu.errors import BadRequest, NotFound
 from relay.sfu.participant import Participant
 from relay.sfu.subscription import Subscription
@@ -200,6 +202,58 @@ def test_a_subscriber_joining_after_the_import_is_subscribed_too() -> None:
     w.b.sent.clear()
     video_packets(w, 10, 2)
     assert len(to(w.b, BOB, sub_of(bob, "video").ssrc)) == 2
+
+
+def test_packets_read_together_cross_the_pipe_in_one_send_before_their_local_fan_out() -> None:
+    """With the asyncio layer's ``defer`` and ``send_soon`` (relay.server.Deferred on a loop
+    stand-in), worker A sends the pipe copies of every packet it read in one turn of the
+    event loop together, in one send, before any local copy: B wakes once for the frame and
+    its subscribers do not wait for A's fan-out. A's own subscriber then gets every packet,
+    in order, and once nothing is piped, packets go straight out again."""
+    w, alice, bob, _d = call()
+    w.a.sfu.add_participant("r", "carol")
+    carol = w.a.sfu.get_participant("r", "carol")
+    w.a.answer("carol")
+    w.a.connect(carol.subscriber_leg, CAROL)
+    video_packets(w, 10, 2)  # a keyframe first: carol and bob receive from here on
+    carol_video, bob_video = sub_of(carol, "video"), sub_of(bob, "video")
+    assert len(to(w.a, CAROL, carol_video.ssrc)) == 2
+    turns: list[Callable[[], None]] = []
+    deferred = Deferred(SimpleNamespace(call_soon=turns.append))  # type: ignore[arg-type]
+    w.a.sfu.media.defer, w.a.sfu.media.send_soon = deferred.defer, deferred.send_soon
+    #: the size of each batch A sends over the pipe, and what carol had got by then
+    sends: list[int] = []
+    carol_had: list[int] = []
+    pipe_send = w._send
+
+    def counted(src: Address, batch: list[tuple[bytes | bytearray, Address]]) -> None:
+        sends.append(len(batch))
+        carol_had.append(len(to(w.a, CAROL, carol_video.ssrc)))
+        pipe_send(src, batch)
+
+    w._send = counted  # type: ignore[method-assign]
+    w.a.sent.clear()
+    sent = [b"\x90\x10later-%d" % n for n in range(3)]
+    for n, payload in enumerate(sent):
+        w.a.receive(rtp(AIORTC_VIDEO_SSRC, 97, 12 + n, 15000 + 3000 * n, [], payload), ALICE)
+    # the turn is not over: nothing has gone to B or to carol yet
+    assert w.queue == [] and to(w.a, CAROL, carol_video.ssrc) == []
+    assert len(turns) == 1
+    (next_turn,) = turns
+    next_turn()
+    # one send of three copies to B, then carol's three packets
+    assert sends == [3] and carol_had == [0], (sends, carol_had)
+    assert [parse_rtp(d)[1] for d, _src, _dst in w.queue if not is_rtcp(d)] == [12, 13, 14]
+    assert payloads(to(w.a, CAROL, carol_video.ssrc)) == sent
+    w.deliver()
+    assert payloads(to(w.b, BOB, bob_video.ssrc))[-3:] == sent
+    # B stops wanting the track: nothing is piped or deferred, the packet goes straight out
+    track = next(t for t in alice.tracks.values() if t.kind == "video")
+    w.pipe_a.unexport_track("r", track.track_id, list(PIPE_B))
+    turns.clear()
+    w.a.receive(rtp(AIORTC_VIDEO_SSRC, 97, 15, 24000, [], b"\x90\x10now"), ALICE)
+    assert turns == []
+    assert payloads(to(w.a, CAROL, carol_video.ssrc))[-1] == b"\x90\x10now"
 
 
 def test_a_keyframe_request_from_b_reaches_the_publisher_on_a() -> None:
