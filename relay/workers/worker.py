@@ -117,6 +117,9 @@ class Worker:
         assert pipe.endpoint is not None
         self.pipe = pipe.endpoint
         pipe_port = pipe.port
+        # the load reports measure the worker at work: its start (the media plane's certificate,
+        # sockets) must not make a worker that has just come back look busy to placement
+        self._cpu = (time.monotonic(), time.process_time())
         channel.notify(
             "hello",
             {
