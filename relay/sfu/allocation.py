@@ -126,10 +126,14 @@ def hold_after(failures: int) -> float:
     return min(HOLD_BASE * 2.0 ** max(failures - 1, 0), HOLD_MAX)
 
 
+def wanted_rate(demands: Sequence[Demand], other: float) -> float:
+    """What the wishes take: every demand at its cap, plus ``other`` bits/s."""
+    return other + sum(d.rates[d.cap] for d in demands)
+
+
 def probe_target(demands: Sequence[Demand], other: float) -> float:
-    """The rate worth probing for: every demand at its cap, plus ``other`` bits/s, with
-    :data:`PROBE_HEADROOM`."""
-    return (other + sum(d.rates[d.cap] for d in demands)) * PROBE_HEADROOM
+    """The rate worth probing for: :func:`wanted_rate` with :data:`PROBE_HEADROOM`."""
+    return wanted_rate(demands, other) * PROBE_HEADROOM
 
 
 def _priority_groups(demands: Sequence[Demand]) -> list[list[int]]:
@@ -152,4 +156,5 @@ __all__ = [
     "hold_after",
     "nominal_bitrate",
     "probe_target",
+    "wanted_rate",
 ]

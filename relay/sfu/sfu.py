@@ -48,6 +48,7 @@ from relay.sfu.allocation import (
     hold_after,
     layer_cost,
     probe_target,
+    wanted_rate,
 )
 from relay.sfu.datachannels import DataChannelRelay
 from relay.sfu.errors import (
@@ -833,8 +834,7 @@ class Sfu:
             return
         estimator = twcc.estimator
         if all(c >= d.cap for d, c in zip(demands, choices, strict=True)):
-            wanted = other + sum(d.rates[d.cap] for d in demands)
-            if estimator.estimate >= UP_MARGIN * wanted:
+            if estimator.estimate >= UP_MARGIN * wanted_rate(demands, other):
                 return
         target = probe_target(demands, other)
         if estimator.wants_probe(now, target):
