@@ -733,6 +733,13 @@ def create_app(
         auth.check(request) if request.url.path.startswith("/v1/") else None
     )
     install_error_handlers(app)
+    # The first middleware added is the innermost: the body limit's refusals (413, 408, 431)
+    # pass through the ones added later, such as the CORS headers of WHIP and WHEP.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.api.max_body_bytes,
+        body_timeout=settings.api.body_timeout,
+    )
     app.include_router(health)
     app.include_router(v1)
     install_recordings(app, app.state.sfu, settings, events)
@@ -747,9 +754,4 @@ def create_app(
             )
         else:
             log.info("demo page on /demo (no development tokens: api.host is not loopback)")
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.api.max_body_bytes,
-        body_timeout=settings.api.body_timeout,
-    )
     return app

@@ -415,6 +415,18 @@ async def test_cors_headers_on_answers_and_errors(client: httpx.AsyncClient) -> 
     assert "access-control-allow-origin" not in r.headers
 
 
+async def test_cors_headers_on_a_body_refused_before_any_handler(
+    client: httpx.AsyncClient,
+) -> None:
+    # the body limit answers before the WHIP routes run: a page must still read its error
+    r = await client.post("/whip/r1", content="v=0\r\n" * 20000, headers={**AUTH, **SDP})
+    assert_error(r, 413, "too_large")
+    assert r.headers["access-control-allow-origin"] == "*"
+    r = await client.post("/v1/rooms", content="x" * 70000, headers=AUTH)
+    assert_error(r, 413, "too_large")
+    assert "access-control-allow-origin" not in r.headers
+
+
 async def test_allowed_origin_is_configurable() -> None:
     world = make_world(allow_origin="https://studio.example")
     async with world.client() as c:
