@@ -125,6 +125,8 @@ class MediaSettings:
     #: ICE-TCP (RFC 6544): which transports the relay announces candidates for
     transports: str = "udp+tcp"
     tcp_max_connections: int = 1000
+    #: connections from one address (IPv6: one /64) still without an authenticated STUN check
+    tcp_max_pending_per_address: int = 16
     tcp_write_buffer_bytes: int = 262144
     tcp_handshake_timeout: float = 5.0
     #: time slice (µs) each media process asks the kernel's scheduler for (relay/scheduling.py)
@@ -688,6 +690,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         ),
         "transports": Choice(MEDIA_TRANSPORTS),
         "tcp_max_connections": Integer(1),
+        "tcp_max_pending_per_address": Integer(1),
         "tcp_write_buffer_bytes": Integer(4096, 16777216),
         "tcp_handshake_timeout": Seconds(),
         "scheduler_slice_us": SliceMicroseconds(),

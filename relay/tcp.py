@@ -28,6 +28,7 @@ The parts:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -65,7 +66,7 @@ SWEEP_INTERVAL = 1.0
 BACKLOG = 128
 
 #: Why the relay closed a connection, each counted in ``relay_tcp_closed_<reason>_total``.
-CLOSE_REASONS = ("refused", "bad_frame", "unauthenticated", "idle")
+CLOSE_REASONS = ("refused", "address_limit", "bad_frame", "unauthenticated", "idle")
 
 
 class FrameError(ValueError):
@@ -293,6 +294,9 @@ class IceTcpServer:
         self.port: MediaPort | None = None
         self.sender: MediaSender | None = None
         self.max_connections = media.tcp_max_connections
+        self.max_pending_per_address = media.tcp_max_pending_per_address
+        #: connections not yet known to be authenticated, by :func:`client_key`
+        self.pending: dict[str, dict[TcpConnection, None]] = {}
         self.write_buffer_bytes = media.tcp_write_buffer_bytes
         self.handshake_timeout = media.tcp_handshake_timeout
         self.idle_timeout = idle_timeout
@@ -344,6 +348,8 @@ class IceTcpServer:
         )
         help_texts = {
             "refused": "ICE-TCP connections closed at once: media.tcp_max_connections reached.",
+            "address_limit": "ICE-TCP connections closed at once: their address already had "
+            "media.tcp_max_pending_per_address connections without an authenticated STUN check.",
             "bad_frame": "ICE-TCP connections closed for a frame length of 0 or too long.",
             "unauthenticated": "ICE-TCP connections closed for not passing an authenticated "
             "STUN check within media.tcp_handshake_timeout.",
@@ -361,6 +367,19 @@ class IceTcpServer:
         if len(self.connections) >= self.max_connections:
             self.close(conn, "refused", "too many connections")
             return
+        assert conn.addr is not None
+        key = client_key(conn.addr[0])
+        pending = self.pending.get(key)
+        if pending is not None:
+            for other in [c for c in pending if self._checked(c)]:
+                other.authenticated = True
+                del pending[other]
+            if len(pending) >= self.max_pending_per_address:
+                self.close(conn, "address_limit", "too many connections without a STUN check")
+                return
+        else:
+            pending = self.pending[key] = {}
+        pending[conn] = None
         self.accepted += 1
         self.connections[conn] = None
         if self.sender is not None and not self.sender.tcp:
@@ -388,6 +407,7 @@ class IceTcpServer:
         address, and through it the connection, until it latches elsewhere or ends)."""
         conn.closed = True
         conn.transport = None
+        self._checked_or_gone(conn)
         if self.connections.pop(conn, False) is None and conn.addr is not None:
             if self.port is not None:
                 self.port.address_closed(conn.addr)
@@ -401,6 +421,24 @@ class IceTcpServer:
         if self._timer is not None:
             self._timer.cancel()
 
+    def _checked(self, conn: TcpConnection) -> bool:
+        """Whether ``conn`` passed an authenticated STUN check (the port latched its address)."""
+        port, addr = self.port, conn.addr
+        return (
+            port is not None
+            and addr is not None
+            and (addr in port.by_addr or addr in port.alt_addrs)
+        )
+
+    def _checked_or_gone(self, conn: TcpConnection) -> None:
+        """``conn`` no longer counts against its address's pending connections."""
+        if conn.addr is None:
+            return
+        key = client_key(conn.addr[0])
+        pending = self.pending.get(key)
+        if pending is not None and pending.pop(conn, False) is None and not pending:
+            del self.pending[key]
+
     # -- timers ----------------------------------------------------------------------------
     def start_timers(self, timers: Timers) -> None:
         self._timer = timer = timers.timer(self.sweep)
@@ -408,16 +446,11 @@ class IceTcpServer:
 
     def sweep(self, now: float) -> None:
         """Close connections that never authenticated in time, or went silent; rearm."""
-        port = self.port
         for conn in list(self.connections):
             if not conn.authenticated:
-                addr = conn.addr
-                if (
-                    port is not None
-                    and addr is not None
-                    and (addr in port.by_addr or addr in port.alt_addrs)
-                ):
+                if self._checked(conn):
                     conn.authenticated = True
+                    self._checked_or_gone(conn)
                 elif now - conn.opened_at >= self.handshake_timeout:
                     self.close(conn, "unauthenticated")
                     continue
@@ -425,6 +458,21 @@ class IceTcpServer:
                 self.close(conn, "idle")
         if self._timer is not None:
             self._timer.arm(now + SWEEP_INTERVAL)
+
+
+def client_key(host: str) -> str:
+    """What ``media.tcp_max_pending_per_address`` counts by: an IPv4 address (also written as
+    an IPv4-mapped IPv6 one, as a dual-stack socket reports it), or an IPv6 address's /64
+    prefix (one host commonly holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:

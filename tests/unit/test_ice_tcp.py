@@ -289,6 +289,37 @@ def test_connections_beyond_the_limit_are_refused() -> None:
     assert not transport.aborted and d in tcp.connections
 
 
+def test_one_address_cannot_hold_every_slot_with_connections_that_never_check() -> None:
+    tcp, port, _clock, metrics = server(tcp_max_connections=10, tcp_max_pending_per_address=3)
+    flood = [connect(tcp, ("198.51.100.9", 40000 + i)) for i in range(5)]
+    assert [t.aborted for _, t in flood] == [False, False, False, True, True]
+    assert tcp.closes["address_limit"] == 2
+    assert "relay_tcp_closed_address_limit_total 2" in metrics.render()
+    # other clients still get in
+    other, other_t = connect(tcp, ("192.0.2.50", 50000))
+    assert not other_t.aborted and other in tcp.connections
+    # a connection that passed its STUN check frees its address's slot at once
+    port.by_addr[flood[0][0].addr] = "leg"
+    again, again_t = connect(tcp, ("198.51.100.9", 41000))
+    assert not again_t.aborted and flood[0][0].authenticated
+    # so does one that closed
+    flood[1][0].connection_lost(None)
+    last, last_t = connect(tcp, ("198.51.100.9", 41001))
+    assert not last_t.aborted
+    assert connect(tcp, ("198.51.100.9", 41002))[1].aborted
+
+
+def test_ipv6_clients_are_limited_by_their_64_bit_prefix() -> None:
+    tcp, *_ = server(tcp_max_pending_per_address=2)
+    peers = [(f"2001:db8:1:2::{i:x}", 40000) for i in range(1, 4)]
+    assert [connect(tcp, p)[1].aborted for p in peers] == [False, False, True]
+    assert not connect(tcp, ("2001:db8:1:3::1", 40000))[1].aborted
+    # an IPv4 client on the dual-stack socket is one address
+    v4 = [("::ffff:198.51.100.9", 40000 + i) for i in range(3)]
+    assert [connect(tcp, p)[1].aborted for p in v4] == [False, False, True]
+    assert not connect(tcp, ("::ffff:198.51.100.10", 40000))[1].aborted
+
+
 def test_unauthenticated_connections_time_out_authenticated_ones_stay() -> None:
     tcp, port, clock, _ = server(tcp_handshake_timeout=5.0)
     silent, silent_t = connect(tcp)
