@@ -105,14 +105,10 @@ class SubscriberLeg(Leg):
                             now,
                         )
             elif isinstance(packet, rtcp.Pli):
-                stream = by_ssrc.get(packet.media_ssrc)
-                if stream is not None:
-                    stream.track.keyframes.request(now)
+                self._keyframe_wanted(packet.media_ssrc, now)
             elif isinstance(packet, rtcp.Fir):
                 for ssrc, _seq in packet.entries:
-                    stream = by_ssrc.get(ssrc)
-                    if stream is not None:
-                        stream.track.keyframes.request(now)
+                    self._keyframe_wanted(ssrc, now)
             elif isinstance(packet, rtcp.Nack):
                 stream = by_ssrc.get(packet.media_ssrc)
                 if stream is not None:
@@ -127,6 +123,16 @@ class SubscriberLeg(Leg):
                 self.remb = packet.bitrate
                 self.remb_at = now
                 self._check_estimate(now)
+
+    def _keyframe_wanted(self, ssrc: int, now: float) -> None:
+        """A PLI or FIR for the outbound stream ``ssrc``: a keyframe request to its track's
+        publisher, only while the stream is forwarded (a paused subscription, or one not yet
+        negotiated, would make the publisher send keyframes to nobody)."""
+        for sub in self.participant.subscriptions.values():
+            if sub.stream.ssrc == ssrc:
+                if sub.active:
+                    sub.stream.track.keyframes.request(now)
+                return
 
     def on_transport_feedback(self, feedback: TwccFeedback, now: float) -> None:
         """One transport-cc feedback: the estimate, a probe's result, the allocation told when

@@ -228,6 +228,24 @@ def test_keyframe_requests_are_throttled() -> None:
     assert _plis(h) == 2
 
 
+def test_a_paused_subscriber_cannot_make_the_publisher_send_keyframes() -> None:
+    h = Harness()
+    _alice, _bob, video = _video_call(h)
+    h.sfu.set_subscription_preferences("r", "bob", video.track.track_id, {"paused": True})
+    h.sent.clear()
+    for _ in range(5):  # a request per interval, for a stream bob does not get
+        h.now += h.sfu.settings.session.keyframe_request_interval
+        h.receive(rtcp.pli(1, video.ssrc), BOB)
+        h.receive(rtcp.fir(1, video.ssrc, 1), BOB)
+    assert _plis(h) == 0
+    # unpaused: its requests count again
+    h.sfu.set_subscription_preferences("r", "bob", video.track.track_id, {"paused": False})
+    h.now += h.sfu.settings.session.keyframe_request_interval
+    h.sent.clear()
+    h.receive(rtcp.pli(1, video.ssrc), BOB)
+    assert _plis(h) == 1
+
+
 def test_a_keyframe_request_nobody_can_take_yet_is_kept_and_retried() -> None:
     # the publisher cannot be asked yet: its SDP names no SSRC and no packet has come, so a
     # request has nowhere to go; it is kept and retried on its timer

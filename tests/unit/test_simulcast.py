@@ -336,9 +336,9 @@ def _ue(value: int) -> str:
 
 def test_a_resumed_subscriber_is_asked_a_keyframe_again_until_one_comes() -> None:
     """Chromium ignores a keyframe request that comes less than 300 ms after the one before
-    (any layer's: libwebrtc's EncoderRtcpFeedback). Paused, bob's browser asks for a keyframe
-    after 3 s without frames and the publisher answers it; bob resumed just after, the relay's
-    request goes unanswered. A resumed VP8 simulcast stream starts only at a keyframe of the
+    (any layer's: libwebrtc's EncoderRtcpFeedback), so a request can go unanswered: here the
+    relay's, when bob resumes (his paused browser's own request, after 3 s without frames,
+    is not passed on). A resumed VP8 simulcast stream starts only at a keyframe of the
     layer it is on (never on a delta frame after KEYFRAME_WAIT): the relay asks again while
     it waits, and bob gets the layer from the keyframe that answers."""
     call = Call()
@@ -356,7 +356,7 @@ def test_a_resumed_subscriber_is_asked_a_keyframe_again_until_one_comes() -> Non
     call.h.now += 3.0
     call.h.receive(rtcp.pli(1, call.video.ssrc), BOB)  # bob's decoder: nothing for 3 s
     call.h.now += 0.1
-    call.send(0, keyframe=True)  # the answer, while bob is paused
+    call.send(0, keyframe=True)  # a keyframe for others, while bob is paused
     call.h.now += 0.1
     call.h.sent.clear()
     prefs("r", "bob", track_id, {"paused": False})
@@ -380,9 +380,10 @@ def test_a_resumed_subscriber_is_asked_a_keyframe_again_until_one_comes() -> Non
 
 
 def test_a_resume_while_an_unanswered_request_is_fresh_is_asked_for_again() -> None:
-    """Resumed before the keyframe bob's paused browser asked for arrives, the relay's own
-    request is held back (that keyframe is still to come, it assumes); when it never comes
-    (the publisher ignored that request), the relay asks again."""
+    """Resumed before the keyframe another subscriber of the layer asked for arrives, the
+    relay's own request is held back (that keyframe is still to come, it assumes); when it
+    never comes (the publisher ignored that request), the relay asks again. (Bob's own
+    requests while paused are not passed on: he is sent nothing to decode.)"""
     call = Call()
     call.start_all()
     for layer in range(3):
@@ -397,6 +398,8 @@ def test_a_resume_while_an_unanswered_request_is_fresh_is_asked_for_again() -> N
     call.h.now += 3.0
     call.h.sent.clear()
     call.h.receive(rtcp.pli(1, call.video.ssrc), BOB)
+    assert _plis_for(call, q_ssrc) == 0  # bob is paused: not passed on
+    call.track.layers[0].keyframes.request(call.h.now)  # another subscriber of q asks
     assert _plis_for(call, q_ssrc) == 1  # passed on; the publisher ignores it
     call.h.now += 0.05
     prefs("r", "bob", track_id, {"paused": False})
