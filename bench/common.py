@@ -56,6 +56,23 @@ def cpu_seconds(pid: int) -> float:
     return stat_cpu_seconds(pid)
 
 
+def sleeps_and_kernel_seconds(pid: int) -> tuple[int, float]:
+    """How often a whole process went to sleep (its threads' voluntary context switches, from
+    /proc/<pid>/task/*/status: each is a wake-up later) and its CPU seconds in the kernel
+    (stime, /proc/<pid>/stat, clock ticks)."""
+    sleeps = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    sleeps += int(line.split()[1])
+                    break
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read().decode()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return sleeps, int(fields[12]) / CLOCK_TICKS
+
+
 def stat_cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (every thread, live or exited), /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat", "rb") as f:

@@ -295,6 +295,7 @@ class Run:
         # the server's whole process tree (a relay with workers: the front and every worker)
         pids = self.server.pids()
         cpu0 = self.server.cpu_by_pid(pids)
+        sleeps0 = self.server.sleeps_by_pid(pids) if len(pids) > 1 else {}
         t0 = time.monotonic()
         marks.start = mark(self.streams)
         spy = None
@@ -314,6 +315,7 @@ class Run:
             )
         marks.end = mark(self.streams)
         cpu1 = self.server.cpu_by_pid(pids)
+        sleeps1 = self.server.sleeps_by_pid(pids) if len(pids) > 1 else {}
         t1 = time.monotonic()
         busy1 = machine_busy_seconds()
         gen1 = cpu_seconds(os.getpid())
@@ -378,6 +380,15 @@ class Run:
             result["latency_ms"] = {"n": 0}
         if len(pids) > 1:
             result["server_cpu_by_pid"] = {str(p): v for p, v in cpu_by_pid.items()}
+            # how often each process slept (and so was woken) and its CPU in the kernel
+            result["server_sleeps_by_pid"] = {
+                str(p): {
+                    "sleeps": sleeps1[p][0] - sleeps0[p][0],
+                    "kernel_s": sleeps1[p][1] - sleeps0[p][1],
+                }
+                for p in pids
+                if p in sleeps0 and p in sleeps1
+            }
             result["server_processes_gone"] = len(pids) - len(cpu_by_pid)
             result["server_memory_total_rss_bytes"] = sum(memory(p)["rss_bytes"] for p in pids)
         if relay:

@@ -23,7 +23,14 @@ from typing import Any
 import httpx
 
 from bench import netns
-from bench.common import SERVER_CORE, cpu_seconds, descendants, free_port, pinning_preexec
+from bench.common import (
+    SERVER_CORE,
+    cpu_seconds,
+    descendants,
+    free_port,
+    pinning_preexec,
+    sleeps_and_kernel_seconds,
+)
 
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 BENCH_KEY = "benchkey"
@@ -69,6 +76,14 @@ class Server:
         for pid in self.pids() if pids is None else pids:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 out[pid] = cpu_seconds(pid)
+        return out
+
+    def sleeps_by_pid(self, pids: Collection[int]) -> dict[int, tuple[int, float]]:
+        """:func:`bench.common.sleeps_and_kernel_seconds` of each of ``pids`` still there."""
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[pid] = sleeps_and_kernel_seconds(pid)
         return out
 
     def cpu_seconds(self) -> float:

@@ -303,6 +303,7 @@ class Layout:
     def _split(self, result: dict[str, Any], workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         wall = result["window_s"] or 1.0
         by_pid = result.get("server_cpu_by_pid", {})
+        sleeps = result.get("server_sleeps_by_pid", {})
         packets = (result.get("relay_metrics") or {}).get("by_worker", {})
         marks = self.run.last_marks
         rows = []
@@ -320,6 +321,9 @@ class Layout:
                 "holds_publisher": self.worker_of.get(PUBLISHER) == index,
                 "cpu_fraction": by_pid[str(pid)] / wall if str(pid) in by_pid else None,
             }
+            if str(pid) in sleeps:
+                row["wakeups_per_s"] = sleeps[str(pid)]["sleeps"] / wall
+                row["kernel_cpu_fraction"] = sleeps[str(pid)]["kernel_s"] / wall
             counted = packets.get(str(index), {})
             if len(indexes) == 1 and not packets:  # one process: its totals are the worker's
                 metrics = result.get("relay_metrics") or {}
@@ -584,7 +588,15 @@ def _median_window(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for r in w.get("per_worker") or []
             if r["index"] == row["index"] and r["subscribers"] == row["subscribers"]
         ]
-        per_worker.append(dict(row, cpu_fraction=med([r.get("cpu_fraction") for r in same])))
+        per_worker.append(
+            dict(
+                row,
+                **{
+                    key: med([r.get(key) for r in same])
+                    for key in ("cpu_fraction", "wakeups_per_s", "kernel_cpu_fraction")
+                },
+            )
+        )
     merged["per_worker"] = per_worker
     merged["rounds"] = len(windows)
     return merged
@@ -652,6 +664,8 @@ def row_of(layout: dict[str, Any], window: dict[str, Any], kind: str) -> dict[st
                 "subscribers": r["subscribers"],
                 "holds_publisher": r["holds_publisher"],
                 "cpu_fraction": r.get("cpu_fraction"),
+                "wakeups_per_s": r.get("wakeups_per_s"),
+                "kernel_cpu_fraction": r.get("kernel_cpu_fraction"),
                 "packets_out_pps": r.get("packets_out_pps"),
                 "latency_p50_ms": (r.get("latency_ms") or {}).get("p50"),
                 "latency_p99_ms": (r.get("latency_ms") or {}).get("p99"),
@@ -695,6 +709,7 @@ def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
             ]
             deltas.append(d)
             piped.append(pp)
+            entry.update(_wakeups(s, p, pp))
             recv = _receiving_end(s, p, pp, c_us)
             if recv is not None:
                 entry["pipe_receiving_end_us_per_piped_packet"] = recv
@@ -737,6 +752,24 @@ def _fit_one(one: dict[str, Any] | None) -> tuple[float, float] | None:
     """Relay CPU (cores) = k0 + c * forwarded packets/s over the 1-worker windows."""
     windows = (one or {}).get("fanouts", []) + (one or {}).get("ramp", [])
     return _fit([(w["forwarded_pps"], _cores(w)) for w in windows if _within_loose(w)])
+
+
+def _wakeups(spread: dict[str, Any], pack: dict[str, Any], piped_pps: float) -> dict[str, Any]:
+    """Where the pipe's CPU goes besides the copies: how often the importing worker wakes per
+    piped packet, and the part of spread - pack that the workers spent in the kernel."""
+    out: dict[str, Any] = {}
+    rows_s, rows_p = spread.get("per_worker") or [], pack.get("per_worker") or []
+    importers = [r for r in rows_s if r["subscribers"] > 0 and not r["holds_publisher"]]
+    if piped_pps and importers and all(r.get("wakeups_per_s") is not None for r in importers):
+        out["importer_wakeups_per_piped_packet"] = (
+            sum(r["wakeups_per_s"] for r in importers) / piped_pps
+        )
+    rows = rows_s + rows_p
+    if rows_s and rows_p and all(r.get("kernel_cpu_fraction") is not None for r in rows):
+        out["spread_minus_pack_kernel_cores"] = sum(r["kernel_cpu_fraction"] for r in rows_s) - sum(
+            r["kernel_cpu_fraction"] for r in rows_p
+        )
+    return out
 
 
 def _receiving_end(
@@ -1054,8 +1087,8 @@ def report_lines(data: dict[str, Any]) -> list[str]:
         "",
         "| N | spread − pack (cores) | piped pkt/s | µs per piped pkt | pipe share (spread vs pack) "
         "| pipe share by round (median) | pipe share (pooled µs/piped pkt) "
-        "| 2 workers vs 1 (CPU/pkt) |",
-        "|---" * 8 + "|",
+        "| 2 workers vs 1 (CPU/pkt) | importer wake-ups per piped pkt |",
+        "|---" * 9 + "|",
     ]
     pipe = data.get("pipe", {})
     for n, e in pipe.get("by_fanout", {}).items():
@@ -1069,7 +1102,8 @@ def report_lines(data: dict[str, Any]) -> list[str]:
                 else "–"
             )
             + f" | {_pct(e.get('pipe_share_pooled'), 2)} | "
-            f"{_pct(e.get('two_vs_one_worker_share'))} |"
+            f"{_pct(e.get('two_vs_one_worker_share'))} | "
+            f"{_f(e.get('importer_wakeups_per_piped_packet'), 2)} |"
         )
     lines += [
         "",
@@ -1079,7 +1113,15 @@ def report_lines(data: dict[str, Any]) -> list[str]:
         "difference of two windows on two relays and carry their noise (a few % of a core): "
         "'spread vs pack' compares the medians over the rounds, 'by round' each round's spread "
         "window with the pack window measured right after it, which cancels what drifts between "
-        "rounds (the target takes the median of those).",
+        "rounds (the target takes the median of those). The last column: how often the "
+        "importing worker slept and was woken per piped packet (its voluntary context "
+        "switches, /proc/<pid>/task/*/status). Near 1, it wakes for almost every packet, and "
+        "the cost of a wake-up (the kernel's switch to it, the event loop's turn) is paid per "
+        "piped packet. Packets reach the publisher's worker one at a time (a browser paces "
+        "them; here the generator sends a frame's packets in one sendmmsg, yet the publisher's "
+        "worker also wakes about once per packet: it takes each as it arrives, before the next "
+        "is there), and each goes down the pipe at once. The workers' system "
+        "time is in the JSON (`kernel_cpu_fraction` per worker; clock ticks, coarse).",
         "",
         "### Targets (measured, not asserted)",
         "",

@@ -66,7 +66,7 @@ class MediaContext:
     #: ``send_soon(send, batch)``: ``send(batch)`` once the datagrams read together with the
     #: current one have been handled, with the other batches for the same ``send`` meanwhile
     #: (the asyncio layer's; None: at once). A piped track's copies for other workers go out
-    #: this way: every packet of a frame in one system call, so the importer wakes once.
+    #: this way: the packets read in one turn in one system call, waking the importer once.
     send_soon: Callable[[Callable[[list[Any]], object], list[Any]], None] | None = None
 
 

@@ -63,6 +63,8 @@ def test_load_workers_quick(tmp_path: Path) -> None:
                 r for r in window["per_worker"] if not r["holds_publisher"] and r["subscribers"] > 0
             ]
             assert piped and all(r["received_pps"] > 0 for r in piped)
+            # and woke the importing worker (its sleeps counted from /proc)
+            assert all(r["wakeups_per_s"] > 0 for r in piped)
     assert set(data["targets"]) == {
         "pipe_share_of_cpu_per_forwarded_packet",
         "two_workers_vs_one_cpu_share",
@@ -103,20 +105,27 @@ def _layout(workers: int, placement: str, windows: list[dict], **extra: object) 
 
 def test_derive_pipe_share_targets_and_model() -> None:
     def split(n: int, spread: bool) -> list[dict]:
-        # the importing worker: 0.005 cores idle, 20 µs per copy, 60 µs per piped packet
+        # the importing worker: 0.005 cores idle, 20 µs per copy, 60 µs per piped packet;
+        # it wakes 95 times a second for the 100 piped packets, and its kernel time with the
+        # exporter's grows by 0.004 cores
         if not spread:
             return [
-                {"index": 0, "subscribers": n, "holds_publisher": True, "cpu_fraction": 0.5},
-                {"index": 1, "subscribers": 0, "holds_publisher": False, "cpu_fraction": 0.005},
+                {"index": 0, "subscribers": n, "holds_publisher": True, "cpu_fraction": 0.5}
+                | {"wakeups_per_s": 150.0, "kernel_cpu_fraction": 0.1},
+                {"index": 1, "subscribers": 0, "holds_publisher": False, "cpu_fraction": 0.005}
+                | {"wakeups_per_s": 5.0, "kernel_cpu_fraction": 0.001},
             ]
         half = n - n // 2
         return [
-            {"index": 0, "subscribers": n // 2, "holds_publisher": True, "cpu_fraction": 0.3},
+            {"index": 0, "subscribers": n // 2, "holds_publisher": True, "cpu_fraction": 0.3}
+            | {"wakeups_per_s": 150.0, "kernel_cpu_fraction": 0.055},
             {
                 "index": 1,
                 "subscribers": half,
                 "holds_publisher": False,
                 "cpu_fraction": 0.005 + half * 100 * 20e-6 + 100 * 60e-6,
+                "wakeups_per_s": 95.0,
+                "kernel_cpu_fraction": 0.05,
             },
         ]
 
@@ -148,6 +157,8 @@ def test_derive_pipe_share_targets_and_model() -> None:
     pipe = derived["pipe"]
     assert pipe["pipe_us_per_piped_packet_pooled"] == pytest.approx(100.0)
     assert pipe["pipe_receiving_end_us_median"] == pytest.approx(60.0)
+    assert pipe["by_fanout"]["100"]["importer_wakeups_per_piped_packet"] == pytest.approx(0.95)
+    assert pipe["by_fanout"]["100"]["spread_minus_pack_kernel_cores"] == pytest.approx(0.004)
     share_100 = pipe["by_fanout"]["100"]["pipe_share"]
     assert share_100 == pytest.approx(0.01 / cores(100, True))
     targets = derived["targets"]
@@ -176,3 +187,4 @@ def test_derive_pipe_share_targets_and_model() -> None:
         )
     )
     assert "**met**" in lines and "Scaling model" in lines
+    assert "| 0.95 |" in lines  # the importer's wake-ups per piped packet, N = 100
