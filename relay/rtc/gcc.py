@@ -76,9 +76,9 @@ window was above 10 %; the probe scheduling (interval, backoff, retry on a path 
 this module's own.
 
 Sans-I/O: packets and times (seconds, any monotonic clock) in, a bitrate out; no clock reads.
-Per packet the work is a few comparisons (grouping, the acknowledged-bitrate window); per
-feedback a few numpy calls fit the regression lines of all new delay samples at once. Every
-buffer is bounded (see each class).
+Per packet the work is a few comparisons (grouping, the acknowledged-bitrate window) and a few
+additions (the trendline's sums: its fit is O(1) per sample). Every buffer is bounded (see
+each class).
 """
 
 from __future__ import annotations
@@ -90,8 +90,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from relay.rtc.twcc import DeliveryStats, TwccFeedback, TwccSendHistory
 
 __all__ = [
@@ -102,7 +100,6 @@ __all__ = [
     "feedback_report",
     "InterArrival",
     "linear_fit_slope",
-    "sliding_slopes",
     "OveruseDetector",
     "TrendlineFilter",
     "AckedBitrate",
@@ -313,33 +310,6 @@ def linear_fit_slope(x: Sequence[float], y: Sequence[float]) -> float | None:
     return num / den
 
 
-def sliding_slopes(x: np.ndarray, y: np.ndarray, window: int) -> np.ndarray:
-    """Least-squares slopes of every ``window`` consecutive points: element j is the slope of
-    points ``j .. j + window - 1`` (NaN where all their x are equal). All at once, so the
-    per-feedback cost is a handful of numpy calls rather than a Python regression per sample:
-    windowed sums from prefix sums, ``slope = (w Sxy - Sx Sy) / (w Sxx - Sx^2)``. The points
-    are shifted to start at the origin first, which keeps the sums small (a filter passes its
-    last ``window - 1`` points plus one feedback's new ones: seconds of arrival time) and the
-    subtraction exact enough."""
-    n = len(x)
-    if n < window:
-        return np.empty(0)
-    xs = np.asarray(x, dtype=np.float64) - x[0]
-    ys = np.asarray(y, dtype=np.float64) - y[0]
-    prefix = np.zeros((4, n + 1))
-    np.cumsum(xs, out=prefix[0, 1:])
-    np.cumsum(ys, out=prefix[1, 1:])
-    np.cumsum(xs * xs, out=prefix[2, 1:])
-    np.cumsum(xs * ys, out=prefix[3, 1:])
-    sums = prefix[:, window:] - prefix[:, :-window]
-    sx, sy, sxx, sxy = sums
-    num = window * sxy - sx * sy
-    den = window * sxx - sx * sx
-    out = np.full(len(num), np.nan)
-    np.divide(num, den, out=out, where=den > 1e-12 * window * sxx)
-    return out
-
-
 class OveruseDetector:
     """The overuse hypothesis from the modified trend ``m`` against the adaptive threshold
     gamma (ms units). State: a few numbers."""
@@ -435,7 +405,14 @@ class TrendlineFilter:
     """Delay variation samples -> accumulated, smoothed delay -> slope over the last
     :data:`TRENDLINE_WINDOW` samples -> :class:`OveruseDetector`. Until the window is full the
     trend stays 0 (goog_cc does the same: a line through few points is noise). State: the
-    last ``window - 1`` points and a few numbers."""
+    last ``window`` points and a few numbers.
+
+    The slope is a least-squares fit, ``(w Sxy - Sx Sy) / (w Sxx - Sx^2)``, from sums over
+    the window kept up to date as points come and go (O(1) per sample, plain Python: a
+    feedback brings some ten samples, too few for numpy's per-call cost). The sums are taken
+    about an origin, the window's first point, and recomputed from the points about a new
+    origin every ``window`` samples, so that they stay small (arrival times in ms grow
+    through a call) and what adding and removing rounds off cannot pile up."""
 
     __slots__ = (
         "window",
@@ -446,8 +423,10 @@ class TrendlineFilter:
         "accumulated",
         "smoothed",
         "_first_arrival",
-        "_xs",
-        "_ys",
+        "_points",
+        "_origin",
+        "_sums",
+        "_since_rebase",
     )
 
     def __init__(
@@ -467,8 +446,12 @@ class TrendlineFilter:
         self.accumulated = 0.0  # ms
         self.smoothed = 0.0  # ms
         self._first_arrival: float | None = None
-        self._xs: list[float] = []  # arrival ms since the first sample
-        self._ys: list[float] = []  # smoothed accumulated delay, ms
+        #: the window's points: (arrival ms since the first sample, smoothed delay ms)
+        self._points: deque[tuple[float, float]] = deque()
+        self._origin = (0.0, 0.0)
+        #: Sx, Sy, Sxx, Sxy of the points about the origin
+        self._sums = (0.0, 0.0, 0.0, 0.0)
+        self._since_rebase = 0
 
     @property
     def state(self) -> BandwidthUsage:
@@ -477,47 +460,63 @@ class TrendlineFilter:
     def update(self, samples: Iterable[tuple[float, float, float]]) -> BandwidthUsage:
         """Feed ``(send_delta_ms, arrival_delta_ms, arrival_ms)`` samples (from
         :class:`InterArrival`); returns the detector state after the last."""
-        xs = self._xs
-        ys = self._ys
-        old = len(xs)
-        send_deltas: list[float] = []
-        arrival_times: list[float] = []
-        counts: list[int] = []
         coef = self.smoothing
         accumulated = self.accumulated
         smoothed = self.smoothed
         n = self.num_deltas
+        window = self.window
+        points = self._points
+        ox, oy = self._origin
+        sx, sy, sxx, sxy = self._sums
+        detect = self.detector.detect
+        trend = self.trend
         for send_delta, arrival_delta, arrival in samples:
             if self._first_arrival is None:
                 self._first_arrival = arrival
             n = min(n + 1, MAX_NUM_DELTAS)
             accumulated += arrival_delta - send_delta
             smoothed = coef * smoothed + (1.0 - coef) * accumulated
-            xs.append(arrival - self._first_arrival)
-            ys.append(smoothed)
-            send_deltas.append(send_delta)
-            arrival_times.append(arrival)
-            counts.append(n)
+            x = arrival - self._first_arrival
+            points.append((x, smoothed))
+            if len(points) > window:
+                gone_x, gone_y = points.popleft()
+                gone_x -= ox
+                gone_y -= oy
+                sx -= gone_x
+                sy -= gone_y
+                sxx -= gone_x * gone_x
+                sxy -= gone_x * gone_y
+            self._since_rebase += 1
+            if self._since_rebase >= window:
+                self._since_rebase = 0
+                ox, oy = points[0]
+                sx = sy = sxx = sxy = 0.0
+                for px, py in points:
+                    px -= ox
+                    py -= oy
+                    sx += px
+                    sy += py
+                    sxx += px * px
+                    sxy += px * py
+            else:
+                dx = x - ox
+                dy = smoothed - oy
+                sx += dx
+                sy += dy
+                sxx += dx * dx
+                sxy += dx * dy
+            if len(points) == window:
+                den = window * sxx - sx * sx
+                if den > 1e-12 * window * sxx:  # else every x is the same: no slope
+                    trend = (window * sxy - sx * sy) / den
+            detect(trend, send_delta, arrival, n)
         self.accumulated = accumulated
         self.smoothed = smoothed
         self.num_deltas = n
-        if not counts:
-            return self.detector.state
-        window = self.window
-        slopes = sliding_slopes(np.asarray(xs), np.asarray(ys), window).tolist()
-        detector = self.detector
-        trend = self.trend
-        for j in range(len(counts)):
-            w = old + j - window + 1  # index of the window ending at this sample
-            if w >= 0:
-                slope = slopes[w]
-                if slope == slope:  # not NaN
-                    trend = slope
-            detector.detect(trend, send_deltas[j], arrival_times[j], counts[j])
         self.trend = trend
-        del xs[: max(0, len(xs) - (window - 1))]
-        del ys[: max(0, len(ys) - (window - 1))]
-        return detector.state
+        self._origin = (ox, oy)
+        self._sums = (sx, sy, sxx, sxy)
+        return self.detector.state
 
 
 # --- acknowledged bitrate -------------------------------------------------------------------

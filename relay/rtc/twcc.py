@@ -23,11 +23,14 @@ symbols (S=1).
 
 Sans-I/O: sequence numbers and times (seconds, any monotonic clock) in, bytes and statistics
 out. The per-packet calls (:meth:`TwccRecorder.on_packet`, :meth:`TwccSendHistory.next_seq`)
-are a few list operations; the per-feedback work uses numpy on the batch.
+are a few list operations. Building a feedback (:meth:`TwccRecorder.build_feedback`) uses
+numpy on the batch; matching one (:meth:`TwccSendHistory.on_feedback`, some ten packets at a
+time) is plain Python, which costs less than numpy's per-call overhead at that size.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -787,30 +790,32 @@ class TwccSendHistory:
         sizes: list[int],
         now: float,
     ) -> None:
-        send = np.array(sends)
-        arrival = np.array(arrivals)
-        size = np.array(sizes, dtype=np.int64)
-        first = int(np.argmin(arrival))
-        span = float(arrival.max() - arrival[first])
+        # Plain Python: a feedback reports some ten packets, too few for numpy's per-call cost.
+        earliest = min(arrivals)
+        first = arrivals.index(earliest)
+        span = max(arrivals) - earliest
         stats.arrival_span = span
         if span >= 0.005:  # below, the 250 µs resolution and bursts make the rate meaningless
-            stats.delivery_rate = float(size.sum() - size[first]) * 8.0 / span
-        if len(send) > 1:
-            variation = np.diff(arrival) - np.diff(send)
-            stats.delay_variation_mean = float(variation.mean())
-            stats.delay_variation_last = float(variation[-1])
+            stats.delivery_rate = (sum(sizes) - sizes[first]) * 8.0 / span
+        n = len(sends)
+        if n > 1:
+            # the mean of the arrival deltas less the send deltas: the sums telescope
+            stats.delay_variation_mean = ((arrivals[-1] - arrivals[0]) - (sends[-1] - sends[0])) / (
+                n - 1
+            )
+            stats.delay_variation_last = (arrivals[-1] - arrivals[-2]) - (sends[-1] - sends[-2])
         # Queuing delay: one-way delay (unknown constant clock offset included) above its
         # minimum over baseline_window.
-        owd = arrival - send
-        low = float(owd.min())
+        owd = list(map(operator.sub, arrivals, sends))
+        low = min(owd)
         window = self._min_owd
         while window and window[-1][1] >= low:
             window.pop()
         window.append((now, low))
         while window[0][0] < now - self.baseline_window:
             window.popleft()
-        stats.queuing_delay = float(owd[-1]) - window[0][1]
-        stats.feedback_delay = now - float(send.max())
+        stats.queuing_delay = owd[-1] - window[0][1]
+        stats.feedback_delay = now - max(sends)
 
 
 # --- the transport-cc header extension ------------------------------------------------------

@@ -25,7 +25,6 @@ from relay.rtc.gcc import (
     feedback_report,
     linear_fit_slope,
     probe_bitrate,
-    sliding_slopes,
 )
 from relay.rtc.twcc import TwccRecorder, TwccSendHistory, parse_feedback
 
@@ -216,21 +215,53 @@ def test_linear_fit_slope_by_hand() -> None:
     assert linear_fit_slope([1], [1]) is None
 
 
-def test_sliding_slopes_match_the_single_fit() -> None:
+def _trends(samples: list[tuple[float, float, float]], per_feedback: int) -> list[float]:
+    """The trend after every sample, fed ``per_feedback`` samples per update, no smoothing."""
+    f = TrendlineFilter(window=20, smoothing=0.0)
+    out = []
+    for i in range(0, len(samples), per_feedback):
+        for sample in samples[i : i + per_feedback]:
+            f.update([sample])
+            out.append(f.trend)
+    return out
+
+
+@pytest.mark.parametrize("start_ms", [0.0, 3.6e7 * 5])  # a call's start, and five hours in
+def test_trendline_fit_matches_the_least_squares_slope_over_the_window(start_ms: float) -> None:
+    # Without smoothing the filter's points are (arrival - first arrival, accumulated delay).
     rng = np.random.default_rng(7)
-    x = np.cumsum(rng.uniform(1, 20, 50))
-    y = rng.normal(0, 5, 50)
-    slopes = sliding_slopes(x, y, 20)
-    assert len(slopes) == 31
-    for j in (0, 13, 30):
-        assert slopes[j] == pytest.approx(linear_fit_slope(x[j : j + 20], y[j : j + 20]))
-    flat = sliding_slopes(np.array([1.0, 1.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0, 3.0]), 3)
-    # x 1, 1, 2 and y 1, 2, 3: mean (4/3, 2), sum dx dy = 1/3 + 0 + 2/3, sum dx^2 = 6/9
-    assert math.isnan(flat[0]) and flat[1] == pytest.approx(1.5)
-    assert len(sliding_slopes(x[:5], y[:5], 20)) == 0
-    # hours into a call, arrival times in ms are large: the windowed sums must not cancel
-    far = 3.6e7 + x
-    assert sliding_slopes(far, y + 1e5, 20)[7] == pytest.approx(slopes[7], rel=1e-9)
+    n = 2000
+    send = rng.uniform(1, 20, n)
+    arrival = send + rng.normal(0, 3, n)
+    samples = []
+    t = start_ms
+    for s, a in zip(send, arrival, strict=True):
+        t += max(a, 0.1)
+        samples.append((float(s), float(max(a, 0.1)), t))
+    xs = [t - samples[0][2] for _, _, t in samples]
+    ys = list(np.cumsum([a - s for s, a, _ in samples]))
+    for per_feedback in (1, 13):
+        f = TrendlineFilter(window=20, smoothing=0.0)
+        for i in range(0, n, per_feedback):
+            f.update(samples[i : i + per_feedback])
+            last = min(i + per_feedback, n)
+            if last >= 20:
+                expected = linear_fit_slope(xs[last - 20 : last], ys[last - 20 : last])
+                assert f.trend == pytest.approx(expected, rel=1e-9, abs=1e-12), (per_feedback, i)
+            else:
+                assert f.trend == 0.0  # window not full yet
+    assert _trends(samples[:60], 1) == pytest.approx(_trends(samples[:60], 13))
+
+
+def test_trendline_keeps_its_trend_when_every_arrival_is_the_same() -> None:
+    f = TrendlineFilter(window=3, smoothing=0.0)
+    f.update([(10.0, 12.0, 100.0), (10.0, 13.0, 112.0), (10.0, 14.0, 124.0)])
+    f.update([(0.0, 0.0, 130.0), (0.0, 1.0, 130.0)])
+    trend = f.trend
+    assert trend > 0
+    # the window's three points now share one arrival time: a vertical line, no slope
+    f.update([(0.0, 2.0, 130.0)])
+    assert f.trend == trend
 
 
 def test_threshold_adaptation_by_hand() -> None:
@@ -314,7 +345,7 @@ def test_trendline_samples_are_bounded_and_batching_does_not_matter() -> None:
     assert batched.trend == pytest.approx(one.trend)
     assert batched.detector.threshold == pytest.approx(one.detector.threshold)
     assert batched.state is one.state
-    assert len(batched._xs) == len(one._xs) == 19
+    assert len(batched._points) == len(one._points) == 20
 
 
 # --- grouping, acknowledged bitrate, loss, probes ----------------------------------------------
