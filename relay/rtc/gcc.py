@@ -118,6 +118,13 @@ class BandwidthUsage(enum.StrEnum):
     UNDERUSING = "underusing"
 
 
+# the members as plain names: the detector sets one per delay sample (a class attribute
+# lookup each time otherwise)
+_NORMAL = BandwidthUsage.NORMAL
+_OVERUSING = BandwidthUsage.OVERUSING
+_UNDERUSING = BandwidthUsage.UNDERUSING
+
+
 class PacketResult(NamedTuple):
     """One acknowledged packet: when we sent it (our clock), when it arrived (the receiver's
     clock, only differences are meaningful) and its size in bytes (as given to next_seq)."""
@@ -339,7 +346,7 @@ class OveruseDetector:
         self.k_up = k_up
         self.k_down = k_down
         self.overuse_time = overuse_time
-        self.state = BandwidthUsage.NORMAL
+        self.state = _NORMAL
         self.modified_trend = 0.0
         self._time_over: float | None = None  # ms above gamma, None when below
         self._over_count = 0
@@ -353,32 +360,29 @@ class OveruseDetector:
         the groups it came from (how long we have been over), ``now_ms`` the arrival time
         (the threshold adapts in arrival time), ``num_deltas`` the samples so far."""
         if num_deltas < 2:
-            self.state = BandwidthUsage.NORMAL
-            return self.state
-        m = min(num_deltas, MIN_NUM_DELTAS) * trend * TRENDLINE_GAIN
+            self.state = _NORMAL
+            return _NORMAL
+        m = (num_deltas if num_deltas < MIN_NUM_DELTAS else MIN_NUM_DELTAS) * trend * TRENDLINE_GAIN
         self.modified_trend = m
-        if m > self.threshold:
-            if self._time_over is None:
-                self._time_over = send_delta_ms / 2.0  # over for half the gap already, probably
-            else:
-                self._time_over += send_delta_ms
+        threshold = self.threshold
+        if m > threshold:
+            time_over = self._time_over
+            # over for half the gap already, probably, when it starts
+            time_over = send_delta_ms / 2.0 if time_over is None else time_over + send_delta_ms
             self._over_count += 1
             if (
-                self._time_over > self.overuse_time
+                time_over > self.overuse_time
                 and self._over_count > 1
                 and trend >= self._prev_trend  # still rising: not a queue already draining
             ):
-                self._time_over = 0.0
+                time_over = 0.0
                 self._over_count = 0
-                self.state = BandwidthUsage.OVERUSING
-        elif m < -self.threshold:
-            self._time_over = None
-            self._over_count = 0
-            self.state = BandwidthUsage.UNDERUSING
+                self.state = _OVERUSING
+            self._time_over = time_over
         else:
             self._time_over = None
             self._over_count = 0
-            self.state = BandwidthUsage.NORMAL
+            self.state = _UNDERUSING if m < -threshold else _NORMAL
         self._prev_trend = trend
         self.update_threshold(m, now_ms)
         return self.state
@@ -392,13 +396,22 @@ class OveruseDetector:
         self._last_update = now_ms
         if last is None:
             last = now_ms
-        magnitude = abs(modified_trend)
-        if magnitude > self.threshold + MAX_ADAPT_OFFSET:
+        magnitude = modified_trend if modified_trend >= 0.0 else -modified_trend
+        threshold = self.threshold
+        if magnitude > threshold + MAX_ADAPT_OFFSET:
             return
-        k = self.k_down if magnitude < self.threshold else self.k_up
-        dt = min(now_ms - last, MAX_THRESHOLD_DT)
-        gamma = self.threshold + k * (magnitude - self.threshold) * dt
-        self.threshold = min(max(gamma, THRESHOLD_MIN), THRESHOLD_MAX)
+        k = self.k_down if magnitude < threshold else self.k_up
+        dt = now_ms - last
+        if dt > MAX_THRESHOLD_DT:
+            dt = MAX_THRESHOLD_DT
+        gamma = threshold + k * (magnitude - threshold) * dt
+        self.threshold = (
+            THRESHOLD_MIN
+            if gamma < THRESHOLD_MIN
+            else THRESHOLD_MAX
+            if gamma > THRESHOLD_MAX
+            else gamma
+        )
 
 
 class TrendlineFilter:
@@ -664,9 +677,9 @@ class AimdRateControl:
             self._throughput = throughput
         else:
             throughput = self._throughput
-        if usage is BandwidthUsage.OVERUSING:
+        if usage is _OVERUSING:
             self.state = "decrease"
-        elif usage is BandwidthUsage.UNDERUSING:
+        elif usage is _UNDERUSING:
             self.state = "hold"
         elif self.state == "hold":
             self.state = "increase"
@@ -984,7 +997,7 @@ class GccEstimator:
         aimd = self.aimd
         if not packets:
             pass  # nothing arrived (all lost, or no arrival times): no delay information
-        elif usage is BandwidthUsage.OVERUSING:
+        elif usage is _OVERUSING:
             self.last_overuse = now
             if throughput is not None:
                 if aimd.time_to_reduce_further(now, throughput):
@@ -1030,7 +1043,7 @@ class GccEstimator:
             return False
         if now < self._next_probe or now - self.last_overuse < PROBE_QUIET:
             return False
-        if self.state is not BandwidthUsage.NORMAL:
+        if self.state is not _NORMAL:
             return False
         if self.loss.fraction is not None and self.loss.fraction > LOW_LOSS:
             return False
@@ -1050,7 +1063,7 @@ class GccEstimator:
         window was above 10 %. A probe that lifts
         the estimate by more than 10 % allows the next one 1 s later. Returns :attr:`estimate`."""
         before = self.estimate
-        if self.state is BandwidthUsage.OVERUSING or bitrate <= before:
+        if self.state is _OVERUSING or bitrate <= before:
             self._failed_probe = bitrate
             return before
         if bitrate > self.aimd.bitrate:
