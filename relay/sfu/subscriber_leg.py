@@ -24,6 +24,7 @@ from relay.sfu.probe import Prober
 if TYPE_CHECKING:
     from relay.sfu.outbound import OutboundStream
     from relay.sfu.participant import Participant
+    from relay.sfu.subscription import Subscription
 
 
 class SubscriberLeg(Leg):
@@ -82,21 +83,21 @@ class SubscriberLeg(Leg):
         self.transport.rx_seen = True
         self.metrics.drops["not_publishing"] += 1
 
-    def streams(self) -> dict[int, OutboundStream]:
-        return {s.stream.ssrc: s.stream for s in self.participant.subscriptions.values()}
+    def subscriptions_by_ssrc(self) -> dict[int, Subscription]:
+        return {s.stream.ssrc: s for s in self.participant.subscriptions.values()}
 
     def receive_rtcp(self, data: bytes, plain: bytes | None = None) -> None:
         packets = self.parse_srtcp(data, plain)
         if packets is None:
             return
         now = self.ctx.clock()
-        by_ssrc = self.streams()
+        by_ssrc = self.subscriptions_by_ssrc()
         for packet in packets:
             if isinstance(packet, (rtcp.ReceiverReport, rtcp.SenderReport)):
                 for block in packet.reports:
-                    stream = by_ssrc.get(block.ssrc)
-                    if stream is not None:
-                        stream.on_report_block(
+                    sub = by_ssrc.get(block.ssrc)
+                    if sub is not None:
+                        sub.stream.on_report_block(
                             block.fraction_lost,
                             block.packets_lost,
                             block.jitter,
@@ -105,14 +106,14 @@ class SubscriberLeg(Leg):
                             now,
                         )
             elif isinstance(packet, rtcp.Pli):
-                self._keyframe_wanted(packet.media_ssrc, now)
+                self._keyframe_wanted(by_ssrc.get(packet.media_ssrc), now)
             elif isinstance(packet, rtcp.Fir):
                 for ssrc, _seq in packet.entries:
-                    self._keyframe_wanted(ssrc, now)
+                    self._keyframe_wanted(by_ssrc.get(ssrc), now)
             elif isinstance(packet, rtcp.Nack):
-                stream = by_ssrc.get(packet.media_ssrc)
-                if stream is not None:
-                    self.retransmit(stream, packet.lost, now)
+                sub = by_ssrc.get(packet.media_ssrc)
+                if sub is not None:
+                    self.retransmit(sub.stream, packet.lost, now)
             elif isinstance(packet, rtcp.TransportFeedback):
                 if self.twcc is not None:
                     try:
@@ -124,15 +125,13 @@ class SubscriberLeg(Leg):
                 self.remb_at = now
                 self._check_estimate(now)
 
-    def _keyframe_wanted(self, ssrc: int, now: float) -> None:
-        """A PLI or FIR for the outbound stream ``ssrc``: a keyframe request to its track's
+    @staticmethod
+    def _keyframe_wanted(sub: Subscription | None, now: float) -> None:
+        """A PLI or FIR for ``sub``'s outbound stream: a keyframe request to its track's
         publisher, only while the stream is forwarded (a paused subscription, or one not yet
         negotiated, would make the publisher send keyframes to nobody)."""
-        for sub in self.participant.subscriptions.values():
-            if sub.stream.ssrc == ssrc:
-                if sub.active:
-                    sub.stream.track.keyframes.request(now)
-                return
+        if sub is not None and sub.active:
+            sub.stream.track.keyframes.request(now)
 
     def on_transport_feedback(self, feedback: TwccFeedback, now: float) -> None:
         """One transport-cc feedback: the estimate, a probe's result, the allocation told when
