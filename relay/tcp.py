@@ -369,16 +369,12 @@ class IceTcpServer:
             return
         assert conn.addr is not None
         key = client_key(conn.addr[0])
-        pending = self.pending.get(key)
-        if pending is not None:
-            for other in [c for c in pending if self._checked(c)]:
-                other.authenticated = True
-                del pending[other]
-            if len(pending) >= self.max_pending_per_address:
-                self.close(conn, "address_limit", "too many connections without a STUN check")
-                return
-        else:
-            pending = self.pending[key] = {}
+        for other in [c for c in self.pending.get(key, ()) if self._checked(c)]:
+            self._authenticated(other)
+        pending = self.pending.setdefault(key, {})
+        if len(pending) >= self.max_pending_per_address:  # never empty here: the limit is >= 1
+            self.close(conn, "address_limit", "too many connections without a STUN check")
+            return
         pending[conn] = None
         self.accepted += 1
         self.connections[conn] = None
@@ -430,6 +426,11 @@ class IceTcpServer:
             and (addr in port.by_addr or addr in port.alt_addrs)
         )
 
+    def _authenticated(self, conn: TcpConnection) -> None:
+        """``conn`` passed its check: marked, and no longer pending for its address."""
+        conn.authenticated = True
+        self._checked_or_gone(conn)
+
     def _checked_or_gone(self, conn: TcpConnection) -> None:
         """``conn`` no longer counts against its address's pending connections."""
         if conn.addr is None:
@@ -449,8 +450,7 @@ class IceTcpServer:
         for conn in list(self.connections):
             if not conn.authenticated:
                 if self._checked(conn):
-                    conn.authenticated = True
-                    self._checked_or_gone(conn)
+                    self._authenticated(conn)
                 elif now - conn.opened_at >= self.handshake_timeout:
                     self.close(conn, "unauthenticated")
                     continue
