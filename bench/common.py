@@ -67,17 +67,21 @@ def sleeps_and_kernel_seconds(pid: int) -> tuple[int, float]:
                 if line.startswith("voluntary_ctxt_switches:"):
                     sleeps += int(line.split()[1])
                     break
+    return sleeps, int(stat_fields(pid)[12]) / CLOCK_TICKS
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): index
+    0 is the state, 1 the parent's pid, 11 utime and 12 stime (clock ticks, every thread of
+    the process, live or exited)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read().decode()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return sleeps, int(fields[12]) / CLOCK_TICKS
+        raw = f.read().decode(errors="replace")
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def stat_cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (every thread, live or exited), /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read().decode()
-    fields = raw[raw.rindex(")") + 2 :].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -155,9 +159,7 @@ def descendants(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read().decode(errors="replace")
-            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+            ppid = int(stat_fields(int(entry))[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))

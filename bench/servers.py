@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,6 +41,18 @@ def _pythonpath() -> str:
     root = str(Path(__file__).resolve().parent.parent)
     rest = os.environ.get("PYTHONPATH", "")
     return root + (os.pathsep + rest if rest else "")
+
+
+T = TypeVar("T")
+
+
+def _each(pids: Collection[int], read: Callable[[int], T]) -> dict[int, T]:
+    """``read(pid)`` of each of ``pids``, leaving out the processes gone (or unreadable)."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[pid] = read(pid)
+    return out
 
 
 class ServerError(RuntimeError):
@@ -72,19 +84,11 @@ class Server:
 
     def cpu_by_pid(self, pids: Collection[int] | None = None) -> dict[int, float]:
         """CPU seconds so far of each of ``pids`` (default: :meth:`pids`); gone ones left out."""
-        out = {}
-        for pid in self.pids() if pids is None else pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                out[pid] = cpu_seconds(pid)
-        return out
+        return _each(self.pids() if pids is None else pids, cpu_seconds)
 
     def sleeps_by_pid(self, pids: Collection[int]) -> dict[int, tuple[int, float]]:
         """:func:`bench.common.sleeps_and_kernel_seconds` of each of ``pids`` still there."""
-        out = {}
-        for pid in pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                out[pid] = sleeps_and_kernel_seconds(pid)
-        return out
+        return _each(pids, sleeps_and_kernel_seconds)
 
     def cpu_seconds(self) -> float:
         """CPU seconds so far of the server's whole process tree."""

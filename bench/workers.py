@@ -627,11 +627,20 @@ def _cores(window: dict[str, Any]) -> float:
     return float(window["server_cpu_fraction"])
 
 
+def _importers(window: dict[str, Any]) -> list[dict[str, Any]]:
+    """The window's per-worker rows of the workers the track is piped to: subscribers and no
+    publisher."""
+    return [
+        r
+        for r in window.get("per_worker") or []
+        if r["subscribers"] > 0 and not r["holds_publisher"]
+    ]
+
+
 def _piped_pps(window: dict[str, Any], rate: float) -> float:
     """Packets the publisher's worker pipes per second: one copy of the track to every other
     worker holding subscribers."""
-    rows = window.get("per_worker") or []
-    importers = [r for r in rows if r["subscribers"] > 0 and not r["holds_publisher"]]
+    importers = _importers(window)
     sent = window.get("sent_packets") or 0
     wall = window.get("window_s") or 1.0
     return len(importers) * (sent / wall if sent else rate)
@@ -759,7 +768,7 @@ def _wakeups(spread: dict[str, Any], pack: dict[str, Any], piped_pps: float) -> 
     piped packet, and the part of spread - pack that the workers spent in the kernel."""
     out: dict[str, Any] = {}
     rows_s, rows_p = spread.get("per_worker") or [], pack.get("per_worker") or []
-    importers = [r for r in rows_s if r["subscribers"] > 0 and not r["holds_publisher"]]
+    importers = _importers(spread)
     if piped_pps and importers and all(r.get("wakeups_per_s") is not None for r in importers):
         out["importer_wakeups_per_piped_packet"] = (
             sum(r["wakeups_per_s"] for r in importers) / piped_pps
@@ -779,11 +788,7 @@ def _receiving_end(
     worker's CPU in the pack window (idle there), less its local fan-out at c µs per copy."""
     if not c_us or not piped_pps:
         return None
-    importers = [
-        r
-        for r in spread.get("per_worker") or []
-        if r["subscribers"] > 0 and not r["holds_publisher"] and r.get("cpu_fraction") is not None
-    ]
+    importers = [r for r in _importers(spread) if r.get("cpu_fraction") is not None]
     if len(importers) != 1:
         return None
     imp = importers[0]
