@@ -504,8 +504,10 @@ async def whep_watch(
     """The body is the viewer's SDP offer (`Content-Type: application/sdp`) with `recvonly`
     audio and video m-lines. Each takes one track of its kind of the room (of `participant`, or
     only `track`), in the order the publishers joined and published; m-lines left over are
-    answered inactive. The tracks are fixed by the answer: a track published later is not
-    added, one that ends goes silent. With an API key the relay creates the viewer (its id
+    answered inactive. The m-lines are fixed by the answer: a track published later gets no
+    m-line of its own, but an m-line whose track ended takes the next track of its kind and
+    format within the viewer's choice (a publisher that reconnects), on the same SSRC, its
+    numbering unbroken; a `track` viewer stays on its track. With an API key the relay creates the viewer (its id
     generated); with a participant token (`can_subscribe`) it is the token's participant,
     created when it does not exist yet."""
 

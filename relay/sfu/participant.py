@@ -6,14 +6,14 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from relay.rtc.sdp import OfferedMedia
+from relay.rtc.sdp import Codec, MediaDescription, OfferedMedia
 
 if TYPE_CHECKING:
     from relay.sfu.leg import Leg
     from relay.sfu.publisher_leg import PublisherLeg
     from relay.sfu.room import Room
     from relay.sfu.subscriber_leg import SubscriberLeg
-    from relay.sfu.subscription import Subscription
+    from relay.sfu.subscription import Continuation, Subscription
     from relay.sfu.track import Track
 
 
@@ -24,6 +24,12 @@ class Slot:
     mid: str
     kind: str
     subscription: Subscription | None = None
+    #: a WHEP viewer's m-line (its answer is final): the viewer's offered m-line, the codec
+    #: answered on it, and what it kept of the subscription it carried until that track
+    #: ended, which the next track it takes goes on with (Sfu._follow)
+    offer: MediaDescription | None = None
+    codec: Codec | None = None
+    retired: Continuation | None = None
 
 
 @dataclass
@@ -81,6 +87,9 @@ class Participant:
         #: the publisher of tracks imported from another worker (relay/workers/pipe.py): it
         #: has no connection here, is not listed, has no events and never times out
         self.remote = False
+        #: a WHEP viewer: the (publisher id, track id) its offer asked for, None for all of
+        #: the room; None for a participant that is not a viewer
+        self.viewer: tuple[str | None, str | None] | None = None
 
     @property
     def legs(self) -> list[Leg]:

@@ -72,7 +72,7 @@ from relay.sfu.publisher_leg import PublisherLeg
 from relay.sfu.recording import TrackRecorders
 from relay.sfu.room import Room
 from relay.sfu.subscriber_leg import SubscriberLeg
-from relay.sfu.subscription import Subscription
+from relay.sfu.subscription import PREFERENCES, Subscription
 from relay.sfu.svc import LayerStats, choose_layers
 from relay.sfu.timers import Timers
 from relay.sfu.track import Track
@@ -617,6 +617,7 @@ class Sfu:
             for other in p.room.participants.values():
                 if other is not p and other.can_subscribe and other.auto_subscribe:
                     self._subscribe(other, track)
+            self._follow(track)
         else:
             for sub in track.subscriptions.values():
                 self._configure_extensions(sub)
@@ -940,6 +941,7 @@ class Sfu:
         for other in room.participants.values():
             if other.can_subscribe and other.auto_subscribe:
                 self._subscribe(other, track)
+        self._follow(track)
 
     def unpublish_remote(self, track: Track) -> None:
         """End a track imported from another worker: its subscriptions end (the subscribers
@@ -1024,8 +1026,59 @@ class Sfu:
         for slot in p.slots:
             if slot.subscription is sub:
                 slot.subscription = None
+                if p.viewer is not None:
+                    slot.retired = sub.retire()
         if p.room.participants.get(p.participant_id) is p:
             self._renegotiate(p)
+
+    def _follow(self, track: Track) -> None:
+        """A track was published: WHEP viewers whose scope takes it (all of the room, or its
+        publisher) and that have an m-line of its kind whose track ended, answered in its
+        format, take it there. They cannot renegotiate, so it goes on with that m-line's
+        SSRC, payload type and numbering (:meth:`Subscription.resume`), from its next
+        keyframe; a viewer of one track never moves."""
+        for p in track.participant.room.participants.values():
+            scope = p.viewer
+            if (
+                scope is None
+                or p is track.participant
+                or scope[1] is not None
+                or scope[0] not in (None, track.participant_id)
+                or p.subscriber_leg is None
+                or track.track_id in p.subscriptions
+            ):
+                continue
+            fb = set(_SUBSCRIBER_RTCP_FB[track.kind]) | {"nack"}
+            for slot in p.slots:
+                kept, offered, answered = slot.retired, slot.offer, slot.codec
+                if (
+                    slot.subscription is not None
+                    or slot.kind != track.kind
+                    or kept is None
+                    or offered is None
+                    or answered is None
+                ):
+                    continue
+                codec = sdpmod.viewer_codec(offered, track.codec, fb)
+                if codec is None or codec.payload_type != answered.payload_type:
+                    continue
+                sub = Subscription(track, p, slot.mid, kept.payload_type, self.metrics)
+                sub.resume(kept)
+                sub.stream.rewrite_vp8(track.renumbers_vp8, self.settings.rtp.history_size)
+                slot.subscription, slot.retired = sub, None
+                p.subscriptions[track.track_id] = sub
+                track.subscriptions[p.participant_id] = sub
+                self._configure_retransmission(sub, answered)
+                self._configure_extensions(sub)
+                log.info(
+                    "viewer %s: m-line %s goes on with track %s of %s",
+                    p.participant_id,
+                    slot.mid,
+                    track.track_id,
+                    track.participant_id,
+                )
+                self.refresh_outputs(p)
+                break
 
     def _renegotiate(self, p: Participant) -> None:
         p.revision += 1
@@ -1292,7 +1345,7 @@ class Sfu:
                 f"participant {participant_id} has no subscription to track {track_id}",
                 code="subscription_not_found",
             )
-        unknown = set(changes) - {"paused", "max_width", "max_height", "max_fps", "priority"}
+        unknown = set(changes) - set(PREFERENCES)
         if unknown:
             raise BadRequest(f"unknown preference {sorted(unknown)[0]}", code="invalid_field")
         if "paused" in changes:
@@ -1557,9 +1610,10 @@ class Sfu:
         their publishers joined and published them, that the viewer offered a format for. The
         viewer's mids, payload types and extension ids are used as they are; m-lines left
         over are answered inactive, other m-lines rejected; ``404 no_tracks`` when no m-line
-        gets a track (nothing is made: the viewer may try again later). The tracks are fixed
-        by this answer: the participant should not auto-subscribe, and a track that ends
-        leaves its m-line silent. Once per participant (``409 already_connected`` after).
+        gets a track (nothing is made: the viewer may try again later). The m-lines are fixed
+        by this answer (the participant should not auto-subscribe); one whose track ends
+        takes the next one its scope publishes in its format (:meth:`_follow`). Once per
+        participant (``409 already_connected`` after).
         """
         p = self.get_participant(room_id, participant_id)
         if not p.can_subscribe:
@@ -1618,9 +1672,10 @@ class Sfu:
         )
         answered: dict[str, OfferedMedia] = {}
         codecs: dict[str, Codec] = {}
+        p.viewer = (publisher_id, track_id)
         for m, track, codec in plan:
             assert m.mid is not None
-            p.slots.append(Slot(mid=m.mid, kind=m.kind))
+            p.slots.append(Slot(mid=m.mid, kind=m.kind, offer=m, codec=codec))
             self._subscribe(p, track)
             sub = p.subscriptions.get(track.track_id)
             if sub is None:  # no payload type left: the m-line stays inactive

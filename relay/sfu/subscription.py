@@ -4,14 +4,38 @@ outbound stream that carries it once it is active."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from relay.rtc.rtp import SequenceRewriter
 from relay.sfu.outbound import OutboundStream
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
     from relay.sfu.participant import Participant
     from relay.sfu.track import Track
+
+
+#: the subscriber's wishes, as PUT .../subscriptions/{track_id} sets them
+PREFERENCES = ("paused", "max_width", "max_height", "max_fps", "priority")
+
+
+@dataclass(slots=True)
+class Continuation:
+    """What a WHEP viewer's m-line keeps of a subscription whose track ended, for the next
+    track it takes (a viewer cannot renegotiate, so its answer's SSRCs and payload types stay
+    the m-line's): where the numbering and the sender report's counts stopped, the wishes."""
+
+    ssrc: int
+    rtx_ssrc: int
+    payload_type: int
+    rtx_payload_type: int | None
+    answer_extmaps: dict[str, int]
+    preferences: dict[str, Any]
+    rewriter: SequenceRewriter
+    packets_sent: int
+    payload_bytes: int
+    bytes_sent: int
 
 
 class Subscription:
@@ -64,6 +88,41 @@ class Subscription:
     def ssrc(self) -> int:
         return self.stream.ssrc
 
+    def retire(self) -> Continuation:
+        """The track ended: what the m-line's next track goes on with (:meth:`resume`)."""
+        stream = self.stream
+        return Continuation(
+            ssrc=stream.ssrc,
+            rtx_ssrc=self.rtx_ssrc,
+            payload_type=self.payload_type,
+            rtx_payload_type=self.rtx_payload_type,
+            answer_extmaps=self.answer_extmaps,
+            preferences=self.preferences(),
+            rewriter=stream.rewriter,
+            packets_sent=stream.packets_sent,
+            payload_bytes=stream.payload_bytes,
+            bytes_sent=stream.bytes_sent,
+        )
+
+    def resume(self, kept: Continuation) -> None:
+        """Carry on an ended subscription's stream (same SSRCs, payload types and extension
+        ids, the subscriber's wishes): the first packet forwarded, a keyframe of this track,
+        follows the last one sent in sequence number and timestamp (a source switch)."""
+        stream = self.stream
+        stream.ssrc = kept.ssrc
+        stream.payload_type = self.payload_type = kept.payload_type
+        kept.rewriter.switch_source()
+        stream.rewriter = kept.rewriter
+        stream.packets_sent = kept.packets_sent
+        stream.payload_bytes = kept.payload_bytes
+        stream.bytes_sent = self._bytes_at_tick = kept.bytes_sent
+        self.rtx_ssrc = kept.rtx_ssrc
+        self.rtx_payload_type = kept.rtx_payload_type
+        self.answer_extmaps = kept.answer_extmaps
+        for name in PREFERENCES:
+            setattr(self, name, kept.preferences[name])
+        self.negotiated = True
+
     def tick(self, interval: float) -> None:
         sent = self.stream.bytes_sent
         self.bitrate = (sent - self._bytes_at_tick) * 8 / interval if interval > 0 else 0.0
@@ -105,13 +164,7 @@ class Subscription:
         }
 
     def preferences(self) -> dict[str, Any]:
-        return {
-            "paused": self.paused,
-            "max_width": self.max_width,
-            "max_height": self.max_height,
-            "max_fps": self.max_fps,
-            "priority": self.priority,
-        }
+        return {name: getattr(self, name) for name in PREFERENCES}
 
     def to_dict(self) -> dict[str, Any]:
         """The subscription as PUT .../subscriptions/{track_id} returns it."""

@@ -9,6 +9,8 @@ request with a preflight).
   within a second.
 - WHEP: an aiortc participant publishes red and a 440 Hz tone through the control API; the
   page's recvonly offer is answered with them: it decodes red video and receives the audio.
+  That publisher is removed and another publishes green: the page, with no new offer, decodes
+  green on the same m-lines.
 """
 
 from __future__ import annotations
@@ -173,6 +175,29 @@ def test_chromium_watches_with_whep(call: Call, request: pytest.FixtureRequest) 
     assert audio["packets"] > 50, audio
     note(request, "whep_post_to_first_frame_s", round(page["firstFrameMs"] / 1000, 3))
     note(request, "whep_colour", page["colour"])
+
+    # the publisher goes and another comes: the page, which cannot renegotiate, shows it on
+    # the same m-lines without a new POST
+    assert call.api("DELETE", f"/v1/rooms/{call.room}/participants/pub").status_code == 204
+    frames = page["stats"]["inbound"]["video"]["framesDecoded"]
+    packets = audio["packets"]
+    call.aiortc("pub2", identity="green")
+    started = time.monotonic()
+
+    def green_decoded() -> dict[str, Any] | None:
+        page = page_report(call, report)
+        video = ((page.get("stats") or {}).get("inbound") or {}).get("video") or {}
+        colour = page.get("colour")
+        if (video.get("framesDecoded") or 0) < frames + 30 or not colour:
+            return None
+        r, g, b = colour
+        return page if g > 150 and r < 100 and b < 100 else None
+
+    page = wait_until(
+        green_decoded, 60, what=lambda: f"green frames: {call.collector.latest(report)}"
+    )
+    note(request, "whep_next_publisher_to_green_s", round(time.monotonic() - started, 3))
+    assert page["stats"]["inbound"]["audio"]["packets"] > packets + 50
     seconds = delete_session(call, page["location"], bearer, "watcher")
     note(request, "whep_delete_to_left_s", round(seconds, 3))
     assert seconds < 1.0

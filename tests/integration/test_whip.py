@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -140,6 +141,27 @@ class WhepViewer:
 
 def _decodes(received: Received, name: str, frames: int = 20, tones: int = 2) -> bool:
     return received.frames.get(name, 0) >= frames and received.tones.get(name, 0) >= tones
+
+
+async def _watched(viewer: WhepViewer, name: str, relay: RunningRelay) -> None:
+    """The viewer decodes ``name``'s colour and tone within 30 s."""
+    assert await wait_for(lambda: _decodes(viewer.received, name), 30), (
+        viewer.received,
+        relay.log()[-3000:],
+    )
+
+
+async def _inbound_stats(viewer: WhepViewer) -> list[Any]:
+    """The viewer's inbound RTP stream statistics, one per stream received."""
+    stats = []
+    for receiver in viewer.pc.getReceivers():
+        report = await receiver.getStats()
+        stats += [s for s in report.values() if s.type == "inbound-rtp"]
+    return stats
+
+
+async def _inbound_ssrcs(viewer: WhepViewer) -> dict[str, int]:
+    return {s.kind: s.ssrc for s in await _inbound_stats(viewer)}
 
 
 async def test_whip_publisher_decoded_by_api_subscriber_and_whep_viewer(relay) -> None:
@@ -322,17 +344,38 @@ async def test_whip_and_whep_across_two_workers(tmp_path) -> None:
                 await asyncio.sleep(0.1)
             r = await viewer.watch(participant="cam")
             assert r.status_code == 201, r.text
-            assert await wait_for(lambda: _decodes(viewer.received, "blue"), 30), (
-                viewer.received,
-                workers.log()[-3000:],
-            )
-            room = (await http.get("/v1/rooms/spread", headers=headers)).json()
-            placed = {p["participant_id"]: p["worker"] for p in room["participants"]}
+            await _watched(viewer, "blue", workers)
+
+            async def placement() -> dict[str, int]:
+                room = (await http.get("/v1/rooms/spread", headers=headers)).json()
+                return {p["participant_id"]: p["worker"] for p in room["participants"]}
+
+            placed = await placement()
             assert len(placed) == 2 and len(set(placed.values())) == 2, placed
+            ssrcs = await _inbound_ssrcs(viewer)
+
+            # the publisher reconnects (a broadcast tool's new WHIP session): the viewer,
+            # without a new POST, decodes it on the same streams, numbering unbroken
+            r = await publisher.delete()
+            assert r.status_code == 204
+            again = WhipPublisher(workers.api, workers.key, "spread", "red")
+            try:
+                r = await again.publish(participant="cam")
+                assert r.status_code == 201, r.text
+                await _watched(viewer, "red", workers)
+                placed = await placement()
+                # on the emptier worker: the viewer's worker imports the new tracks
+                assert len(set(placed.values())) == 2, placed
+                inbound = await _inbound_stats(viewer)
+                assert {s.kind: s.ssrc for s in inbound} == ssrcs
+                # a jump in sequence numbers would count as thousands of lost packets
+                assert all(s.packetsLost < 50 for s in inbound), inbound
+                r = await again.delete()
+                assert r.status_code == 204
+            finally:
+                await again.close()
             assert viewer.location is not None
             r = await viewer.http.delete(viewer.location)
-            assert r.status_code == 204
-            r = await publisher.delete()
             assert r.status_code == 204
             room = (await http.get("/v1/rooms/spread", headers=headers)).json()
             assert room["participants"] == []
