@@ -100,9 +100,18 @@ class Deferred:
                 log.exception("deferred packet work failed")
 
 
+#: Seconds before its deadline a timer may fire. uvloop's timers count whole milliseconds of
+#: a loop time cached at the start of each turn, so they fire up to about a millisecond
+#: early; a deadline found that close is taken as due. Re-arming it instead asked for a
+#: delay that rounds to 0 ms: the loop spun, turn after turn, until the deadline passed
+#: (most of a worker's timer turns fired nothing).
+TIMER_SLACK = 0.001
+
+
 class TimerDriver:
     """Keeps one ``loop.call_at`` armed for the earliest deadline of the media plane's timers
-    (the SFU's clock is ``time.monotonic``; the loop's own clock may differ by an offset)."""
+    (the SFU's clock is ``time.monotonic``; the loop's own clock may differ by an offset).
+    A turn fires every timer due within :data:`TIMER_SLACK`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
         self.loop = loop
@@ -123,7 +132,7 @@ class TimerDriver:
     def _fire(self) -> None:
         self._handle = None
         self._armed_for = None
-        deadline = self.timers.run(self.clock())
+        deadline = self.timers.run(self.clock(), TIMER_SLACK)
         if deadline is not None:
             self.arm(deadline)
 

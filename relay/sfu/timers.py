@@ -84,17 +84,21 @@ class Timers:
             heapq.heappop(heap)
         return None
 
-    def run(self, now: float) -> float | None:
-        """Fire every timer due at ``now``; the next deadline afterwards (None: nothing armed).
-        A callback may re-arm its own timer or any other."""
+    def run(self, now: float, slack: float = 0.0) -> float | None:
+        """Fire every timer due at ``now``, and those armed before this call that are due
+        within ``slack`` after it, each called with ``now``; the next deadline afterwards
+        (None: nothing armed). A callback may re-arm its own timer or any other; a deadline
+        it sets after ``now`` waits for the next call, even within the slack."""
         heap = self._heap
         self._reported = None
+        due = now + slack
+        armed_before = next(self._order)
         while heap:
-            when, _, generation, timer = heap[0]
+            when, order, generation, timer = heap[0]
             if generation != timer._generation or timer.when != when:
                 heapq.heappop(heap)
                 continue
-            if when > now:
+            if when > now and (when > due or order > armed_before):
                 break
             heapq.heappop(heap)
             timer.when = None
