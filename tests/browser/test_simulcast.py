@@ -153,6 +153,12 @@ WRAPPER = """
       }
     });
   };
+  // a call that never settles (Firefox has left a getStats pending for good) must not stop
+  // the reports: each is given up after a few seconds, and said so in errors
+  const bounded = (promise, what) => Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(what + ' timed out')), 3000)),
+  ]);
   let busy = false;
   setInterval(async () => {
     if (busy) return;
@@ -170,13 +176,16 @@ WRAPPER = """
       for (const pc of test.pcs) {
         if (pc.signalingState === 'closed') continue;
         try {
-          await summary(pc, payload);
+          await bounded(summary(pc, payload), 'getStats');
         } catch (error) {
           test.errors.push(String(error));
         }
       }
       test.last = payload;
-      await fetch(REPORT, { method: 'POST', mode: 'no-cors', body: JSON.stringify(payload) });
+      await bounded(
+        fetch(REPORT, { method: 'POST', mode: 'no-cors', body: JSON.stringify(payload) }),
+        'report',
+      );
     } catch (error) {
       test.errors.push(String(error));
     } finally {
