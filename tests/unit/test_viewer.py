@@ -5,6 +5,8 @@ tools do, is watched again without a new WHEP session)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from relay.client.peer import RemoteDescription
 from relay.rtc.rtp import is_rtcp, parse_rtp
 from tests.unit.harness import Harness
@@ -17,12 +19,16 @@ from tests.unit.test_sfu import (
 )
 
 VIEWER = ("10.0.0.9", 9000)
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "sdp"
 
 
-def viewer_offer() -> str:
-    """aiortc's offer turned into a viewer's: recvonly, no SSRCs or msid."""
-    text = aiortc_offer().replace("a=sendrecv", "a=recvonly")
-    lines = [line for line in text.splitlines() if not line.startswith(("a=ssrc", "a=msid:"))]
+def viewer_offer(sdp: str | None = None) -> str:
+    """A publisher's offer (aiortc's by default) turned into a viewer's: recvonly, no SSRCs,
+    msid or simulcast lines."""
+    text = (sdp or aiortc_offer()).replace("a=sendrecv", "a=recvonly")
+    text = text.replace("a=sendonly", "a=recvonly")
+    drop = ("a=ssrc", "a=msid:", "a=rid:", "a=simulcast:")
+    lines = [line for line in text.splitlines() if not line.startswith(drop)]
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -33,9 +39,10 @@ def publish(h: Harness, pid: str, addr: tuple[str, int], offer: str | None = Non
     h.connect(h.sfu.get_participant("r", pid).publisher_leg, addr)
 
 
-def watch(h: Harness, pid: str = "viewer", **scope: str) -> str:
+def watch(h: Harness, pid: str = "viewer", offer: str | None = None, **scope: str) -> str:
     h.sfu.add_participant("r", pid, can_publish=False, auto_subscribe=False)
-    answer = h.sfu.viewer_offer("r", pid, h.as_peer(pid, "subscriber", viewer_offer()), **scope)
+    offer = viewer_offer(offer)
+    answer = h.sfu.viewer_offer("r", pid, h.as_peer(pid, "subscriber", offer), **scope)
     h.peer(pid, "subscriber").set_remote_description(RemoteDescription.parse(answer))
     h.connect(h.sfu.get_participant("r", pid).subscriber_leg, VIEWER)
     return answer
@@ -129,3 +136,20 @@ def test_viewer_of_one_track_does_not_follow() -> None:
     h.sfu.remove_participant("r", "cam", "left")
     publish(h, "cam", ("10.0.0.3", 4000))
     assert viewer.subscriptions == {}
+
+
+def test_viewer_follows_a_simulcast_publisher_that_comes_back() -> None:
+    h = Harness()
+    simulcast = (FIXTURES / "chrome_simulcast_offer.sdp").read_text()
+    publish(h, "cam", ("10.0.0.1", 4000), simulcast)
+    watch(h, offer=(FIXTURES / "chrome_offer.sdp").read_text())
+    viewer = h.sfu.get_participant("r", "viewer")
+    ssrcs = {s.track.kind: s.ssrc for s in viewer.subscriptions.values()}
+    assert len(ssrcs) == 2
+    h.sfu.remove_participant("r", "cam", "left")
+    publish(h, "cam-again", ("10.0.0.3", 4000), simulcast)
+    subs = {s.track.kind: s for s in viewer.subscriptions.values()}
+    assert {k: s.ssrc for k, s in subs.items()} == ssrcs
+    assert all(s.active and s.track.participant_id == "cam-again" for s in subs.values())
+    # the video stream is placed on one of the new track's layers
+    assert subs["video"].stream.track in subs["video"].track.layers
