@@ -507,9 +507,9 @@ async def whep_watch(
     answered inactive. The m-lines are fixed by the answer: a track published later gets no
     m-line of its own, but an m-line whose track ended takes the next track of its kind and
     format within the viewer's choice (a publisher that reconnects), on the same SSRC, its
-    numbering unbroken; a `track` viewer stays on its track. With an API key the relay creates the viewer (its id
-    generated); with a participant token (`can_subscribe`) it is the token's participant,
-    created when it does not exist yet."""
+    numbering unbroken; a `track` viewer stays on its track. With an API key the relay
+    creates the viewer (its id generated); with a participant token (`can_subscribe`) it is
+    the token's participant, created when it does not exist yet."""
 
     async def negotiate(core: ControlCore, pid: str, offer: str, principal: Principal) -> str:
         return await core.viewer_offer(

@@ -999,7 +999,6 @@ class Sfu:
             slot = Slot(mid=str(len(p.slots)), kind=track.kind)
             p.slots.append(slot)
         sub = Subscription(track, p, slot.mid, self._payload_type(p, track.codec), self.metrics)
-        sub.stream.rewrite_vp8(track.renumbers_vp8, self.settings.rtp.history_size)
         if retransmit:
             sub.rtx_payload_type = self._payload_type(
                 p,
@@ -1011,10 +1010,16 @@ class Sfu:
                     kind=track.kind,
                 ),
             )
-        slot.subscription = sub
-        p.subscriptions[track.track_id] = sub
-        track.subscriptions[p.participant_id] = sub
+        self._bind(slot, sub)
         self._renegotiate(p)
+
+    def _bind(self, slot: Slot, sub: Subscription) -> None:
+        """``sub`` on the m-line ``slot``: known to its participant and its track (the undoing
+        is :meth:`_drop_subscription`)."""
+        sub.stream.rewrite_vp8(sub.track.renumbers_vp8, self.settings.rtp.history_size)
+        slot.subscription = sub
+        sub.participant.subscriptions[sub.track.track_id] = sub
+        sub.track.subscriptions[sub.participant.participant_id] = sub
 
     def _drop_subscription(self, sub: Subscription) -> None:
         p = sub.participant
@@ -1048,7 +1053,6 @@ class Sfu:
                 or track.track_id in p.subscriptions
             ):
                 continue
-            fb = set(_SUBSCRIBER_RTCP_FB[track.kind]) | {"nack"}
             for slot in p.slots:
                 kept, offered, answered = slot.retired, slot.offer, slot.codec
                 if (
@@ -1059,15 +1063,13 @@ class Sfu:
                     or answered is None
                 ):
                     continue
-                codec = sdpmod.viewer_codec(offered, track.codec, fb)
+                codec = _viewer_format(offered, track)
                 if codec is None or codec.payload_type != answered.payload_type:
                     continue
                 sub = Subscription(track, p, slot.mid, kept.payload_type, self.metrics)
                 sub.resume(kept)
-                sub.stream.rewrite_vp8(track.renumbers_vp8, self.settings.rtp.history_size)
-                slot.subscription, slot.retired = sub, None
-                p.subscriptions[track.track_id] = sub
-                track.subscriptions[p.participant_id] = sub
+                slot.retired = None
+                self._bind(slot, sub)
                 self._configure_retransmission(sub, answered)
                 self._configure_extensions(sub)
                 log.info(
@@ -1650,8 +1652,7 @@ class Sfu:
             for track in chosen:
                 if track.kind != m.kind or any(t is track for _, t, _ in plan):
                     continue
-                fb = set(_SUBSCRIBER_RTCP_FB[track.kind]) | {"nack"}
-                codec = sdpmod.viewer_codec(m, track.codec, fb)
+                codec = _viewer_format(m, track)
                 if codec is not None:
                     plan.append((m, track, codec))
                     break
@@ -1796,6 +1797,13 @@ class Sfu:
             "outbound": [s.stats_dict() for s in p.subscriptions.values() if not s.track.ended],
             "subscriber_delivery": _delivery(p.subscriber_leg),
         }
+
+
+def _viewer_format(m: sdpmod.MediaDescription, track: Track) -> Codec | None:
+    """The format of a viewer's (WHEP) offered m-line that carries ``track`` as it is, with
+    the viewer's payload type; None when the viewer offered none."""
+    fb = set(_SUBSCRIBER_RTCP_FB[track.kind]) | {"nack"}
+    return sdpmod.viewer_codec(m, track.codec, fb)
 
 
 def _svc_choices(svc: LayerStats, sub: Subscription) -> list[tuple[int, int]]:
