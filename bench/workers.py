@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import wakeup
 from bench.common import all_cores, cpu_seconds, percentiles
 from bench.load import MAX_BACKGROUND, Progress, Run, Scenario, _no_progress
 from bench.loadgen import Conn, MediaSpec, window_stats
@@ -87,6 +88,8 @@ class WorkersPlan:
     started: float = field(default_factory=time.monotonic)
     ramp: bool = True
     retries: int = 1
+    #: datagrams of the platform's wake-up probe (bench/wakeup.py) before the layouts; 0: none
+    wakeup_packets: int = 600
     max_loss: float = MAX_LOSS
     max_p99_ms: float = MAX_P99_MS
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +107,7 @@ class WorkersPlan:
             rounds=1,
             contrast_nice=None,
             contrast_slice=None,
+            wakeup_packets=150,
         )
 
     def spent(self) -> float:
@@ -485,6 +489,10 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
         "errors": {},
     }
     plan.started = time.monotonic()
+    if plan.wakeup_packets and len(all_cores()) >= 2:
+        update = stage("wake-up probe")
+        out["platform_wakeup"] = wakeup.measure(packets=plan.wakeup_packets)
+        update(f"done: floor {out['platform_wakeup']['floor_us']:.0f} µs per wake-up", 1.0)
     layouts: list[Planned] = []
     nice = plan.generator_nice
     for r in range(1, plan.rounds + 1):  # the ramp (capacity) in the first round only
@@ -556,7 +564,7 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
     finally:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, before)
-    out.update(derive(out["layouts"], media().packets_per_second))
+    out.update(derive(out["layouts"], media().packets_per_second, out.get("platform_wakeup")))
     return out
 
 
@@ -684,7 +692,12 @@ def row_of(layout: dict[str, Any], window: dict[str, Any], kind: str) -> dict[st
     }
 
 
-def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
+def derive(
+    every: Sequence[dict[str, Any]], rate: float, wakeup_probe: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The table rows, the pipe's cost, the targets and the scaling model of the layouts
+    measured; with the platform's wake-up probe (bench/wakeup.py), the share of the CPU per
+    forwarded packet its floor alone would take at each N."""
     rows = []
     for layout in every:
         for w in layout["fanouts"]:
@@ -742,6 +755,12 @@ def derive(every: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
             s = _at(spread, int(n))
             if s and "piped_pps" in entry:
                 entry["pipe_share_pooled"] = pooled * entry["piped_pps"] / _cores(s)
+    if wakeup_probe and c_us:
+        floor = wakeup_probe["floor_us"]
+        pipe["platform_floor_us"] = floor
+        pipe["platform_floor_share_by_fanout"] = {
+            str(n): floor / (n * c_us + floor) for n in fanouts
+        }
     targets = _targets(pipe, one, spread)
     if contrast:
         ratio = _p99_ratio(_find(contrast, 1, "single"), _find(contrast, 2, "spread"))
@@ -1128,6 +1147,32 @@ def report_lines(data: dict[str, Any]) -> list[str]:
         "is there), and each goes down the pipe at once. The workers' system "
         "time is in the JSON (`kernel_cpu_fraction` per worker; clock ticks, coarse).",
         "",
+    ]
+    probe = data.get("platform_wakeup")
+    if probe:
+        floor_shares = pipe.get("platform_floor_share_by_fanout", {})
+        lines += [
+            f"The machine's floor (`python -m bench.wakeup`, run before the layouts: "
+            f"{probe['packets']} datagrams at {probe['rate']:g}/s from one core to a uvloop "
+            f"process on the other, which only counts them): a `sendto` that wakes the sleeping "
+            f"process costs {_f(probe['wake_send_us'])} µs of CPU against "
+            f"{_f(probe['warm_send_us'])} µs for one that wakes nobody, the first `sendto` after "
+            f"sleeping {_f(probe['cold_send_us'])} µs, and the woken process "
+            f"{_f(probe['receiver_us'])} µs per wake-up "
+            f"({_f(probe['receiver_sleeps_per_packet'], 2)} sleeps per datagram). Waking the "
+            f"importing worker for a piped packet thus costs **{_f(probe['floor_us'])} µs** "
+            "before any work of the pipe, whatever the pipe does"
+            + (
+                "; that floor alone is "
+                + ", ".join(f"{_pct(v)} at N = {n}" for n, v in floor_shares.items())
+                + " of the CPU per forwarded packet (floor / (N · c + floor), c of this run)"
+                if floor_shares
+                else ""
+            )
+            + ".",
+            "",
+        ]
+    lines += [
         "### Targets (measured, not asserted)",
         "",
     ]
@@ -1138,7 +1183,14 @@ def report_lines(data: dict[str, Any]) -> list[str]:
             f"- Pipe <= {PIPE_SHARE_MAX:.0%} of the CPU per forwarded packet: {_met(share['met'])}"
             f" (worst {_pct(share['worst'])}; by N: "
             + ", ".join(f"{n}: {_pct(v)}" for n, v in share["by_fanout"].items())
-            + f"; {share['method']})."
+            + f"; {share['method']})"
+            + (
+                "; the machine's wake-up floor alone: "
+                + ", ".join(f"{n}: {_pct(v)}" for n, v in floors.items())
+                if (floors := pipe.get("platform_floor_share_by_fanout"))
+                else ""
+            )
+            + "."
         )
     over = t.get("two_workers_vs_one_cpu_share", {})
     if over:

@@ -65,6 +65,11 @@ def test_load_workers_quick(tmp_path: Path) -> None:
             assert piped and all(r["received_pps"] > 0 for r in piped)
             # and woke the importing worker (its sleeps counted from /proc)
             assert all(r["wakeups_per_s"] > 0 for r in piped)
+    # the machine's wake-up probe ran first: its receiver slept between datagrams
+    probe = w["platform_wakeup"]
+    assert probe["receiver_sleeps_per_packet"] > 0.5
+    assert probe["wake_send_us"] > 0 and probe["receiver_us"] > 0
+    assert "The machine's floor" in markdown
     assert set(data["targets"]) == {
         "pipe_share_of_cpu_per_forwarded_packet",
         "two_workers_vs_one_cpu_share",
@@ -153,7 +158,10 @@ def test_derive_pipe_share_targets_and_model() -> None:
     pack = _layout(
         2, "pack", [_window(n, cores(n, False), 10.0 * n / 100, split(n, False)) for n in (50, 100)]
     )
-    derived = derive([one, spread, pack], 100.0)
+    probe = {"floor_us": 80.0, "packets": 600, "rate": 100.0, "warm_send_us": 5.0}
+    probe |= {"cold_send_us": 50.0, "wake_send_us": 30.0, "receiver_us": 55.0}
+    probe["receiver_sleeps_per_packet"] = 1.0
+    derived = derive([one, spread, pack], 100.0, probe)
     pipe = derived["pipe"]
     assert pipe["pipe_us_per_piped_packet_pooled"] == pytest.approx(100.0)
     assert pipe["pipe_receiving_end_us_median"] == pytest.approx(60.0)
@@ -163,6 +171,10 @@ def test_derive_pipe_share_targets_and_model() -> None:
     assert share_100 == pytest.approx(0.01 / cores(100, True))
     targets = derived["targets"]
     assert targets["pipe_share_of_cpu_per_forwarded_packet"]["met"] is True
+    # the probe's floor against N copies at c = 20 µs
+    floors = pipe["platform_floor_share_by_fanout"]
+    assert floors["50"] == pytest.approx(80 / (50 * 20 + 80))
+    assert floors["100"] == pytest.approx(80 / (100 * 20 + 80))
     assert targets["p99_two_workers_over_one_at_100"]["ratio"] == pytest.approx(0.5)
     assert targets["p99_two_workers_over_one_at_100"]["met"] is True
     k = derived["model"]["constants"]
@@ -182,9 +194,11 @@ def test_derive_pipe_share_targets_and_model() -> None:
                 "sharing": {"note": "x"},
                 "plan": {"rounds": 1},
                 "layouts": [one, spread, pack],
+                "platform_wakeup": probe,
                 **derived,
             }
         )
     )
     assert "**met**" in lines and "Scaling model" in lines
     assert "| 0.95 |" in lines  # the importer's wake-ups per piped packet, N = 100
+    assert "**80.0 µs**" in lines and "7.4 % at N = 50" in lines  # the machine's floor
