@@ -87,7 +87,7 @@ def receive(packets: int, skip: int, core: int | None) -> None:
 
         transport, _ = await loop.create_datagram_endpoint(Counter, local_addr=("127.0.0.1", 0))
         print(transport.get_extra_info("sockname")[1], flush=True)
-        await asyncio.wait_for(done, timeout=packets / 20 + 30)
+        await asyncio.wait_for(done, timeout=packets + 30)  # at 1 datagram/s or more
         transport.close()
         (cpu0, switches0), (cpu1, switches1) = marks
         return {"cpu_s": cpu1 - cpu0, "sleeps": switches1 - switches0, "packets": packets - skip}
@@ -118,7 +118,10 @@ def measure(rate: float = RATE, packets: int = 600) -> dict[str, float]:
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         assert child.stdout is not None
-        port = int(child.stdout.readline())
+        line = child.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"the wake-up probe's receiver did not start: {line!r}")
+        port = int(line)
         _pin(send_core)
         unread.bind(("127.0.0.1", 0))
         unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
@@ -143,7 +146,10 @@ def measure(rate: float = RATE, packets: int = 600) -> dict[str, float]:
             out.sendto(data, receiver)
             cold.append(middle - start)
             waking.append(clock() - middle)
-        report = json.loads(child.stdout.readline())
+        line = child.stdout.readline()
+        if not line.startswith("{"):
+            raise RuntimeError("the wake-up probe's receiver did not get every datagram")
+        report = json.loads(line)
     finally:
         os.sched_setaffinity(0, previous)
         unread.close()

@@ -491,8 +491,12 @@ def run_workers(plan: WorkersPlan, stage: Any, log: Any = print) -> dict[str, An
     plan.started = time.monotonic()
     if plan.wakeup_packets and len(all_cores()) >= 2:
         update = stage("wake-up probe")
-        out["platform_wakeup"] = wakeup.measure(packets=plan.wakeup_packets)
-        update(f"done: floor {out['platform_wakeup']['floor_us']:.0f} µs per wake-up", 1.0)
+        try:
+            out["platform_wakeup"] = wakeup.measure(packets=plan.wakeup_packets)
+            update(f"done: floor {out['platform_wakeup']['floor_us']:.0f} µs per wake-up", 1.0)
+        except Exception as exc:  # the probe is context: the layouts are measured without it
+            out["errors"]["wake-up probe"] = f"{type(exc).__name__}: {exc}"
+            log(traceback.format_exc())
     layouts: list[Planned] = []
     nice = plan.generator_nice
     for r in range(1, plan.rounds + 1):  # the ramp (capacity) in the first round only
