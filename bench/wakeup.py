@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import pin_to, pinning_preexec
+
 SIZE = 1200
 RATE = 104.0  # one 1 Mbit/s video stream of 1200 B packets, as the worker bench sends
 
@@ -51,24 +53,17 @@ def _usage() -> tuple[float, int]:
     return usage.ru_utime + usage.ru_stime, usage.ru_nvcsw
 
 
-def _pin(core: int | None) -> None:
-    if core is not None:
-        os.sched_setaffinity(0, {core})
-
-
 def _cores() -> tuple[int | None, int | None]:
     """(sender's core, receiver's core): the first two this process may use, or no pinning."""
     available = sorted(os.sched_getaffinity(0))
     return (available[0], available[1]) if len(available) >= 2 else (None, None)
 
 
-def receive(packets: int, skip: int, core: int | None) -> None:
+def receive(packets: int, skip: int) -> None:
     """The receiver: print the bound port, count ``packets`` datagrams in a uvloop event loop,
     then print its CPU seconds and voluntary context switches between the ``skip``-th and the
     last (as JSON, one line)."""
     import uvloop
-
-    _pin(core)
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -109,10 +104,9 @@ def measure(rate: float = RATE, packets: int = 600) -> dict[str, float]:
         str(packets),
         "--skip",
         str(skip),
-        "--core",
-        "-1" if receive_core is None else str(receive_core),
     ]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    pin = None if receive_core is None else pinning_preexec(receive_core)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
     previous = os.sched_getaffinity(0)
     unread = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -122,7 +116,8 @@ def measure(rate: float = RATE, packets: int = 600) -> dict[str, float]:
         if not line.strip().isdigit():
             raise RuntimeError(f"the wake-up probe's receiver did not start: {line!r}")
         port = int(line)
-        _pin(send_core)
+        if send_core is not None:
+            pin_to(send_core)
         unread.bind(("127.0.0.1", 0))
         unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
         out.setblocking(False)
@@ -193,10 +188,9 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--skip", type=int, default=50, help=argparse.SUPPRESS)
-    parser.add_argument("--core", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver is not None:
-        receive(args.receiver, args.skip, None if args.core < 0 else args.core)
+        receive(args.receiver, args.skip)
         return
     result = measure(args.rate, args.packets)
     where = "two cores" if result["pinned"] else "one core, unpinned"
